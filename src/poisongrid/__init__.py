@@ -1,0 +1,3 @@
+"""poisongrid: simultaneous backdoor-poisoning experiment grids."""
+
+__version__ = "0.1.0"

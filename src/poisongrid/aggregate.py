@@ -1,0 +1,307 @@
+"""Aggregate grid cells into a tidy summary, Markdown tables (paper Table 2 shape) and figures (Fig. 2/5-6/7/9)."""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+# Figures are built on a bare Figure + Agg canvas, never through pyplot: no global figure registry to leak
+# into (so nothing to forget to close) and no dependence on whichever backend the calling process chose.
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .errors import ArtifactError
+from .io import atomic_path, read_json, read_table, table_meta, write_table
+
+ATTACK_NAMES = {"patch": "Patch", "single_pixel": "Single-Pix", "blend_random": "Blend-R",
+                "blend_pattern": "Blend-P", "sinusoid": "Sinusoid", "narcissus": "Narcissus", "frequency": "Freq"}
+CELL = ["dataset", "scenario", "seed", "defense"]
+CELL_COLUMNS = ["clean_accuracy", "mean_asr", "mean_asr_boosted", "auroc", "recall_removed", "precision_removed",
+                "n_train", "n_poisoned", "n_removed", "wall_time_total_s"]
+COLUMNS = [*CELL, "detector", "remedy", "r_reject", "attack", "target", "asr", "asr_boosted", "asr_paper",
+           "auroc_attack", "recall_attack", *CELL_COLUMNS]
+REQUIRED = ("dataset", "scenario", "seed", "defense", "detector", "remedy", "attacks", "targets",
+            "clean_accuracy", "asr", "mean_asr", "mean_asr_boosted", "n_train", "n_poisoned", "n_removed")
+DAGGER_NOTE = ("† ASR measured with the blended trigger boosted 2× at test time (the paper's convention, after "
+               "Zeng et al. 2022b); Avg. ASR uses the same values. Plain-trigger ASR is in the per-dataset table.")
+ATTACK_LINE_COLORS = ["tab:red", "tab:orange", "tab:purple", "tab:blue", "tab:brown", "tab:pink", "tab:olive",
+                      "tab:cyan"]
+
+
+# ---------------------------------------------------------------- collect
+
+def _need(d: dict, key: str, path, where: str = ""):
+    if not isinstance(d, dict) or key not in d:
+        raise ArtifactError(f"{path}: metrics file lacks required key '{where}{key}'; rerun the evaluate stage for this cell")
+    return d[key]
+
+
+def _num(v) -> float:
+    return math.nan if v is None else float(v)
+
+
+def _cell_rows(path) -> list[dict]:
+    m = read_json(path)
+    for k in REQUIRED:
+        _need(m, k, path)
+    # A file copied into the wrong cell directory would silently mislabel a row: check the layout when it is ours.
+    p = Path(path)
+    if len(p.parts) >= 5 and re.fullmatch(r"seed\d+", p.parts[-3]):
+        want = [p.parts[-5], p.parts[-4], int(p.parts[-3][4:]), p.parts[-2]]
+        got = [m["dataset"], m["scenario"], int(m["seed"]), m["defense"]]
+        if [str(x) for x in want] != [str(x) for x in got]:
+            raise ArtifactError(f"{path}: metrics say cell {got} but the path says {want}")
+    det = m.get("detection")
+    if det is not None:
+        for k in ("auroc", "recall_removed", "precision_removed"):
+            _need(det, k, path, "detection.")
+    det = det or {}
+    boosted = m.get("asr_boosted") or {}
+    wall = [v for v in (m.get("wall_time_s") or {}).values() if v is not None]
+    cell = {"dataset": m["dataset"], "scenario": m["scenario"], "seed": int(m["seed"]), "defense": m["defense"],
+            "detector": m["detector"], "remedy": m["remedy"],
+            "r_reject": _num((m.get("defense_params") or {}).get("r_reject")),
+            "clean_accuracy": _num(m["clean_accuracy"]), "mean_asr": _num(m["mean_asr"]),
+            "mean_asr_boosted": _num(m["mean_asr_boosted"]), "auroc": _num(det.get("auroc")),
+            "recall_removed": _num(det.get("recall_removed")), "precision_removed": _num(det.get("precision_removed")),
+            "n_train": int(m["n_train"]), "n_poisoned": int(m["n_poisoned"]), "n_removed": int(m["n_removed"]),
+            "wall_time_total_s": float(sum(wall)) if wall else math.nan}
+    rows = []
+    for a in m["attacks"]:
+        asr, b = _num(_need(m["asr"], a, path, "asr.")), _num(boosted.get(a))
+        rows.append({**cell, "attack": a, "target": int(_need(m["targets"], a, path, "targets.")), "asr": asr,
+                     "asr_boosted": b, "asr_paper": asr if math.isnan(b) else b,
+                     "auroc_attack": _num((det.get("auroc_per_attack") or {}).get(a)),
+                     "recall_attack": _num((det.get("recall_per_attack") or {}).get(a))})
+    return rows
+
+
+def collect(metrics_paths: Iterable) -> pd.DataFrame:
+    """One row per (dataset, scenario, seed, defense, attack); cell-level values repeat on each attack row."""
+    rows, seen = [], {}
+    for p in metrics_paths:
+        r = _cell_rows(p)
+        if r:
+            key = tuple(r[0][k] for k in CELL)
+            if key in seen:
+                raise ArtifactError(f"{p}: cell {key} already read from {seen[key]}")
+            seen[key] = p
+        rows += r
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    return df.astype({"seed": "int64", "target": "int64", "n_train": "int64", "n_poisoned": "int64",
+                      "n_removed": "int64"})
+
+
+def write_summary(df: pd.DataFrame, out_dir) -> list[Path]:
+    out = Path(out_dir)
+    csv, parquet = out / "summary.csv", out / "summary.parquet"
+    with atomic_path(csv) as tmp:
+        df.to_csv(tmp, index=False)
+    write_table(parquet, pa.Table.from_pandas(df, preserve_index=False), "summary")
+    return [csv, parquet]
+
+
+# ---------------------------------------------------------------- ordering and formatting
+
+def attack_order(attacks: Iterable[str]) -> list[str]:
+    """Paper order (Fig. 3) for known attacks, then any others in order of appearance."""
+    seen = list(dict.fromkeys(attacks))
+    known = [a for a in ATTACK_NAMES if a in seen]
+    return known + [a for a in seen if a not in ATTACK_NAMES]
+
+
+def defense_order(df: pd.DataFrame) -> list[str]:
+    """No-defense baseline first; then grouped by detector (first appearance), by r_reject within a group."""
+    cells = df.drop_duplicates("defense").assign(detector=lambda c: c["detector"].fillna(""))  # NaN != NaN as a key
+    det_rank = {d: i for i, d in enumerate(dict.fromkeys(cells["detector"]))}
+    key = {r.defense: (r.defense != "none" and r.remedy != "none", det_rank[r.detector],
+                       -1.0 if math.isnan(r.r_reject) else r.r_reject, i)
+           for i, r in enumerate(cells.itertuples())}
+    return sorted(key, key=key.get)
+
+
+def _label(attack: str, dagger: bool = False) -> str:
+    return ATTACK_NAMES.get(attack, attack) + ("†" if dagger else "")
+
+
+def _pct(values: pd.Series) -> str:
+    v = values.dropna() * 100
+    if v.empty:
+        return "–"
+    # Sample std (ddof=1) across seeds: the spread one would see rerunning with a fresh seed.
+    return f"{v.mean():.2f}" if len(v) == 1 else f"{v.mean():.2f} ± {v.std(ddof=1):.2f}"
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
+            *["| " + " | ".join(r) + " |" for r in rows]]
+
+
+def _cells(df: pd.DataFrame) -> pd.DataFrame:
+    # Cell-level columns repeat on every attack row; aggregate them once per cell so std is over seeds only.
+    return df.drop_duplicates(CELL)
+
+
+def _seeds_note(df: pd.DataFrame) -> str:
+    n = df["seed"].nunique()
+    return f"{n} seed" if n == 1 else f"{n} seeds, mean ± std"
+
+
+def markdown_tables(df: pd.DataFrame) -> str:
+    out = []
+    for (ds, sc), g in df.groupby(["dataset", "scenario"], sort=False):
+        attacks = attack_order(g["attack"])
+        boosted = set(g.loc[g["asr_boosted"].notna(), "attack"])
+        detects = g["auroc"].notna().any() or g["recall_removed"].notna().any()
+        header = ["Defense", "Clean Acc.", *[_label(a, a in boosted) for a in attacks], "Avg. ASR"]
+        header += ["AUROC", "Recall (removed)"] if detects else []
+        rows = []
+        for d in defense_order(g):
+            gd, cd = g[g["defense"] == d], _cells(g[g["defense"] == d])
+            row = [d, _pct(cd["clean_accuracy"]), *[_pct(gd.loc[gd["attack"] == a, "asr_paper"]) for a in attacks],
+                   _pct(cd["mean_asr_boosted"])]
+            rows.append(row + ([_pct(cd["auroc"]), _pct(cd["recall_removed"])] if detects else []))
+        out += [f"### {ds} — {sc}", "", f"All numbers in percent ({_seeds_note(g)}).", "", *_md_table(header, rows)]
+        out += ["", DAGGER_NOTE] if boosted else []
+        out.append("")
+    for ds, g in df.groupby("dataset", sort=False):
+        attacks = attack_order(g["attack"])
+        rows = []
+        for sc, gs in g.groupby("scenario", sort=False):
+            for d in defense_order(gs):
+                gd = gs[gs["defense"] == d]
+                rows.append([sc, d, *[_pct(gd.loc[gd["attack"] == a, "asr"]) for a in attacks],
+                             _pct(_cells(gd)["mean_asr"])])
+        out += [f"### {ds} — plain-trigger ASR", "", f"ASR with the un-boosted test trigger, in percent "
+                f"({_seeds_note(g)}).", "", *_md_table(["Scenario", "Defense", *map(_label, attacks), "Avg. ASR"], rows), ""]
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------- figures
+
+def _save(fig: Figure, path) -> Path:
+    FigureCanvasAgg(fig)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)  # tmp has a .tmp suffix, so name the format
+    return Path(path)
+
+
+def asr_figure(df: pd.DataFrame, out_path, title: str) -> Path:
+    """Grouped bars: ASR (paper convention) per attack, one bar per defense (paper Fig. 5/6)."""
+    import seaborn as sns
+
+    attacks, defenses = attack_order(df["attack"]), defense_order(df)
+    boosted = set(df.loc[df["asr_boosted"].notna(), "attack"])
+    data = df.assign(ASR=df["asr_paper"] * 100, Attack=[_label(a, a in boosted) for a in df["attack"]])
+    fig = Figure(figsize=(1.2 + 0.35 * len(attacks) * max(len(defenses), 2), 4))
+    ax = fig.add_subplot()
+    sns.barplot(data=data, x="Attack", y="ASR", hue="defense", order=[_label(a, a in boosted) for a in attacks],
+                hue_order=defenses, errorbar="sd" if df["seed"].nunique() > 1 else None, ax=ax)
+    ax.set(ylim=(0, 105), ylabel="Attack success rate (%)", xlabel="", title=title)
+    ax.legend(title="Defense", bbox_to_anchor=(1.01, 1), loc="upper left", fontsize="small")
+    return _save(fig, out_path)
+
+
+def rreject_figure(df: pd.DataFrame, out_path, title: str) -> Path | None:
+    """Clean accuracy and Avg. ASR against r_reject per detector (paper Fig. 7); None if no sweep to draw."""
+    import seaborn as sns
+
+    cells = _cells(df)
+    sweep = cells[(cells["remedy"] == "remove") & cells["r_reject"].notna()]
+    sweep = sweep.groupby("detector").filter(lambda g: g["r_reject"].nunique() >= 2)
+    if sweep.empty:
+        return None
+    base = cells[cells["remedy"] == "none"]
+    fig = Figure(figsize=(9, 3.8))
+    for ax, col, name in zip(fig.subplots(1, 2), ["clean_accuracy", "mean_asr_boosted"], ["Clean accuracy", "Avg. ASR"]):
+        sns.lineplot(data=sweep.assign(y=sweep[col] * 100), x="r_reject", y="y", hue="detector", marker="o",
+                     errorbar="sd", ax=ax)
+        if not base.empty:  # the undefended model has no r_reject: a reference line, not an r=0 point
+            ax.axhline(base[col].mean() * 100, ls="--", color="0.4", label="no defense")
+        ax.set(xlabel="$r_{reject}$", ylabel=f"{name} (%)", ylim=(0, 102))
+        ax.legend(fontsize="small")
+    fig.suptitle(title)
+    return _save(fig, out_path)
+
+
+def trajectory_figure(trajectories_path, manifest_path, out_path, title: str) -> Path:
+    """Mean loss per epoch of clean, bona fide and each attack's examples (paper Fig. 2/9), log scale."""
+    pf, meta = table_meta(trajectories_path, "trajectories")
+    if "accepted_epochs" not in meta or not meta["accepted_epochs"]:
+        raise ArtifactError(f"{trajectories_path}: metadata has no accepted_epochs; rerun pretrain")
+    epochs, skipped = list(meta["accepted_epochs"]), list(meta.get("skipped_epochs") or [])
+    cols = [f"loss_e{e:03d}" for e in epochs]
+    if missing := [c for c in cols if c not in pf.schema_arrow.names]:
+        raise ArtifactError(f"{trajectories_path}: accepted epoch columns {missing} are missing; rerun pretrain")
+    man = read_table(manifest_path, "manifest", columns=["index", "attack", "bona_fide"])[0].to_pandas()
+    attacks = attack_order(man["attack"].dropna())
+    groups = ["clean", "bona fide", *attacks]
+    # Each example goes to exactly one group; poisoned wins over a (mis-set) bona fide flag.
+    code = man["bona_fide"].fillna(False).to_numpy(bool).astype(np.int64)
+    for i, a in enumerate(attacks):
+        code[(man["attack"] == a).fillna(False).to_numpy(bool)] = i + 2
+    lookup = np.full(int(man["index"].max()) + 1 if len(man) else 0, -1, dtype=np.int64)
+    lookup[man["index"].to_numpy()] = code
+    # Stream row groups and keep per-group sums: a trajectories file may be larger than memory.
+    sums, counts = np.zeros((len(groups), len(cols))), np.zeros(len(groups))
+    try:
+        for b in pf.iter_batches(columns=["index", *cols]):
+            ix = b.column(0).to_numpy()
+            if ix.size and (ix.max() >= len(lookup) or (lookup[ix] < 0).any()):
+                raise ArtifactError(f"{trajectories_path}: has example indices missing from {manifest_path}; "
+                                    "the two come from different runs")
+            g = lookup[ix]
+            counts += np.bincount(g, minlength=len(groups))
+            for j in range(len(cols)):
+                sums[:, j] += np.bincount(g, weights=b.column(j + 1).to_numpy(zero_copy_only=False),
+                                          minlength=len(groups))
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ArtifactError(f"{trajectories_path}: Parquet data unreadable ({e}); delete it and rerun pretrain") from None
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    styles = [dict(color="0.35", lw=2), dict(color="green", lw=3.5)] + \
+             [dict(color=ATTACK_LINE_COLORS[i % len(ATTACK_LINE_COLORS)], lw=1.5) for i in range(len(attacks))]
+    for i, (name, st) in enumerate(zip(groups, styles)):
+        if counts[i]:
+            # A group whose mean loss reaches 0 would vanish on a log axis; clip to a tiny positive floor.
+            ax.plot(epochs, np.maximum(sums[i] / counts[i], 1e-8), label=f"{_label(name)} (n={int(counts[i])})", **st)
+    for k, e in enumerate(skipped):
+        ax.axvline(e, ls=":", color="0.5", lw=1, label="skipped epoch" if k == 0 else None)
+    ax.set(yscale="log", xlabel="epoch", ylabel="mean training loss", title=title)
+    ax.legend(fontsize="small", bbox_to_anchor=(1.01, 1), loc="upper left")
+    return _save(fig, out_path)
+
+
+# ---------------------------------------------------------------- driver
+
+def _cell_of(trajectories_path) -> tuple[str, str, int]:
+    p = Path(trajectories_path)
+    if len(p.parts) < 5 or not re.fullmatch(r"seed\d+", p.parts[-3]):
+        raise ArtifactError(f"{p}: expected …/{{dataset}}/{{scenario}}/seed{{seed}}/pretrain/trajectories.parquet")
+    return p.parts[-5], p.parts[-4], int(p.parts[-3][4:])
+
+
+def run(metrics_paths: Iterable, out_dir, trajectory_cells: Iterable = ()) -> dict[str, list[Path]]:
+    """Write summary.csv/.parquet, tables.md and figures/*.png under out_dir; return the paths by kind."""
+    out, figs = Path(out_dir), Path(out_dir) / "figures"
+    df = collect(metrics_paths)
+    if df.empty:
+        raise ArtifactError("no metrics.json files (or none with attacks) to aggregate")
+    written: dict[str, list[Path]] = {"summary": write_summary(df, out), "tables": [out / "tables.md"],
+                                      "asr": [], "rreject": [], "trajectories": []}
+    with atomic_path(out / "tables.md") as tmp:
+        tmp.write_text(markdown_tables(df))
+    for (ds, sc), g in df.groupby(["dataset", "scenario"], sort=False):
+        written["asr"].append(asr_figure(g, figs / f"fig_asr_{ds}_{sc}.png", f"{ds} — {sc}"))
+        if p := rreject_figure(g, figs / f"fig_rreject_{ds}_{sc}.png", f"{ds} — {sc}: rejection threshold"):
+            written["rreject"].append(p)
+    for tpath, mpath in trajectory_cells:
+        ds, sc, seed = _cell_of(tpath)
+        written["trajectories"].append(trajectory_figure(
+            tpath, mpath, figs / f"fig_trajectories_{ds}_{sc}_seed{seed}.png", f"{ds} — {sc}, seed {seed}"))
+    return written

@@ -1,0 +1,265 @@
+"""Load, default-fill and validate a grid config; cut it into the small spec each stage needs.
+
+The Snakefile and the CLI share these functions, so a stage run by hand sees exactly what
+Snakemake would pass it, and each rule's params hold only what changes that stage's output.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from .errors import ConfigError
+
+SCHEMA = json.loads(resources.files("poisongrid").joinpath("schemas/config.schema.json").read_text())
+
+# Training-set sizes of the standard datasets, so impossible budgets fail before any job runs.
+KNOWN_TRAIN_SIZES = {"cifar10": 50000, "gtsrb": 26640, "imagenette": 9469, "imagenet": 1281167}
+
+TRAIN_KEYS = ("model", "epochs", "batch_size", "lr", "weight_decay", "loss_clamp", "augment", "crop_scale")
+
+
+def _with_defaults(cls):
+    """A jsonschema validator that also fills in each property's default (the documented recipe)."""
+    validate_props = cls.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if "default" in sub and name not in instance:
+                    instance[name] = copy.deepcopy(sub["default"])
+        yield from validate_props(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(cls, {"properties": set_defaults})
+
+
+_Validator = _with_defaults(jsonschema.Draft202012Validator)
+
+
+def _path(err: jsonschema.ValidationError) -> str:
+    return ".".join(str(p) for p in err.absolute_path) or "(top level)"
+
+
+def _allowed(err: jsonschema.ValidationError) -> str:
+    s = err.schema if isinstance(err.schema, dict) else {}
+    if err.validator == "enum":
+        return f"one of {err.validator_value}"
+    if err.validator == "additionalProperties":
+        return f"only the keys {sorted(s.get('properties', {}))}"
+    if err.validator == "required":
+        return f"the required key(s) {err.validator_value}"
+    return err.message
+
+
+def load(path: str | Path | None = None, overrides: dict | None = None) -> dict:
+    """Read a YAML config (optionally deep-merged with overrides), fill defaults, validate."""
+    cfg: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError("config", str(p), "a path to an existing YAML file")
+        cfg = yaml.safe_load(p.read_text()) or {}
+    if overrides:
+        cfg = _merge(cfg, overrides)
+    return validate(cfg)
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def validate(cfg: dict) -> dict:
+    """Fill defaults in place and check everything that can be checked before a job runs."""
+    if not isinstance(cfg, dict):
+        raise ConfigError("config", cfg, "a mapping of keys")
+    errors = sorted(_Validator(SCHEMA).iter_errors(cfg), key=lambda e: list(e.absolute_path))
+    if errors:
+        e = errors[0]
+        value = e.instance if not isinstance(e.instance, dict) else "{…}"
+        raise ConfigError(_path(e), value, _allowed(e))
+    for name, ds in cfg["datasets"].items():
+        _check_dataset(name, ds)
+    _check_detectors_defenses(cfg)
+    _check_budgets(cfg)
+    return cfg
+
+
+def _check_dataset(name: str, ds: dict) -> None:
+    from .attacks import ATTACKS
+    from .data import DATASETS
+    from .models import MODELS
+
+    ds.setdefault("loader", name)
+    DATASETS.get(ds["loader"], f"datasets.{name}.loader")
+    MODELS.get(ds["model"], f"datasets.{name}.model")
+    total = 0.0
+    for aname, a in ds["attacks"].items():
+        key = f"datasets.{name}.attacks.{aname}"
+        cls = ATTACKS.get(aname, f"datasets.{name}.attacks")
+        r = a["ratio"]
+        if not (isinstance(r, (int, float)) and 0 < r < 1):
+            raise ConfigError(f"{key}.ratio", r, "a number in (0, 1)")
+        total += r
+        params = attack_params(a)
+        if cls.needs_trigger_file:
+            params = {**params, "trigger": None}  # made later by the trigger stage
+        else:
+            # Building the attack once validates its parameters now, not hours into a run.
+            cls((3, ds["image_size"] or 32, ds["image_size"] or 32), 0, **params)
+    if total >= 1:
+        raise ConfigError(f"datasets.{name}.attacks", f"ratios summing to {total:g}", "ratios summing to less than 1")
+    ds.setdefault("scenarios", ["multi"] + [f"single-{a}" for a in ds["attacks"]])
+    for s in ds["scenarios"]:
+        scenario_attacks(ds, s, key=f"datasets.{name}.scenarios")
+    cs = ds["crop_scale"]
+    if not (0 < cs[0] <= cs[1] <= 1):
+        raise ConfigError(f"datasets.{name}.crop_scale", cs, "[lo, hi] with 0 < lo <= hi <= 1")
+
+
+def _check_detectors_defenses(cfg: dict) -> None:
+    from .detectors import DETECTORS
+
+    for dname, det in cfg["detectors"].items():
+        cls = DETECTORS.get(det["type"], f"detectors.{dname}.type")
+        cls.check(det, f"detectors.{dname}", cfg)
+    from .paths import RESERVED
+
+    for fname in cfg["defenses"]:
+        if fname in RESERVED:
+            raise ConfigError("defenses", fname, f"a name other than {list(RESERVED)} (artifact folders)")
+    for fname, d in cfg["defenses"].items():
+        key = f"defenses.{fname}"
+        if d["remedy"] == "none":
+            if "detector" in d or "r_reject" in d:
+                raise ConfigError(key, d, "remedy 'none' with no detector or r_reject")
+            continue
+        if "detector" not in d:
+            raise ConfigError(f"{key}.detector", None, f"one of the configured detectors {sorted(cfg['detectors'])}")
+        if d["detector"] not in cfg["detectors"]:
+            raise ConfigError(f"{key}.detector", d["detector"], f"one of the configured detectors {sorted(cfg['detectors'])}")
+        r = d.get("r_reject", 0.4)
+        if not (isinstance(r, (int, float)) and 0 <= r < 1):
+            raise ConfigError(f"{key}.r_reject", r, "a number in [0, 1)")
+        d["r_reject"] = r
+
+
+def _check_budgets(cfg: dict) -> None:
+    n_clean = cfg["bona_fide"]["n_clean"]
+    for name, ds in cfg["datasets"].items():
+        n = train_size(ds)
+        if n is None:
+            continue
+        poisoned = sum(max(int(n * a["ratio"]), a["min_count"]) for a in ds["attacks"].values())
+        pool = n - poisoned
+        if n_clean > pool:
+            raise ConfigError("bona_fide.n_clean", n_clean, f"at most {pool}, the untouched examples of '{name}' ({n} training images, {poisoned} poisoned)")
+
+
+def train_size(ds: dict) -> int | None:
+    if ds["loader"] == "digits":
+        from .data import load_dataset
+
+        return len(load_dataset("digits", image_size=8, **ds["options"]).train.labels)
+    return KNOWN_TRAIN_SIZES.get(ds["loader"])
+
+
+def attack_params(a: dict) -> dict:
+    """An attack entry minus the scenario-level keys: what the Attack class itself takes."""
+    return {k: v for k, v in a.items() if k not in ("ratio", "min_count", "min_target_count")}
+
+
+def scenario_attacks(ds: dict, scenario: str, key: str = "scenario") -> list[str]:
+    if scenario == "multi":
+        return list(ds["attacks"])
+    if scenario.startswith("single-") and scenario[7:] in ds["attacks"]:
+        return [scenario[7:]]
+    allowed = ["multi"] + [f"single-{a}" for a in ds["attacks"]]
+    raise ConfigError(key, scenario, f"one of {allowed}")
+
+
+# ---- the specs each stage receives -------------------------------------------------------------
+
+
+def dataset_spec(cfg: dict, dataset: str) -> dict:
+    ds = _dataset(cfg, dataset)
+    return {"name": dataset, "loader": ds["loader"], "image_size": ds["image_size"], "options": ds["options"],
+            "data_dir": cfg["data_dir"], "download": cfg["download"]}
+
+
+def _dataset(cfg: dict, dataset: str) -> dict:
+    if dataset not in cfg["datasets"]:
+        raise ConfigError("dataset", dataset, f"one of the configured datasets {sorted(cfg['datasets'])}")
+    return cfg["datasets"][dataset]
+
+
+def runtime_spec(cfg: dict) -> dict:
+    return {"device": cfg["device"], "threads": cfg["threads"]}
+
+
+def training_spec(cfg: dict, dataset: str) -> dict:
+    ds = _dataset(cfg, dataset)
+    return {k: ds[k] for k in TRAIN_KEYS}
+
+
+def stage_spec(cfg: dict, stage: str, dataset: str, scenario: str | None = None, seed: int | None = None,
+               defense: str | None = None, detector: str | None = None) -> dict:
+    """The part of the config one stage of one cell depends on (and nothing else)."""
+    ds = _dataset(cfg, dataset)
+    spec: dict[str, Any] = {"dataset": dataset_spec(cfg, dataset)}
+    if seed is not None:
+        spec["seed"] = int(seed)
+    if stage == "trigger":
+        spec["attack"] = ds["attacks"]["narcissus"]
+        spec["surrogate"] = ds["narcissus_surrogate"]
+        spec["training"] = training_spec(cfg, dataset)
+        spec["runtime"] = runtime_spec(cfg)
+    elif stage == "poison":
+        names = scenario_attacks(ds, scenario)
+        spec["scenario"] = scenario
+        spec["attacks"] = {a: ds["attacks"][a] for a in names}
+        spec["all_attacks"] = list(ds["attacks"])  # targets are drawn in this order for every scenario
+        spec["bona_fide"] = cfg["bona_fide"]
+    elif stage == "pretrain":
+        spec["training"] = training_spec(cfg, dataset)
+        spec["pretrain"] = cfg["pretrain"]
+        spec["runtime"] = runtime_spec(cfg)
+    elif stage == "score":
+        if detector not in cfg["detectors"]:
+            raise ConfigError("detector", detector, f"one of {sorted(cfg['detectors'])}")
+        spec = {"detector": detector, **cfg["detectors"][detector]}
+    elif stage == "filter":
+        spec = {"defense": defense, **_defense(cfg, defense)}
+    elif stage == "train":
+        spec["training"] = training_spec(cfg, dataset)
+        spec["runtime"] = runtime_spec(cfg)
+    elif stage == "evaluate":
+        spec["defense"] = {"name": defense, **_defense(cfg, defense)}
+        spec["runtime"] = runtime_spec(cfg)
+    else:
+        raise ConfigError("stage", stage, "one of trigger, poison, pretrain, score, filter, train, evaluate")
+    return spec
+
+
+def _defense(cfg: dict, defense: str) -> dict:
+    if defense not in cfg["defenses"]:
+        raise ConfigError("defense", defense, f"one of the configured defenses {sorted(cfg['defenses'])}")
+    return cfg["defenses"][defense]
+
+
+def cells(cfg: dict) -> list[dict]:
+    """Every (dataset, scenario, seed, defense) cell of the grid."""
+    out = []
+    for dname, ds in cfg["datasets"].items():
+        for scenario in ds["scenarios"]:
+            for seed in cfg["seeds"]:
+                for defense in cfg["defenses"]:
+                    out.append({"dataset": dname, "scenario": scenario, "seed": seed, "defense": defense})
+    return out

@@ -1,0 +1,118 @@
+"""Atomic writes and checked reads: a killed job never leaves a file a later stage trusts."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import ArtifactError
+
+# Key under which poisongrid stores its own metadata in Parquet files.
+META_KEY = b"poisongrid"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path, obj) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def read_json(path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path}: not valid JSON ({e}); delete it and rerun the stage that makes it") from None
+
+
+def write_table(path, table: pa.Table, kind: str, meta: dict | None = None, **kwargs) -> None:
+    """Write a Parquet table tagged with `kind` so a reader can reject foreign files."""
+    payload = {"kind": kind, **(meta or {})}
+    md = dict(table.schema.metadata or {})
+    md[META_KEY] = json.dumps(payload, default=_json_default).encode()
+    table = table.replace_schema_metadata(md)
+    kwargs.setdefault("compression", "zstd")
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, **kwargs)
+
+
+def table_meta(path, kind: str) -> tuple[pq.ParquetFile, dict]:
+    """Open a Parquet file and check it is a poisongrid `kind` file; return it with its metadata."""
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"{path}: file not found")
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ArtifactError(
+            f"{path}: not a readable Parquet file (truncated or corrupt: {e}); delete it and rerun the stage that makes it"
+        ) from None
+    md = pf.schema_arrow.metadata or {}
+    if META_KEY not in md:
+        raise ArtifactError(f"{path}: Parquet file was not written by poisongrid (no '{META_KEY.decode()}' metadata); expected a {kind} file")
+    meta = json.loads(md[META_KEY])
+    if meta.get("kind") != kind:
+        raise ArtifactError(f"{path}: is a poisongrid '{meta.get('kind')}' file, expected '{kind}'")
+    return pf, meta
+
+
+def read_table(path, kind: str, columns: list[str] | None = None) -> tuple[pa.Table, dict]:
+    pf, meta = table_meta(path, kind)
+    try:
+        table = pf.read(columns=columns)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ArtifactError(f"{path}: Parquet data unreadable ({e}); delete it and rerun the stage that makes it") from None
+    return table, meta
+
+
+def save_npz(path, **arrays) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+
+
+def load_npz(path) -> dict[str, np.ndarray]:
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"{path}: file not found")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (ValueError, OSError, EOFError) as e:
+        raise ArtifactError(f"{path}: not a readable .npz file ({e}); delete it and rerun the stage that makes it") from None

@@ -1,0 +1,160 @@
+"""Scenarios: choose targets and images, apply the attacks, mark bona fide examples.
+
+Targets are drawn per attack from (seed, attack name) alone, so `single-x` and `multi` with the
+same seed share each attack's target (and the Narcissus trigger made for it)."""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from .attacks import ATTACKS, Attack, build_attack
+from .config import attack_params
+from .data import Dataset
+from .errors import ArtifactError, ConfigError
+from .io import load_npz, read_table, save_npz, write_table
+
+MANIFEST_KIND = "manifest"
+
+
+def attack_seed(seed: int, name: str) -> int:
+    return int(np.random.SeedSequence([seed, zlib.crc32(name.encode())]).generate_state(1)[0])
+
+
+def draw_target(name: str, cfg: dict, labels: np.ndarray, num_classes: int, seed: int) -> int:
+    """A uniformly random class; clean-label attacks redraw until the class is large enough."""
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode()), 1])
+    counts = np.bincount(labels, minlength=num_classes)
+    need = cfg.get("min_target_count", 0)
+    if ATTACKS.get(name).clean_label:
+        need = max(need, _count(cfg, len(labels)))
+    if counts.max() < need:
+        raise ConfigError(f"attacks.{name}", cfg, f"settings whose target class can hold {need} images (largest class has {counts.max()})")
+    while True:
+        t = int(rng.integers(num_classes))
+        if counts[t] >= need:
+            return t
+
+
+def _count(cfg: dict, n: int) -> int:
+    return max(int(n * cfg["ratio"]), int(cfg.get("min_count", 0)))
+
+
+@dataclass
+class PoisonedSet:
+    manifest: pd.DataFrame  # index, label, orig_label, attack, target, bona_fide
+    index: np.ndarray  # rows whose image changed
+    images: np.ndarray  # their new uint8 images
+    meta: dict  # targets, per-attack seeds and params, counts
+
+
+def poison(ds: Dataset, attacks: dict[str, dict], all_attacks: list[str], seed: int, bona_fide: dict,
+           triggers: dict[str, np.ndarray] | None = None) -> PoisonedSet:
+    triggers = triggers or {}
+    labels = ds.train.labels
+    n = len(labels)
+    targets = {a: draw_target(a, attacks[a], labels, ds.num_classes, seed) for a in attacks}
+    rng = np.random.default_rng([seed, 2])
+    used = np.zeros(n, dtype=bool)
+    new_labels = labels.copy()
+    attack_col = np.full(n, None, dtype=object)
+    target_col = np.full(n, -1, dtype=np.int64)
+    idx_parts, img_parts, info = [], [], {}
+    # Clean-label attacks choose first: they are confined to one class, the others can go anywhere.
+    order = sorted(attacks, key=lambda a: (not ATTACKS.get(a).clean_label, all_attacks.index(a)))
+    for name in order:
+        cfg = attacks[name]
+        atk = _build(name, cfg, ds.image_shape, seed, triggers)
+        t = targets[name]
+        pool = np.flatnonzero(~used & (labels == t)) if atk.clean_label else np.flatnonzero(~used)
+        k = _count(cfg, n)
+        if k < 1:
+            raise ConfigError(f"attacks.{name}.ratio", cfg["ratio"], f"a ratio that poisons at least one of {n} images (or set min_count)")
+        if k > len(pool):
+            raise ConfigError(f"attacks.{name}.ratio", cfg["ratio"], f"at most {len(pool)} available images ({k} requested)")
+        chosen = np.sort(rng.choice(pool, size=k, replace=False))
+        used[chosen] = True
+        idx_parts.append(chosen)
+        img_parts.append(atk.apply(ds.train.images[chosen]))
+        attack_col[chosen] = name
+        target_col[chosen] = t
+        if not atk.clean_label:
+            new_labels[chosen] = t
+        info[name] = {"target": t, "seed": attack_seed(seed, name), "count": int(k), "clean_label": atk.clean_label,
+                      "params": attack_params(cfg)}
+    bona = _bona_fide(~used, labels, ds.num_classes, bona_fide, rng)
+    manifest = pd.DataFrame({
+        "index": np.arange(n, dtype=np.int64), "label": new_labels.astype(np.int64),
+        "orig_label": labels.astype(np.int64), "attack": pd.array(attack_col, dtype="string"),
+        "target": target_col, "bona_fide": bona,
+    })
+    index = np.concatenate(idx_parts) if idx_parts else np.zeros(0, dtype=np.int64)
+    images = np.concatenate(img_parts) if img_parts else np.zeros((0, *ds.image_shape), dtype=np.uint8)
+    order = np.argsort(index)
+    meta = {"dataset": ds.name, "seed": seed, "attacks": info, "n_train": n, "num_classes": ds.num_classes,
+            "image_shape": list(ds.image_shape)}
+    return PoisonedSet(manifest, index[order].astype(np.int64), images[order], meta)
+
+
+def _build(name: str, cfg: dict, shape, seed: int, triggers: dict) -> Attack:
+    params = attack_params(cfg)
+    if ATTACKS.get(name).needs_trigger_file:
+        if name not in triggers:
+            raise ConfigError(f"attacks.{name}", "no trigger file", "a trigger made by `poisongrid trigger` (--trigger)")
+        params["trigger"] = triggers[name]
+    return build_attack(name, shape, attack_seed(seed, name), params)
+
+
+def _bona_fide(pool: np.ndarray, labels: np.ndarray, num_classes: int, cfg: dict, rng) -> np.ndarray:
+    n_clean = int(cfg["n_clean"])
+    cand = np.flatnonzero(pool)
+    if n_clean > len(cand):
+        raise ConfigError("bona_fide.n_clean", n_clean, f"at most {len(cand)} (the untouched examples)")
+    out = np.zeros(len(labels), dtype=bool)
+    if not cfg.get("stratified"):
+        out[rng.choice(cand, size=n_clean, replace=False)] = True
+        return out
+    # Stratified: classes take turns, so each class gets n_clean / num_classes (or all it has).
+    per_class = [rng.permutation(cand[labels[cand] == c]) for c in range(num_classes)]
+    picked, i = [], 0
+    while len(picked) < n_clean:
+        for c in range(num_classes):
+            if i < len(per_class[c]) and len(picked) < n_clean:
+                picked.append(per_class[c][i])
+        i += 1
+    out[np.asarray(picked)] = True
+    return out
+
+
+def write(ps: PoisonedSet, manifest_path, images_path) -> None:
+    save_npz(images_path, index=ps.index, images=ps.images)
+    write_table(manifest_path, pa.Table.from_pandas(ps.manifest, preserve_index=False), MANIFEST_KIND, ps.meta)
+
+
+def read_manifest(path) -> tuple[pd.DataFrame, dict]:
+    table, meta = read_table(path, MANIFEST_KIND)
+    return table.to_pandas(), meta
+
+
+def training_images(ds: Dataset, images_path, manifest: pd.DataFrame) -> np.ndarray:
+    """The poisoned training images: the clean set with the poisoned rows swapped in."""
+    z = load_npz(images_path)
+    if len(manifest) != len(ds.train.labels):
+        raise ArtifactError(f"manifest has {len(manifest)} rows but dataset '{ds.name}' has {len(ds.train.labels)} training images")
+    out = np.array(ds.train.images, copy=True)
+    out[z["index"]] = z["images"]
+    return out
+
+
+def test_attacks(meta: dict, shape, triggers: dict[str, np.ndarray]) -> dict[str, tuple[Attack, int]]:
+    """Rebuild each attack of a manifest (same seed and params) with its target, for test-time triggers."""
+    out = {}
+    for name, info in meta["attacks"].items():
+        params = dict(info["params"])
+        if ATTACKS.get(name).needs_trigger_file:
+            params["trigger"] = triggers[name]
+        out[name] = (build_attack(name, shape, info["seed"], params), int(info["target"]))
+    return out

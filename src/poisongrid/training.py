@@ -1,0 +1,234 @@
+"""The one training loop: pretraining, retraining, surrogates. It records each example's loss
+per epoch when asked, augments whole batches on the training device, and is deterministic on CPU."""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+from .models import build_model
+from .registry import Registry
+
+AUGMENTS: Registry = Registry("augment")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", name, "'cpu' or 'auto' on a machine without a CUDA GPU")
+    return torch.device(name)
+
+
+def setup_runtime(runtime: dict) -> torch.device:
+    torch.set_num_threads(int(runtime.get("threads", 1)))
+    return resolve_device(runtime.get("device", "auto"))
+
+
+# ---- batch augmentations (uint8 batch in, uint8 batch out, on the batch's device) -----------------
+
+
+@AUGMENTS.register("none")
+def _no_aug(x: torch.Tensor, gen: torch.Generator, spec: dict) -> torch.Tensor:
+    return x
+
+
+def _flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    mask = (torch.rand(x.shape[0], generator=gen) < 0.5).to(x.device)
+    return torch.where(mask.view(-1, 1, 1, 1), x.flip(3), x)
+
+
+@AUGMENTS.register("crop_flip")
+def _crop_flip(x: torch.Tensor, gen: torch.Generator, spec: dict, pad: int = 4) -> torch.Tensor:
+    """Random crop from a reflect-padded image (pad 4) and horizontal flip, one gather for the batch."""
+    n, c, h, w = x.shape
+    xp = F.pad(x.float(), (pad, pad, pad, pad), mode="reflect")
+    oy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
+    ox = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
+    rows = (oy[:, None] + torch.arange(h, device=x.device)).view(n, 1, h, 1).expand(n, c, h, w + 2 * pad)
+    xp = xp.gather(2, rows)
+    cols = (ox[:, None] + torch.arange(w, device=x.device)).view(n, 1, 1, w).expand(n, c, h, w)
+    return _flip(xp.gather(3, cols).to(x.dtype), gen)
+
+
+@AUGMENTS.register("resized_crop_flip")
+def _resized_crop_flip(x: torch.Tensor, gen: torch.Generator, spec: dict) -> torch.Tensor:
+    """RandomResizedCrop (scale range from the config, ratio 3/4..4/3) + flip via one affine grid_sample."""
+    n = x.shape[0]
+    lo, hi = spec.get("crop_scale", (0.08, 1.0))
+    area = torch.empty(n).uniform_(lo, hi, generator=gen)
+    logr = torch.empty(n).uniform_(math.log(3 / 4), math.log(4 / 3), generator=gen)
+    ratio = torch.exp(logr)
+    sw = torch.sqrt(area * ratio).clamp(max=1.0)  # crop width / image width
+    sh = torch.sqrt(area / ratio).clamp(max=1.0)
+    tx = (torch.rand(n, generator=gen) * 2 - 1) * (1 - sw)
+    ty = (torch.rand(n, generator=gen) * 2 - 1) * (1 - sh)
+    flip = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2] = sw * flip, tx
+    theta[:, 1, 1], theta[:, 1, 2] = sh, ty
+    theta = theta.to(x.device)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+# ---- the loop ---------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    losses: np.ndarray | None  # (epochs_run, N) float32 per-example losses, when recorded
+    train_loss: list[float]  # mean (clamped) training loss of each epoch
+    wall_time_s: float
+    images_per_s: float
+    epochs_run: int
+    history: list[dict] = field(default_factory=list)
+
+
+def _to_float(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    x = x.float().div_(255.0)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def _batch(images, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if isinstance(images, torch.Tensor):
+        return images[idx.to(images.device)].to(device, non_blocking=True)
+    # numpy (possibly memory-mapped): gather in sorted order for locality, then restore the order.
+    order = idx.argsort()
+    rows = np.ascontiguousarray(images[np.asarray(idx[order])])
+    out = torch.empty_like(torch.from_numpy(rows))
+    out[order] = torch.from_numpy(rows)
+    return out.to(device, non_blocking=True)
+
+
+@torch.no_grad()
+def per_example_loss(model: nn.Module, images, labels: torch.Tensor, device: torch.device,
+                     batch_size: int = 1024) -> torch.Tensor:
+    """Unclamped cross-entropy of every example, eval mode, no augmentation (float32, on CPU)."""
+    model.eval()
+    cl = device.type == "cuda"
+    out = torch.empty(len(labels), dtype=torch.float32)
+    for s in range(0, len(labels), batch_size):
+        idx = torch.arange(s, min(s + batch_size, len(labels)))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cl):
+            logits = model(_to_float(_batch(images, idx, device), cl))
+        out[s:s + len(idx)] = F.cross_entropy(logits.float(), labels[idx].to(device), reduction="none").cpu()
+    return out
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images, device: torch.device, batch_size: int = 1024) -> np.ndarray:
+    model.eval()
+    cl = device.type == "cuda"
+    preds = []
+    for s in range(0, len(images), batch_size):
+        idx = torch.arange(s, min(s + batch_size, len(images)))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cl):
+            preds.append(model(_to_float(_batch(images, idx, device), cl)).argmax(1).cpu())
+    return torch.cat(preds).numpy() if preds else np.zeros(0, dtype=np.int64)
+
+
+def as_tensor_data(images: np.ndarray, device: torch.device, max_bytes: int = 8 << 30):
+    """Keep the uint8 training set on the device when it fits; else leave it (memory-mapped) on the host."""
+    if images.nbytes <= max_bytes:
+        return torch.from_numpy(np.ascontiguousarray(images)).to(device)
+    return images
+
+
+def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: int, device: torch.device,
+        epochs_to_run: int | None = None, record: str | None = None,
+        on_epoch: Callable[[int, dict], None] | None = None, log: Callable[[str], None] | None = None) -> TrainResult:
+    """Train a fresh model from `training` (model, epochs, batch_size, lr, weight_decay, loss_clamp,
+    augment). The cosine schedule spans `training['epochs']`; `epochs_to_run` stops early (BaDLoss
+    pretraining). `record`: None, 'eval' (extra eval-mode pass, paper) or 'train' (the training
+    pass's own per-example losses, no extra cost)."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    n = len(labels)
+    epochs = int(training["epochs"])
+    run = epochs if epochs_to_run is None else int(epochs_to_run)
+    bs = int(training["batch_size"])
+    clamp = float(training.get("loss_clamp", 100.0))
+    augment = AUGMENTS.get(training.get("augment", "none"), "augment")
+    cl = device.type == "cuda"
+
+    model = build_model(training["model"], num_classes, images.shape[-1]).to(device)
+    if cl:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=float(training["lr"]), weight_decay=float(training["weight_decay"]))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    data = as_tensor_data(images, device) if isinstance(images, np.ndarray) else images
+    y = torch.as_tensor(labels, dtype=torch.int64)
+    y_dev = y.to(device)
+    losses = np.empty((run, n), dtype=np.float32) if record else None
+    train_loss: list[float] = []
+    t0 = time.perf_counter()
+    seen = 0
+    for epoch in range(run):
+        model.train()
+        perm = torch.randperm(n, generator=gen)
+        ep_sum = torch.zeros((), device=device)
+        rec = torch.empty(n, dtype=torch.float32, device=device) if record == "train" else None
+        for s in range(0, n, bs):
+            idx = perm[s:s + bs]
+            xb = augment(_batch(data, idx, device), gen, training)
+            yb = y_dev[idx.to(device)]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cl):
+                logits = model(_to_float(xb, cl))
+            per = F.cross_entropy(logits.float(), yb, reduction="none")
+            if rec is not None:
+                rec[idx.to(device)] = per.detach()
+            loss = per.clamp(max=clamp).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            ep_sum += loss.detach() * len(idx)
+        sched.step()
+        seen += n
+        train_loss.append(float(ep_sum) / n)
+        if record == "eval":
+            losses[epoch] = per_example_loss(model, data, y, device).numpy()
+        elif record == "train":
+            losses[epoch] = rec.cpu().numpy()
+        if log:
+            log(f"epoch {epoch + 1}/{run} train_loss {train_loss[-1]:.4f} lr {sched.get_last_lr()[0]:.2e}")
+        if on_epoch:
+            on_epoch(epoch, {"model": model, "opt": opt, "sched": sched, "gen": gen})
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    return TrainResult(model=model, losses=losses, train_loss=train_loss, wall_time_s=wall,
+                       images_per_s=seen / wall if wall > 0 else float("nan"), epochs_run=run)
+
+
+def save_model(path, model: nn.Module, meta: dict) -> None:
+    from .io import atomic_path
+
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        torch.save({"state_dict": state, "meta": meta}, tmp)
+
+
+def load_model(path, device: torch.device) -> tuple[nn.Module, dict]:
+    from .errors import ArtifactError
+
+    if not os.path.exists(path):
+        raise ArtifactError(f"{path}: file not found")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        meta = blob["meta"]
+        model = build_model(meta["model"], meta["num_classes"], meta["image_size"])
+        model.load_state_dict(blob["state_dict"])
+    except (RuntimeError, KeyError, EOFError, ValueError) as e:
+        raise ArtifactError(f"{path}: not a poisongrid model file or truncated ({e}); delete it and rerun the train stage") from None
+    return model.to(device), meta

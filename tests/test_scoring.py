@@ -1,0 +1,114 @@
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from poisongrid import trajectories
+from poisongrid.detectors import BaDLoss, knn_log_distance, read_scores
+from poisongrid.errors import ArtifactError, ConfigError
+from poisongrid.io import write_table
+from poisongrid.remedies import select_removed
+
+
+def brute_force(x, ref, k, eps):
+    out = []
+    for row in x:
+        d = np.sort(np.sqrt(((ref - row) ** 2).sum(1)))[:k]
+        out.append(np.log(d.mean() + eps))
+    return np.array(out)
+
+
+def test_knn_score_equals_brute_force():
+    rng = np.random.default_rng(0)
+    x = rng.gamma(2.0, 1.0, size=(500, 12)).astype(np.float32)
+    ref = rng.gamma(2.0, 1.0, size=(40, 12)).astype(np.float32)
+    got = knn_log_distance(x, ref, k=7, eps=1e-8, chunk=64)
+    np.testing.assert_allclose(got, brute_force(x.astype(float), ref.astype(float), 7, 1e-8), rtol=1e-6, atol=1e-6)
+
+
+def test_knn_k_equal_ref_and_self_distance():
+    ref = np.eye(5, dtype=np.float32)
+    got = knn_log_distance(ref, ref, k=5)
+    np.testing.assert_allclose(got, brute_force(ref, ref, 5, 1e-8), rtol=1e-6)
+    with pytest.raises(ConfigError, match="k"):
+        knn_log_distance(ref, ref, k=6)
+
+
+def test_spike_epochs_skipped():
+    means = [2.0, 1.5, 1.2, 1.0, 9.0, 0.9, 0.8, 5.0, 0.7]
+    kept = trajectories.accepted_epochs(means, 2.0)
+    assert kept == [0, 1, 2, 3, 5, 6, 8]
+    # The first three epochs are kept however high they are.
+    assert trajectories.accepted_epochs([1.0, 50.0, 70.0, 1.0]) == [0, 1, 2, 3]
+
+
+def _write_cell(tmp_path, n=300, epochs=6, n_bona=30, skipped=(3,)):
+    rng = np.random.default_rng(1)
+    curve = np.linspace(2.0, 0.5, epochs)[:, None]
+    losses = (curve * rng.lognormal(0.0, 0.1, size=(epochs, n))).astype(np.float32)
+    poisoned = np.arange(n) >= n - 30
+    losses[:, poisoned] *= 0.05  # planted: poisoned examples learned far faster
+    losses[3, :] += 100  # spike epoch: must not be used by the score
+    kept = [e for e in range(epochs) if e not in skipped]
+    tpath = tmp_path / "traj.parquet"
+    trajectories.write(tpath, losses, {"epochs_recorded": epochs, "accepted_epochs": kept, "skipped_epochs": list(skipped),
+                                       "n_examples": n})
+    bona = np.zeros(n, dtype=bool)
+    bona[:n_bona] = True
+    man = pd.DataFrame({"index": np.arange(n), "label": np.zeros(n, dtype=np.int64), "orig_label": np.zeros(n, dtype=np.int64),
+                        "attack": pd.array([("patch" if p else None) for p in poisoned], dtype="string"),
+                        "target": np.where(poisoned, 0, -1), "bona_fide": bona})
+    mpath = tmp_path / "manifest.parquet"
+    write_table(mpath, pa.Table.from_pandas(man, preserve_index=False), "manifest", {})
+    return tpath, mpath, losses, kept, bona, poisoned
+
+
+def test_trajectory_file_one_row_per_example(tmp_path):
+    tpath, _, losses, kept, _, _ = _write_cell(tmp_path)
+    idx, t, md = trajectories.read(tpath)
+    assert len(idx) == losses.shape[1] and t.shape == (losses.shape[1], len(kept))
+    assert t.dtype == np.float32
+    np.testing.assert_array_equal(t, losses[kept].T)
+    _, full, _ = trajectories.read(tpath, only_accepted=False)
+    assert full.shape[1] == losses.shape[0]
+
+
+def test_badloss_detector_matches_reference_and_streams(tmp_path):
+    tpath, mpath, losses, kept, bona, poisoned = _write_cell(tmp_path)
+    out = tmp_path / "scores.parquet"
+    BaDLoss(k=10, chunk_rows=37).score({"trajectories": tpath, "manifest": mpath}, out)
+    df, meta = read_scores(out)
+    assert meta["epochs_used"] == kept
+    x = losses[kept].T.astype(float)
+    np.testing.assert_allclose(df["score"].to_numpy(), brute_force(x, x[bona], 10, 1e-8), rtol=1e-6, atol=1e-6)
+    # The planted poisoned examples are the most anomalous.
+    top = np.argsort(-df["score"].to_numpy())[: poisoned.sum()]
+    assert poisoned[top].mean() > 0.9
+
+
+def test_foreign_and_truncated_parquet_rejected(tmp_path):
+    tpath, mpath, *_ = _write_cell(tmp_path)
+    with pytest.raises(ArtifactError, match="expected 'trajectories'"):
+        trajectories.read(mpath)
+    foreign = tmp_path / "foreign.parquet"
+    pd.DataFrame({"a": [1, 2]}).to_parquet(foreign)
+    with pytest.raises(ArtifactError, match="not written by poisongrid"):
+        trajectories.read(foreign)
+    cut = tmp_path / "cut.parquet"
+    cut.write_bytes(tpath.read_bytes()[: tpath.stat().st_size // 2])
+    with pytest.raises(ArtifactError, match="truncated or corrupt"):
+        trajectories.read(cut)
+
+
+def test_filter_exact_fraction_never_bona_fide():
+    rng = np.random.default_rng(2)
+    n = 1000
+    scores = rng.normal(size=n)
+    bona = np.zeros(n, dtype=bool)
+    bona[np.argsort(-scores)[:50]] = True  # the bona fide hold the very highest scores
+    removed = select_removed(scores, bona, 0.4)
+    assert removed.sum() == 400
+    assert not (removed & bona).any()
+    # Everything removed scores at least as high as anything kept (bona fide aside).
+    assert scores[removed].min() >= scores[~removed & ~bona].max()
+    assert select_removed(scores, bona, 0.0).sum() == 0

@@ -1,0 +1,14 @@
+rule poison:
+    """Apply the scenario's attacks to the training set; write the manifest and the changed images."""
+    input:
+        unpack(scenario_triggers),
+    output:
+        manifest=P("manifest"),
+        images=P("poisoned"),
+    params:
+        spec=spec("poison"),
+        triggers=lambda w, input: trigger_flags(w, input),
+    log:
+        "logs/poison/{dataset}/{scenario}/seed{seed}.log",
+    shell:
+        "poisongrid poison --spec {params.spec} --manifest {output.manifest} --images {output.images} {params.triggers} 2> {log}"

@@ -1,0 +1,18 @@
+def score_inputs(w):
+    det = config["detectors"][w.detector]
+    return {kind: P(kind, dataset=w.dataset, scenario=w.scenario, seed=w.seed) for kind in DETECTORS.get(det["type"]).inputs}
+
+
+rule score:
+    """Anomaly score of every training example by one configured detector."""
+    input:
+        unpack(score_inputs),
+    output:
+        P("scores"),
+    params:
+        spec=spec("score"),
+        inputs=lambda w, input: " ".join(f"--{k} {v}" for k, v in input.items()),
+    log:
+        "logs/score/{dataset}/{scenario}/seed{seed}/{detector}.log",
+    shell:
+        "poisongrid score --spec {params.spec} {params.inputs} --out {output} 2> {log}"
