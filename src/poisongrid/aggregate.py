@@ -136,9 +136,10 @@ def _pct(values: pd.Series) -> str:
     return f"{v.mean():.2f}" if len(v) == 1 else f"{v.mean():.2f} ± {v.std(ddof=1):.2f}"
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
-            *["| " + " | ".join(r) + " |" for r in rows]]
+def _md_table(header: list[str], rows: list[list[str]], text_cols: int = 1) -> list[str]:
+    align = ["---"] * text_cols + ["---:"] * (len(header) - text_cols)  # names left, numbers right
+    return ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|",
+           *["| " + " | ".join(r) + " |" for r in rows]]
 
 
 def _cells(df: pd.DataFrame) -> pd.DataFrame:
@@ -177,7 +178,7 @@ def markdown_tables(df: pd.DataFrame) -> str:
                 rows.append([sc, d, *[_pct(gd.loc[gd["attack"] == a, "asr"]) for a in attacks],
                              _pct(_cells(gd)["mean_asr"])])
         out += [f"### {ds} — plain-trigger ASR", "", f"ASR with the un-boosted test trigger, in percent "
-                f"({_seeds_note(g)}).", "", *_md_table(["Scenario", "Defense", *map(_label, attacks), "Avg. ASR"], rows), ""]
+                f"({_seeds_note(g)}).", "", *_md_table(["Scenario", "Defense", *map(_label, attacks), "Avg. ASR"], rows, 2), ""]
     return "\n".join(out)
 
 
@@ -264,7 +265,8 @@ def trajectory_figure(trajectories_path, manifest_path, out_path, title: str) ->
         raise ArtifactError(f"{trajectories_path}: Parquet data unreadable ({e}); delete it and rerun pretrain") from None
     fig = Figure(figsize=(7, 4.5))
     ax = fig.add_subplot()
-    styles = [dict(color="0.35", lw=2), dict(color="green", lw=3.5)] + \
+    # Bona fide in heavy green as in the paper's Fig. 9; clean drawn over it since the two usually coincide.
+    styles = [dict(color="0.35", lw=2, zorder=3), dict(color="green", lw=3.5)] + \
              [dict(color=ATTACK_LINE_COLORS[i % len(ATTACK_LINE_COLORS)], lw=1.5) for i in range(len(attacks))]
     for i, (name, st) in enumerate(zip(groups, styles)):
         if counts[i]:

@@ -41,17 +41,17 @@ for _name in ("resnet18", "resnet34", "resnet50"):
 
 @MODELS.register("smallcnn")
 def smallcnn(num_classes: int, image_size: int) -> nn.Module:
-    """A fast CPU model for the demo: three conv blocks and global pooling (about 0.1 M parameters)."""
+    """A fast CPU model for the demo: three conv blocks and global pooling (about 25 k parameters)."""
 
     def block(cin, cout):
         return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
     return nn.Sequential(
         Normalize(),
-        block(3, 32), nn.MaxPool2d(2),
-        block(32, 64), nn.MaxPool2d(2),
-        block(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        nn.Linear(128, num_classes),
+        block(3, 16), nn.MaxPool2d(2),
+        block(16, 32), nn.MaxPool2d(2),
+        block(32, 64), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(64, num_classes),
     )
 
 
