@@ -13,7 +13,10 @@ import pyarrow as pa
 
 from .attacks import ATTACKS, Attack, build_attack
 from .config import attack_params
-from .data import Dataset
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .data import Dataset
 from .errors import ArtifactError, ConfigError
 from .io import load_npz, read_table, save_npz, write_table
 

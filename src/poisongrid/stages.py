@@ -16,7 +16,7 @@ from sklearn.metrics import roc_auc_score
 
 from . import __version__, poisoning, trajectories
 from .attacks import ATTACKS
-from .data import Dataset, load_dataset
+from .data import Dataset, load_dataset  # noqa
 from .detectors import DETECTORS, defender_manifest, read_scores
 from .errors import ArtifactError
 from .io import load_npz, read_table, save_npz, write_json, write_table
@@ -186,7 +186,7 @@ def detection_quality(man: pd.DataFrame, scores: np.ndarray, removed: np.ndarray
     if np.isnan(scores).all():
         return None
     poisoned = man["attack"].notna().to_numpy()
-    attack = man["attack"].to_numpy(dtype=object)
+    attack = man["attack"].fillna("").to_numpy(dtype=str)
     clean = ~poisoned
     out = {"auroc": _auroc(scores, poisoned, clean), "auroc_per_attack": {}, "recall_per_attack": {},
            "recall_removed": float(removed[poisoned].mean()) if poisoned.any() else None,

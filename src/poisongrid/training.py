@@ -168,7 +168,7 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
     opt = torch.optim.AdamW(model.parameters(), lr=float(training["lr"]), weight_decay=float(training["weight_decay"]))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
     data = as_tensor_data(images, device) if isinstance(images, np.ndarray) else images
-    y = torch.as_tensor(labels, dtype=torch.int64)
+    y = torch.as_tensor(np.array(labels), dtype=torch.int64)
     y_dev = y.to(device)
     losses = np.empty((run, n), dtype=np.float32) if record else None
     train_loss: list[float] = []
