@@ -137,6 +137,11 @@ def _check_detectors_defenses(cfg: dict) -> None:
             raise ConfigError("defenses", fname, f"a name other than {list(RESERVED)} (artifact folders)")
     for fname, d in cfg["defenses"].items():
         key = f"defenses.{fname}"
+        for where, known in (("datasets", cfg["datasets"]), ("scenarios", None)):
+            for v in d.get(where, []):
+                ok = v in known if known is not None else any(v in ds["scenarios"] for ds in cfg["datasets"].values())
+                if not ok:
+                    raise ConfigError(f"{key}.{where}", v, f"a configured {where[:-1]}")
         if d["remedy"] == "none":
             if "detector" in d or "r_reject" in d:
                 raise ConfigError(key, d, "remedy 'none' with no detector or r_reject")
@@ -248,10 +253,18 @@ def stage_spec(cfg: dict, stage: str, dataset: str, scenario: str | None = None,
     return spec
 
 
+# Keys of a defense that say where it runs, not what it computes (kept out of stage specs).
+WHERE_KEYS = ("scenarios", "datasets")
+
+
 def _defense(cfg: dict, defense: str) -> dict:
     if defense not in cfg["defenses"]:
         raise ConfigError("defense", defense, f"one of the configured defenses {sorted(cfg['defenses'])}")
-    return cfg["defenses"][defense]
+    return {k: v for k, v in cfg["defenses"][defense].items() if k not in WHERE_KEYS}
+
+
+def defense_applies(d: dict, dataset: str, scenario: str) -> bool:
+    return dataset in d.get("datasets", [dataset]) and scenario in d.get("scenarios", [scenario])
 
 
 def cells(cfg: dict) -> list[dict]:
@@ -260,6 +273,7 @@ def cells(cfg: dict) -> list[dict]:
     for dname, ds in cfg["datasets"].items():
         for scenario in ds["scenarios"]:
             for seed in cfg["seeds"]:
-                for defense in cfg["defenses"]:
-                    out.append({"dataset": dname, "scenario": scenario, "seed": seed, "defense": defense})
+                for defense, d in cfg["defenses"].items():
+                    if defense_applies(d, dname, scenario):
+                        out.append({"dataset": dname, "scenario": scenario, "seed": seed, "defense": defense})
     return out

@@ -1,0 +1,98 @@
+import copy
+
+import pytest
+import yaml
+
+from poisongrid import config
+from poisongrid.errors import ConfigError
+
+BASE = {
+    "datasets": {"digits": {"model": "smallcnn", "epochs": 2, "attacks": {"patch": {"ratio": 0.05}, "sinusoid": {"ratio": 0.02}}}},
+    "bona_fide": {"n_clean": 50},
+    "detectors": {"badloss": {"type": "badloss", "k": 10}},
+    "defenses": {"none": {"remedy": "none"}, "badloss": {"detector": "badloss", "remedy": "remove", "r_reject": 0.4}},
+}
+
+
+def cfg(**patch):
+    c = copy.deepcopy(BASE)
+    for path, value in patch.items():
+        node = c
+        keys = path.split("__")
+        for k in keys[:-1]:
+            node = node[k]
+        node[keys[-1]] = value
+    return c
+
+
+def test_defaults_filled_and_cells():
+    c = config.validate(cfg())
+    assert c["pretrain"]["r_epoch"] == 0.3 and c["seeds"] == [0]
+    assert c["datasets"]["digits"]["scenarios"] == ["multi", "single-patch", "single-sinusoid"]
+    assert len(config.cells(c)) == 3 * 2
+
+
+@pytest.mark.parametrize("patch, key, allowed", [
+    ({"datasets__digits__loader": "mnist"}, "datasets.digits.loader", "digits"),
+    ({"datasets__digits__model": "vit"}, "datasets.digits.model", "smallcnn"),
+    ({"datasets__digits__attacks": {"trojan": {"ratio": 0.1}}}, "datasets.digits.attacks", "patch"),
+    ({"datasets__digits__attacks__patch__ratio": 1.5}, "datasets.digits.attacks.patch.ratio", "(0, 1)"),
+    ({"datasets__digits__attacks__patch__ratio": 0}, "datasets.digits.attacks.patch.ratio", "(0, 1)"),
+    ({"datasets__digits__attacks": {"patch": {"ratio": 0.6}, "blend_random": {"ratio": 0.5}}}, "datasets.digits.attacks", "less than 1"),
+    ({"datasets__digits__attacks__patch__colour": 3}, "attacks.patch.colour", "one of"),
+    ({"bona_fide__n_clean": 5000}, "bona_fide.n_clean", "at most"),
+    ({"detectors__badloss__k": 51}, "detectors.badloss.k", "n_clean = 50"),
+    ({"defenses__badloss__r_reject": 1.0}, "defenses.badloss.r_reject", "[0, 1)"),
+    ({"defenses__badloss__r_reject": -0.1}, "defenses.badloss.r_reject", "[0, 1)"),
+    ({"defenses__badloss__detector": "strip"}, "defenses.badloss.detector", "badloss"),
+    ({"defenses__badloss__remedy": "pray"}, "defenses.badloss.remedy", "one of"),
+    ({"detectors__badloss__type": "magic"}, "detectors.badloss.type", "badloss"),
+    ({"datasets__digits__scenarios": ["single-frequency"]}, "datasets.digits.scenarios", "single-patch"),
+    ({"device": "tpu"}, "device", "one of"),
+    ({"defenses__pretrain": {"remedy": "none"}}, "defenses", "artifact folders"),
+    ({"datasets__digits__epochs": 0}, "datasets.digits.epochs", "minimum"),
+])
+def test_bad_input_names_key_value_and_allowed(patch, key, allowed):
+    with pytest.raises(ConfigError) as e:
+        config.validate(cfg(**patch))
+    msg = str(e.value)
+    assert key in msg and allowed in msg
+
+
+def test_stage_specs_are_minimal():
+    c = config.validate(cfg())
+    f = config.stage_spec(c, "filter", "digits", "multi", 0, "badloss")
+    assert f == {"defense": "badloss", "detector": "badloss", "remedy": "remove", "r_reject": 0.4}
+    p = config.stage_spec(c, "pretrain", "digits", "multi", 0)
+    assert set(p) == {"dataset", "seed", "training", "pretrain", "runtime"}
+    # A defense's parameters are not part of the pretrain spec, so changing them reuses the trajectories.
+    c2 = config.validate(cfg(defenses__badloss__r_reject=0.2))
+    assert config.stage_spec(c2, "pretrain", "digits", "multi", 0) == p
+    assert config.stage_spec(c2, "score", "digits", "multi", 0, detector="badloss") == \
+        config.stage_spec(c, "score", "digits", "multi", 0, detector="badloss")
+
+
+def test_defense_restricted_to_scenarios():
+    c = cfg()
+    c["defenses"]["badloss_r20"] = {"detector": "badloss", "remedy": "remove", "r_reject": 0.2, "scenarios": ["multi"]}
+    c = config.validate(c)
+    cells = [(x["scenario"], x["defense"]) for x in config.cells(c)]
+    assert ("multi", "badloss_r20") in cells and ("single-patch", "badloss_r20") not in cells
+    assert "scenarios" not in config.stage_spec(c, "filter", "digits", "multi", 0, "badloss_r20")
+    bad = cfg()
+    bad["defenses"]["x"] = {"remedy": "none", "scenarios": ["single-blend"]}
+    with pytest.raises(ConfigError, match="defenses.x.scenarios"):
+        config.validate(bad)
+
+
+def test_shipped_configs_are_valid():
+    for path in ("config.yaml", "configs/demo.yaml"):
+        c = config.load(path)
+        assert config.cells(c)
+    raw = yaml.safe_load(open("config.yaml"))
+    assert raw["datasets"]["cifar10"]["attacks"]["narcissus"]["ratio"] == 0.0005
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="existing YAML"):
+        config.load("nope.yaml")

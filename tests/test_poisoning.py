@@ -1,0 +1,113 @@
+import numpy as np
+import pytest
+
+from poisongrid import poisoning
+from poisongrid.data import load_dataset
+from poisongrid.errors import ConfigError
+from poisongrid.stages import attack_success
+
+ATTACKS = {"patch": {"ratio": 0.05}, "single_pixel": {"ratio": 0.04}, "blend_random": {"ratio": 0.03, "alpha": 0.1},
+           "sinusoid": {"ratio": 0.03, "alpha": 0.1}, "frequency": {"ratio": 0.03}}
+BONA = {"n_clean": 100, "stratified": False}
+
+
+@pytest.fixture(scope="module")
+def ds():
+    return load_dataset("digits", image_size=16)
+
+
+def test_multi_disjoint_ratios_met_and_labels(ds):
+    ps = poisoning.poison(ds, ATTACKS, list(ATTACKS), seed=0, bona_fide=BONA)
+    m = ps.manifest
+    n = len(ds.train.labels)
+    assert len(m) == n and (m["index"].to_numpy() == np.arange(n)).all()
+    for name, cfg in ATTACKS.items():
+        rows = m[m["attack"] == name]
+        assert len(rows) == int(n * cfg["ratio"])
+        t = ps.meta["attacks"][name]["target"]
+        assert (rows["target"] == t).all()
+        if name == "sinusoid":  # clean-label: target class only, labels kept
+            assert (rows["orig_label"] == t).all() and (rows["label"] == rows["orig_label"]).all()
+        else:
+            assert (rows["label"] == t).all()
+    # Never two triggers on one image: each poisoned index belongs to exactly one attack.
+    assert len(np.unique(ps.index)) == len(ps.index) == m["attack"].notna().sum()
+    # Untouched examples keep image and label; bona fide examples are untouched.
+    clean = m["attack"].isna().to_numpy()
+    assert (m["label"][clean] == m["orig_label"][clean]).all()
+    assert m["bona_fide"].sum() == 100 and not (m["bona_fide"] & m["attack"].notna()).any()
+
+
+def test_poisoned_images_carry_their_attacks_trigger(ds):
+    ps = poisoning.poison(ds, ATTACKS, list(ATTACKS), seed=0, bona_fide=BONA)
+    attacks = poisoning.test_attacks(ps.meta, ds.image_shape, {})
+    m = ps.manifest.set_index("index")
+    for i, img in zip(ps.index, ps.images):
+        atk, _ = attacks[m.loc[i, "attack"]]
+        np.testing.assert_array_equal(img, atk.apply(ds.train.images[i:i + 1])[0])
+
+
+def test_same_seed_same_poisoned_set_bit_for_bit(ds):
+    a = poisoning.poison(ds, ATTACKS, list(ATTACKS), seed=7, bona_fide=BONA)
+    b = poisoning.poison(ds, ATTACKS, list(ATTACKS), seed=7, bona_fide=BONA)
+    c = poisoning.poison(ds, ATTACKS, list(ATTACKS), seed=8, bona_fide=BONA)
+    assert a.manifest.equals(b.manifest) and np.array_equal(a.images, b.images) and a.meta == b.meta
+    assert not np.array_equal(a.index, c.index)
+
+
+def test_single_and_multi_share_targets(ds):
+    multi = poisoning.poison(ds, ATTACKS, list(ATTACKS), seed=3, bona_fide=BONA)
+    single = poisoning.poison(ds, {"frequency": ATTACKS["frequency"]}, list(ATTACKS), seed=3, bona_fide=BONA)
+    assert single.meta["attacks"]["frequency"]["target"] == multi.meta["attacks"]["frequency"]["target"]
+    assert set(single.manifest["attack"].dropna()) == {"frequency"}
+
+
+def test_stratified_bona_fide(ds):
+    ps = poisoning.poison(ds, ATTACKS, list(ATTACKS), seed=0, bona_fide={"n_clean": 100, "stratified": True})
+    counts = np.bincount(ps.manifest["orig_label"][ps.manifest["bona_fide"]], minlength=10)
+    assert (counts == 10).all()
+
+
+def test_budget_errors(ds):
+    with pytest.raises(ConfigError, match="n_clean"):
+        poisoning.poison(ds, ATTACKS, list(ATTACKS), seed=0, bona_fide={"n_clean": 5000})
+    with pytest.raises(ConfigError, match="sinusoid"):  # a clean-label attack larger than any class
+        poisoning.poison(ds, {"sinusoid": {"ratio": 0.5}}, ["sinusoid"], seed=0, bona_fide=BONA)
+    with pytest.raises(ConfigError, match="at least one"):
+        poisoning.poison(ds, {"patch": {"ratio": 0.0001}}, ["patch"], seed=0, bona_fide=BONA)
+
+
+def test_min_target_count_redraws_target(ds):
+    counts = np.bincount(ds.train.labels)
+    need = int(np.sort(counts)[-2])  # only the two largest classes qualify
+    ok = set(np.flatnonzero(counts >= need))
+    for seed in range(5):
+        t = poisoning.draw_target("sinusoid", {"ratio": 0.01, "min_target_count": need}, ds.train.labels, 10, seed)
+        assert t in ok
+
+
+class _Always:
+    """A stand-in model that predicts class 3 for every image."""
+
+    def eval(self):
+        return self
+
+    def __call__(self, x):
+        import torch
+
+        out = torch.zeros(len(x), 10)
+        out[:, 3] = 1
+        return out
+
+
+def test_asr_excludes_target_class(ds):
+    import torch
+
+    from poisongrid.attacks import build_attack
+
+    atk = build_attack("patch", ds.image_shape, 0)
+    y = ds.test.labels
+    asr, boosted = attack_success(_Always(), {"patch": (atk, 3)}, ds.test.images, y, torch.device("cpu"))
+    assert asr["patch"] == 1.0 and boosted == {}  # every non-target image goes to 3
+    asr, _ = attack_success(_Always(), {"patch": (atk, 5)}, ds.test.images, y, torch.device("cpu"))
+    assert asr["patch"] == 0.0  # no target-5 image counted, though the model is right on class-3 ones
