@@ -19,24 +19,38 @@
 #   SLURM_UP_FORCE_CONF=1    rewrite slurm.conf and restart the daemons even
 #                            if the config did not change
 #
-# Using it from Snakemake (snakemake-executor-plugin-slurm 2.x, tested with
-# 2.6.0 on Snakemake 9.x). Known pitfalls with this cluster:
-#   * There is no accounting database (AccountingStorageType=none), so `sacct`
-#     only answers "Slurm accounting storage is disabled" and `sacctmgr`
-#     fails. The plugin's job-status checks try sacct first and fall back to
-#     squeue. Pass  --slurm-status-command squeue  to use squeue right away
-#     (in plugin 2.x the status command is auto-selected when not given).
-#   * Without --slurm-account the plugin calls `sacctmgr`/`sshare` to guess an
-#     account; that fails here. Pass  --slurm-no-account  (plugin >= 1.x) so no
-#     -A/--account is given to sbatch at all.
-#   * Jobs run as root on this host and inherit the submitting environment
-#     (sbatch --export=ALL is Slurm's default), so the venv's PATH reaches the
-#     jobs; nothing else is needed.
-# Working command line (from a directory holding the Snakefile):
-#   snakemake --executor slurm --jobs 2 --slurm-no-account \
-#     --slurm-status-command squeue \
+# Using it from Snakemake -- verified with snakemake 9.27.1 and
+# snakemake-executor-plugin-slurm 2.8.0 (+ slurm-jobstep 0.6.1), which is what
+# `pip install snakemake-executor-plugin-slurm` resolves for snakemake 9.27.
+# Working command line (run where the Snakefile is):
+#   snakemake --executor slurm --jobs 2 --slurm-status-command squeue \
+#     --slurm-no-account --slurm-init-seconds-before-status-checks 5 \
 #     --default-resources slurm_partition=debug mem_mb=100 runtime=5
-# The plugin writes per-job logs to .snakemake/slurm_logs/rule_<rule>/<wildcards>/<jobid>.log
+# Pitfalls with this cluster (no accounting database):
+#   * `--slurm-status-command squeue` is REQUIRED. The plugin's default is
+#     'sacct' whenever a sacct binary is on PATH (slurm-client ships one), but
+#     here sacct only says "Slurm accounting storage is disabled" (rc 1). The
+#     jobs run and finish, yet Snakemake never sees them finish: it sits
+#     there (observed > 4 min, SIGTERM only makes it "wait for running jobs";
+#     use `timeout -k` around it in CI).
+#   * The plugin silently switches squeue back to sacct if MinJobAge is below
+#     3 x --slurm-init-seconds-before-status-checks (default 40 s -> 120 s).
+#     slurm.conf below sets MinJobAge=300 so squeue is kept; don't lower it.
+#   * Account: without a slurm_account resource the plugin tries to guess one
+#     via sacct, which fails ("No account was given, not able to get a SLURM
+#     account via sacct ... Unable to guess SLURM account. Trying to proceed
+#     without."): only warnings, sbatch gets no -A and that is fine here.
+#     `--slurm-no-account` is accepted but is a no-op in plugin 2.8.0; keep it
+#     for newer versions. Do NOT set slurm_account=..., that triggers a
+#     sacctmgr/sshare validation which fails without a database.
+#   * No env vars needed: the job re-runs snakemake via the submitting
+#     interpreter's full path (sys.executable), so it works even under
+#     `env -i PATH=/usr/bin:/bin`; sbatch exports the environment by default.
+#   * "srun: cluster configuration lacks support for cpu binding" in job logs
+#     is harmless (TaskPlugin=task/none).
+#   * Per-job logs: .snakemake/slurm_logs/rule_<rule>/<wildcard values>/<slurm
+#     jobid>.log (the file name is the Slurm job id). They are deleted after a
+#     successful job unless --slurm-keep-successful-logs is given.
 set -euo pipefail
 
 log() { printf '[slurm-up %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
@@ -49,8 +63,10 @@ dump_logs() {
     local f
     for f in /var/log/slurm/*.log /var/log/munge/munged.log; do
         [ -f "$f" ] || continue
-        printf '\n----- tail -n 40 %s -----\n' "$f" >&2
-        tail -n 40 "$f" >&2 || true
+        local n=40
+        case "$f" in */munged.log) n=15 ;; esac
+        printf '\n----- tail -n %s %s -----\n' "$n" "$f" >&2
+        tail -n "$n" "$f" >&2 || true
     done
     if command -v sinfo >/dev/null 2>&1; then
         printf '\n----- sinfo -----\n' >&2
@@ -163,6 +179,7 @@ ReturnToService=2
 SlurmctldTimeout=30
 SlurmdTimeout=60
 InactiveLimit=0
+# >= 120 s, else snakemake's slurm plugin falls back to sacct (see top)
 MinJobAge=300
 KillWait=10
 Waittime=0
