@@ -111,3 +111,32 @@ def test_asr_excludes_target_class(ds):
     assert asr["patch"] == 1.0 and boosted == {}  # every non-target image goes to 3
     asr, _ = attack_success(_Always(), {"patch": (atk, 5)}, ds.test.images, y, torch.device("cpu"))
     assert asr["patch"] == 0.0  # no target-5 image counted, though the model is right on class-3 ones
+
+
+def test_training_images_overlay_without_copy(ds, tmp_path):
+    ps = poisoning.poison(ds, ATTACKS, list(ATTACKS), seed=0, bona_fide=BONA)
+    poisoning.write(ps, tmp_path / "m.parquet", tmp_path / "p.npz")
+    x = poisoning.training_images(ds, tmp_path / "p.npz", ps.manifest)
+    full = np.array(ds.train.images)
+    full[ps.index] = ps.images
+    np.testing.assert_array_equal(x.materialize(), full)
+    idx = np.array([ps.index[0], 0, ps.index[-1], 5])
+    np.testing.assert_array_equal(x[idx], full[idx])
+    mask = np.zeros(len(full), dtype=bool)
+    mask[ps.index[:3]] = True
+    mask[:2] = True
+    np.testing.assert_array_equal(x.subset(mask).materialize(), full[mask])
+    assert x.subset(mask).shape == (mask.sum(), *full.shape[1:])
+
+
+def test_oracle_removes_exactly_the_poisoned(ds, tmp_path):
+    from poisongrid import stages
+
+    ps = poisoning.poison(ds, ATTACKS, list(ATTACKS), seed=0, bona_fide=BONA)
+    poisoning.write(ps, tmp_path / "m.parquet", tmp_path / "p.npz")
+    meta = stages.filter_({"defense": "oracle", "remedy": "oracle"}, tmp_path / "m.parquet", tmp_path / "f.parquet")
+    import pandas as pd
+
+    keep = pd.read_parquet(tmp_path / "f.parquet")["keep"].to_numpy()
+    assert meta["n_removed"] == len(ps.index)
+    np.testing.assert_array_equal(~keep, ps.manifest["attack"].notna().to_numpy())

@@ -6,12 +6,12 @@ Snakemake would pass it, and each rule's params hold only what changes that stag
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import yaml
 
 from .errors import ConfigError
@@ -24,8 +24,12 @@ KNOWN_TRAIN_SIZES = {"cifar10": 50000, "gtsrb": 26640, "imagenette": 9469, "imag
 TRAIN_KEYS = ("model", "epochs", "batch_size", "lr", "weight_decay", "loss_clamp", "augment", "crop_scale")
 
 
-def _with_defaults(cls):
+@functools.cache
+def _validator_class():
     """A jsonschema validator that also fills in each property's default (the documented recipe)."""
+    import jsonschema
+
+    cls = jsonschema.Draft202012Validator
     validate_props = cls.VALIDATORS["properties"]
 
     def set_defaults(validator, properties, instance, schema):
@@ -38,14 +42,11 @@ def _with_defaults(cls):
     return jsonschema.validators.extend(cls, {"properties": set_defaults})
 
 
-_Validator = _with_defaults(jsonschema.Draft202012Validator)
-
-
-def _path(err: jsonschema.ValidationError) -> str:
+def _path(err) -> str:
     return ".".join(str(p) for p in err.absolute_path) or "(top level)"
 
 
-def _allowed(err: jsonschema.ValidationError) -> str:
+def _allowed(err) -> str:
     s = err.schema if isinstance(err.schema, dict) else {}
     if err.validator == "enum":
         return f"one of {err.validator_value}"
@@ -80,7 +81,7 @@ def validate(cfg: dict) -> dict:
     """Fill defaults in place and check everything that can be checked before a job runs."""
     if not isinstance(cfg, dict):
         raise ConfigError("config", cfg, "a mapping of keys")
-    errors = sorted(_Validator(SCHEMA).iter_errors(cfg), key=lambda e: list(e.absolute_path))
+    errors = sorted(_validator_class()(SCHEMA).iter_errors(cfg), key=lambda e: list(e.absolute_path))
     if errors:
         e = errors[0]
         value = e.instance if not isinstance(e.instance, dict) else "{…}"
@@ -142,9 +143,9 @@ def _check_detectors_defenses(cfg: dict) -> None:
                 ok = v in known if known is not None else any(v in ds["scenarios"] for ds in cfg["datasets"].values())
                 if not ok:
                     raise ConfigError(f"{key}.{where}", v, f"a configured {where[:-1]}")
-        if d["remedy"] == "none":
+        if d["remedy"] in ("none", "oracle"):
             if "detector" in d or "r_reject" in d:
-                raise ConfigError(key, d, "remedy 'none' with no detector or r_reject")
+                raise ConfigError(key, d, f"remedy '{d['remedy']}' with no detector or r_reject")
             continue
         if "detector" not in d:
             raise ConfigError(f"{key}.detector", None, f"one of the configured detectors {sorted(cfg['detectors'])}")

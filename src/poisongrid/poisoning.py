@@ -142,14 +142,48 @@ def read_manifest(path) -> tuple[pd.DataFrame, dict]:
     return table.to_pandas(), meta
 
 
-def training_images(ds: Dataset, images_path, manifest: pd.DataFrame) -> np.ndarray:
+class TrainingImages:
+    """The poisoned training set without copying the clean one: rows come from the (possibly
+    memory-mapped) clean array, with the poisoned rows swapped in. Indexable by integer arrays."""
+
+    def __init__(self, base: np.ndarray, index: np.ndarray, images: np.ndarray, rows: np.ndarray | None = None):
+        self.base, self.index, self.images = base, np.asarray(index, dtype=np.int64), images
+        self.rows = np.arange(len(base), dtype=np.int64) if rows is None else rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.rows), *self.base.shape[1:])
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.rows) * int(np.prod(self.base.shape[1:])) * self.base.itemsize
+
+    def subset(self, mask: np.ndarray) -> "TrainingImages":
+        return TrainingImages(self.base, self.index, self.images, self.rows[mask])
+
+    def __getitem__(self, idx) -> np.ndarray:
+        rows = self.rows[idx]
+        out = np.array(self.base[rows])
+        pos = np.searchsorted(self.index, rows)
+        hit = (pos < len(self.index)) & (self.index[np.minimum(pos, len(self.index) - 1)] == rows)
+        out[hit] = self.images[pos[hit]]
+        return out
+
+    def materialize(self) -> np.ndarray:
+        return self[np.arange(len(self.rows))]
+
+
+def training_images(ds: Dataset, images_path, manifest: pd.DataFrame) -> TrainingImages:
     """The poisoned training images: the clean set with the poisoned rows swapped in."""
     z = load_npz(images_path)
     if len(manifest) != len(ds.train.labels):
         raise ArtifactError(f"manifest has {len(manifest)} rows but dataset '{ds.name}' has {len(ds.train.labels)} training images")
-    out = np.array(ds.train.images, copy=True)
-    out[z["index"]] = z["images"]
-    return out
+    if z["images"].shape[1:] != ds.train.images.shape[1:]:
+        raise ArtifactError(f"{images_path}: images of shape {z['images'].shape[1:]}, the dataset's are {ds.train.images.shape[1:]}")
+    return TrainingImages(ds.train.images, z["index"], z["images"])
 
 
 def test_attacks(meta: dict, shape, triggers: dict[str, np.ndarray]) -> dict[str, tuple[Attack, int]]:

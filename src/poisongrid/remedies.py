@@ -1,4 +1,9 @@
-"""Remedies: what a defense does with the scores. Each returns the mask of removed examples."""
+"""Remedies: what a defense does with the scores. Each returns the mask of removed examples.
+
+A remedy sees the defender's view of the manifest (`index`, `label`, `bona_fide`), except the
+`oracle` reference, which is marked `ground_truth` and removes exactly the poisoned examples: it
+is no defense but the floor any filtering defense could reach (it shows, e.g., how much of a
+boosted trigger's ASR is natural transfer rather than a learned backdoor)."""
 from __future__ import annotations
 
 import numpy as np
@@ -21,10 +26,18 @@ def select_removed(scores: np.ndarray, bona_fide: np.ndarray, r_reject: float) -
 
 
 @REMEDIES.register("none")
-def _none(scores, bona_fide, spec) -> np.ndarray:
-    return np.zeros(len(bona_fide), dtype=bool)
+def _none(scores, manifest, spec) -> np.ndarray:
+    return np.zeros(len(manifest), dtype=bool)
 
 
 @REMEDIES.register("remove")
-def _remove(scores, bona_fide, spec) -> np.ndarray:
-    return select_removed(scores, bona_fide, spec["r_reject"])
+def _remove(scores, manifest, spec) -> np.ndarray:
+    return select_removed(scores, manifest["bona_fide"].to_numpy(), spec["r_reject"])
+
+
+@REMEDIES.register("oracle")
+def _oracle(scores, manifest, spec) -> np.ndarray:
+    return manifest["attack"].notna().to_numpy()
+
+
+_oracle.ground_truth = True

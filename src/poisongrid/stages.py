@@ -1,5 +1,6 @@
 """One pure function per stage: files in, files out. The CLI and the Snakemake rules are thin
-wrappers around these."""
+wrappers around these. torch and scikit-learn are imported inside the stages that use them, so
+the light stages (poison, score, filter) start in a fraction of a second."""
 from __future__ import annotations
 
 import platform
@@ -11,8 +12,6 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import torch
-from sklearn.metrics import roc_auc_score
 
 from . import __version__, poisoning, trajectories
 from .attacks import ATTACKS
@@ -21,7 +20,6 @@ from .detectors import DETECTORS, defender_manifest, read_scores
 from .errors import ArtifactError
 from .io import load_npz, read_table, save_npz, write_json, write_table
 from .remedies import REMEDIES
-from .training import fit, load_model, predict, save_model, setup_runtime
 
 FILTER_KIND = "filter"
 Log = Callable[[str], None]
@@ -48,6 +46,7 @@ def trigger(spec: dict, out: str, log: Log = _quiet) -> dict:
     attacker holds (the target class plus a fraction of the other classes), then minimise the
     surrogate's loss toward the target on target-class images under the l-inf budget."""
     from .attacks.narcissus import optimize_trigger
+    from .training import fit, setup_runtime
 
     t0 = time.perf_counter()
     device = setup_runtime(spec["runtime"])
@@ -99,6 +98,8 @@ def _poisoned_training_set(spec: dict, manifest_path: str, images_path: str):
 
 
 def pretrain(spec: dict, manifest: str, images: str, out: str, log: Log = _quiet) -> dict:
+    from .training import fit, setup_runtime
+
     device = setup_runtime(spec["runtime"])
     ds, man, pmeta, x = _poisoned_training_set(spec, manifest, images)
     tr, pt = spec["training"], spec["pretrain"]
@@ -133,7 +134,8 @@ def score(spec: dict, inputs: dict[str, str], out: str) -> dict:
 
 
 def filter_(spec: dict, manifest: str, out: str, scores: str | None = None) -> dict:
-    man, _ = defender_manifest(manifest)
+    remedy = REMEDIES.get(spec["remedy"], "remedy")
+    man = poisoning.read_manifest(manifest)[0] if getattr(remedy, "ground_truth", False) else defender_manifest(manifest)[0]
     n = len(man)
     sc = np.full(n, np.nan)
     if scores is not None:
@@ -141,7 +143,7 @@ def filter_(spec: dict, manifest: str, out: str, scores: str | None = None) -> d
         if len(sdf) != n or not np.array_equal(np.sort(sdf["index"].to_numpy()), man["index"].to_numpy()):
             raise ArtifactError(f"{scores}: scores cover {len(sdf)} examples, the manifest {n}; rerun the score stage")
         sc = sdf.sort_values("index")["score"].to_numpy()
-    removed = REMEDIES.get(spec["remedy"], "remedy")(sc, man["bona_fide"].to_numpy(), spec)
+    removed = remedy(sc, man, spec)
     meta = {"defense": spec["defense"], "remedy": spec["remedy"], "r_reject": spec.get("r_reject"),
             "n_removed": int(removed.sum()), "n_train": n}
     write_table(out, pa.table({"index": man["index"].to_numpy(), "keep": ~removed, "score": sc}), FILTER_KIND, meta)
@@ -152,6 +154,8 @@ def filter_(spec: dict, manifest: str, out: str, scores: str | None = None) -> d
 
 
 def train(spec: dict, manifest: str, images: str, keep: str, out: str, log: Log = _quiet) -> dict:
+    from .training import fit, save_model, setup_runtime
+
     device = setup_runtime(spec["runtime"])
     ds, man, _, x = _poisoned_training_set(spec, manifest, images)
     ktab, kmeta = read_table(keep, FILTER_KIND)
@@ -159,7 +163,7 @@ def train(spec: dict, manifest: str, images: str, keep: str, out: str, log: Log 
     if len(mask) != len(man):
         raise ArtifactError(f"{keep}: has {len(mask)} rows, the manifest {len(man)}; rerun the filter stage")
     labels = man["label"].to_numpy()
-    res = fit(spec["training"], x[mask], labels[mask], ds.num_classes, seed=spec["seed"], device=device, log=log)
+    res = fit(spec["training"], x.subset(mask), labels[mask], ds.num_classes, seed=spec["seed"], device=device, log=log)
     meta = {"model": spec["training"]["model"], "num_classes": ds.num_classes, "image_size": int(ds.image_shape[-1]),
             "n_trained_on": int(mask.sum()), "train_loss": res.train_loss, "wall_time_s": res.wall_time_s,
             "images_per_s": res.images_per_s, "device": str(device), "epochs": res.epochs_run}
@@ -173,6 +177,8 @@ def train(spec: dict, manifest: str, images: str, keep: str, out: str, log: Log 
 
 def attack_success(model, attacks: dict, test_x: np.ndarray, test_y: np.ndarray, device) -> tuple[dict, dict]:
     """ASR of each attack: every test image not of the target class, triggered, predicted as target."""
+    from .training import predict
+
     asr, boosted = {}, {}
     for name, (atk, target) in attacks.items():
         x = test_x[test_y != target]
@@ -200,6 +206,8 @@ def detection_quality(man: pd.DataFrame, scores: np.ndarray, removed: np.ndarray
 
 
 def _auroc(scores, pos, neg) -> float | None:
+    from sklearn.metrics import roc_auc_score
+
     if not pos.any() or not neg.any():
         return None
     y = np.concatenate([np.ones(pos.sum()), np.zeros(neg.sum())])
@@ -209,6 +217,8 @@ def _auroc(scores, pos, neg) -> float | None:
 def evaluate(spec: dict, manifest: str, keep: str, model_path: str, out: str,
              trigger_paths: dict[str, str] | None = None, pretrain_path: str | None = None,
              scores_path: str | None = None, log: Log = _quiet) -> dict:
+    from .training import load_model, predict, setup_runtime
+
     t0 = time.perf_counter()
     device = setup_runtime(spec["runtime"])
     ds = get_dataset(spec)
@@ -247,6 +257,7 @@ def evaluate(spec: dict, manifest: str, keep: str, model_path: str, out: str,
 
 def versions() -> dict:
     import sklearn
+    import torch
     import torchvision
 
     return {"poisongrid": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
@@ -255,6 +266,8 @@ def versions() -> dict:
 
 
 def device_name(device) -> str:
+    import torch
+
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
     return f"cpu:{platform.processor() or platform.machine()}"

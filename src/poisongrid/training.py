@@ -138,10 +138,14 @@ def predict(model: nn.Module, images, device: torch.device, batch_size: int = 10
     return torch.cat(preds).numpy() if preds else np.zeros(0, dtype=np.int64)
 
 
-def as_tensor_data(images: np.ndarray, device: torch.device, max_bytes: int = 8 << 30):
-    """Keep the uint8 training set on the device when it fits; else leave it (memory-mapped) on the host."""
+def as_tensor_data(images, device: torch.device, max_bytes: int = 8 << 30):
+    """Keep the uint8 training set on the device when it fits; else leave it (memory-mapped or a
+    lazy overlay of the poisoned rows) on the host and gather each batch."""
+    if isinstance(images, torch.Tensor):
+        return images
     if images.nbytes <= max_bytes:
-        return torch.from_numpy(np.ascontiguousarray(images)).to(device)
+        arr = images.materialize() if hasattr(images, "materialize") else np.ascontiguousarray(images)
+        return torch.from_numpy(arr).to(device)
     return images
 
 
@@ -167,7 +171,7 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=float(training["lr"]), weight_decay=float(training["weight_decay"]))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-    data = as_tensor_data(images, device) if isinstance(images, np.ndarray) else images
+    data = as_tensor_data(images, device)
     y = torch.as_tensor(np.array(labels), dtype=torch.int64)
     y_dev = y.to(device)
     losses = np.empty((run, n), dtype=np.float32) if record else None
