@@ -104,6 +104,7 @@ def _batch(images, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
     if isinstance(images, torch.Tensor):
         return images[idx.to(images.device)].to(device, non_blocking=True)
     # numpy (possibly memory-mapped): gather in sorted order for locality, then restore the order.
+    idx = idx.cpu()
     order = idx.argsort()
     rows = np.ascontiguousarray(images[np.asarray(idx[order])])
     out = torch.empty_like(torch.from_numpy(rows))
@@ -117,13 +118,14 @@ def per_example_loss(model: nn.Module, images, labels: torch.Tensor, device: tor
     """Unclamped cross-entropy of every example, eval mode, no augmentation (float32, on CPU)."""
     model.eval()
     cl = device.type == "cuda"
-    out = torch.empty(len(labels), dtype=torch.float32)
+    labels = labels.to(device)
+    out = torch.empty(len(labels), dtype=torch.float32, device=device)
     for s in range(0, len(labels), batch_size):
-        idx = torch.arange(s, min(s + batch_size, len(labels)))
+        idx = torch.arange(s, min(s + batch_size, len(labels)), device=device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cl):
             logits = model(_to_float(_batch(images, idx, device), cl))
-        out[s:s + len(idx)] = F.cross_entropy(logits.float(), labels[idx].to(device), reduction="none").cpu()
-    return out
+        out[s:s + len(idx)] = F.cross_entropy(logits.float(), labels[idx], reduction="none")
+    return out.cpu()
 
 
 @torch.no_grad()
@@ -181,10 +183,12 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
     for epoch in range(run):
         model.train()
         perm = torch.randperm(n, generator=gen)
+        # One host-to-device copy of the order per epoch, not one per batch.
+        perm_dev = perm.to(device) if isinstance(data, torch.Tensor) else perm
         ep_sum = torch.zeros((), device=device)
         rec = torch.empty(n, dtype=torch.float32, device=device) if record == "train" else None
         for s in range(0, n, bs):
-            idx = perm[s:s + bs]
+            idx = perm_dev[s:s + bs]
             xb = augment(_batch(data, idx, device), gen, training)
             yb = y_dev[idx.to(device)]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cl):
