@@ -69,6 +69,17 @@ def defense_of(w):
     return config["defenses"][w.defense]
 
 
+def resources_of(stage):
+    """Scheduler resources of a rule, from the config's `cluster` keys; runtime per dataset."""
+    some = next(iter(config["datasets"]))
+    keys = pgc.resources(config, stage, some)
+    return {k: (lambda w, k=k: pgc.resources(config, stage, w.dataset if hasattr(w, "dataset") else some)[k]) for k in keys}
+
+
+def gpu_threads(stage):
+    return config["threads"]
+
+
 def all_metrics():
     return [pgp.path("metrics", RESULTS, **c) for c in pgc.cells(config)]
 

@@ -63,3 +63,51 @@ def test_batch_augmentations_keep_uint8_and_content():
         found = any(np.array_equal(cand, out[i]) for oy in range(9) for ox in range(9)
                     for cand in (padded[i, :, oy:oy + 32, ox:ox + 32], padded[i, :, oy:oy + 32, ox:ox + 32][:, :, ::-1]))
         assert found
+
+
+class _Killed(Exception):
+    pass
+
+
+def _kill_after(epoch_no):
+    def log(msg):
+        if msg.startswith(f"epoch {epoch_no}/") and "checkpoint saved" in msg:
+            raise _Killed()
+
+    return log
+
+
+def test_killed_run_resumes_bit_equal(tmp_path):
+    x, y = _data()
+    tr = {**TR, "augment": "crop_flip", "epochs": 5}
+    ref = fit(tr, x, y, 4, seed=1, device=CPU, record="eval")
+    ckpt = str(tmp_path / "run.ckpt")
+    try:
+        fit(tr, x, y, 4, seed=1, device=CPU, record="eval", checkpoint=ckpt, fingerprint="a", log=_kill_after(2))
+    except _Killed:
+        pass
+    msgs = []
+    res = fit(tr, x, y, 4, seed=1, device=CPU, record="eval", checkpoint=ckpt, fingerprint="a", log=msgs.append)
+    assert any("resumed" in m and "continuing at epoch 3/5" in m for m in msgs)
+    np.testing.assert_array_equal(res.losses, ref.losses)
+    assert res.train_loss == ref.train_loss
+    for a, b in zip(res.model.state_dict().values(), ref.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_checkpoint_from_other_inputs_is_ignored(tmp_path):
+    x, y = _data()
+    ckpt = str(tmp_path / "run.ckpt")
+    try:
+        fit(TR, x, y, 4, seed=1, device=CPU, record="eval", checkpoint=ckpt, fingerprint="old", log=_kill_after(2))
+    except _Killed:
+        pass
+    msgs = []
+    res = fit(TR, x, y, 4, seed=1, device=CPU, record="eval", checkpoint=ckpt, fingerprint="new", log=msgs.append)
+    assert any("other inputs" in m for m in msgs) and not any("resumed" in m for m in msgs)
+    np.testing.assert_array_equal(res.losses, fit(TR, x, y, 4, seed=1, device=CPU, record="eval").losses)
+    # A truncated checkpoint is not trusted either.
+    open(ckpt, "wb").write(b"\x80\x02junk")
+    msgs = []
+    fit(TR, x, y, 4, seed=1, device=CPU, record="eval", epochs_to_run=1, checkpoint=ckpt, fingerprint="new", log=msgs.append)
+    assert any("unreadable" in m for m in msgs)

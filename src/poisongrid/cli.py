@@ -289,6 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import os
+
+    if os.environ.get("SLURM_JOB_ID"):
+        # Names the scheduler job in the rule's log, so a failed cell points at `sacct -j`/`seff`.
+        _log(f"poisongrid {args.cmd} in SLURM job {os.environ['SLURM_JOB_ID']} on {os.uname().nodename}")
     try:
         args.fn(args)
     except PoisongridError as e:

@@ -90,6 +90,8 @@ def validate(cfg: dict) -> dict:
         _check_dataset(name, ds)
     _check_detectors_defenses(cfg)
     _check_budgets(cfg)
+    if cfg["cluster"]["gpus_per_job"] == 0 and cfg["device"] == "cuda":
+        raise ConfigError("cluster.gpus_per_job", 0, "at least 1 when device is 'cuda' (or set device: cpu)")
     return cfg
 
 
@@ -278,3 +280,40 @@ def cells(cfg: dict) -> list[dict]:
                     if defense_applies(d, dname, scenario):
                         out.append({"dataset": dname, "scenario": scenario, "seed": seed, "defense": defense})
     return out
+
+
+# ---- scheduler resources -------------------------------------------------------------------------
+
+GPU_STAGES = ("trigger", "pretrain", "train")
+
+
+def estimated_minutes(cfg: dict, stage: str, dataset: str) -> float:
+    """Training minutes a GPU stage needs, from the dataset's measured minutes per epoch."""
+    ds = _dataset(cfg, dataset)
+    mpe = ds["minutes_per_epoch"]
+    if stage == "pretrain":
+        extra = 1.3 if cfg["pretrain"]["record"] == "eval" else 1.0  # the eval pass
+        return max(1, round(cfg["pretrain"]["r_epoch"] * ds["epochs"])) * mpe * extra
+    if stage == "train":
+        return ds["epochs"] * mpe
+    if stage == "trigger":
+        return ds["narcissus_surrogate"]["epochs"] * mpe + 5
+    return 5.0
+
+
+def resources(cfg: dict, stage: str, dataset: str) -> dict:
+    """What one job of `stage` asks the scheduler for (Snakemake resources)."""
+    cl = cfg["cluster"]
+    gpu = stage in GPU_STAGES and cl["gpus_per_job"] > 0
+    res = {"runtime": int(10 + cl["runtime_margin"] * estimated_minutes(cfg, stage, dataset)),
+           "mem_mb": cl["gpu_mem_mb"] if stage in GPU_STAGES else cl["cpu_mem_mb"]}
+    part = cl["partition"] if stage in GPU_STAGES else (cl["cpu_partition"] or cl["partition"])
+    if part:
+        res["slurm_partition"] = part
+    if cl["account"]:
+        res["slurm_account"] = cl["account"]
+    if gpu:
+        res["gpu"] = cl["gpus_per_job"]
+        if cl["gpu_model"]:
+            res["gpu_model"] = cl["gpu_model"]
+    return res

@@ -120,3 +120,17 @@ def load_npz(path) -> dict[str, np.ndarray]:
             return {k: z[k] for k in z.files}
     except (ValueError, OSError, EOFError) as e:
         raise ArtifactError(f"{path}: not a readable .npz file ({e}); delete it and rerun the stage that makes it") from None
+
+
+def fingerprint(spec: dict, *files) -> str:
+    """Digest of a stage's settings and its input files' contents: what a checkpoint must match."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps(spec, sort_keys=True, default=_json_default).encode())
+    for f in files:
+        if f is None:
+            continue
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()

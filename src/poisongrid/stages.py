@@ -18,7 +18,7 @@ from .attacks import ATTACKS
 from .data import Dataset, load_dataset  # noqa
 from .detectors import DETECTORS, defender_manifest, read_scores
 from .errors import ArtifactError
-from .io import load_npz, read_table, save_npz, write_json, write_table
+from .io import fingerprint, load_npz, read_table, save_npz, write_json, write_table
 from .remedies import REMEDIES
 
 FILTER_KIND = "filter"
@@ -98,7 +98,7 @@ def _poisoned_training_set(spec: dict, manifest_path: str, images_path: str):
 
 
 def pretrain(spec: dict, manifest: str, images: str, out: str, log: Log = _quiet) -> dict:
-    from .training import fit, setup_runtime
+    from .training import fit, remove_checkpoint, setup_runtime
 
     device = setup_runtime(spec["runtime"])
     ds, man, pmeta, x = _poisoned_training_set(spec, manifest, images)
@@ -106,8 +106,9 @@ def pretrain(spec: dict, manifest: str, images: str, out: str, log: Log = _quiet
     run = max(1, round(pt["r_epoch"] * tr["epochs"]))
     # Paper: no augmentation while recording trajectories; the schedule still spans the full run.
     training = {**tr, "augment": "none"}
+    ckpt = str(out) + ".ckpt"
     res = fit(training, x, man["label"].to_numpy(), ds.num_classes, seed=spec["seed"], device=device,
-              epochs_to_run=run, record=pt["record"], log=log)
+              epochs_to_run=run, record=pt["record"], checkpoint=ckpt, fingerprint=fingerprint(spec, manifest, images), log=log)
     means = res.losses.mean(axis=1).astype(float).tolist()
     kept = trajectories.accepted_epochs(means, pt["spike_factor"])
     meta = {"epochs_recorded": run, "accepted_epochs": kept, "skipped_epochs": sorted(set(range(run)) - set(kept)),
@@ -115,6 +116,7 @@ def pretrain(spec: dict, manifest: str, images: str, out: str, log: Log = _quiet
             "wall_time_s": res.wall_time_s, "images_per_s": res.images_per_s, "device": str(device),
             "schedule_epochs": tr["epochs"]}
     trajectories.write(out, res.losses, meta)
+    remove_checkpoint(ckpt)
     log(f"pretrain: {run} epochs, skipped spike epochs {meta['skipped_epochs']}, {res.images_per_s:.0f} img/s")
     return meta
 
@@ -154,7 +156,7 @@ def filter_(spec: dict, manifest: str, out: str, scores: str | None = None) -> d
 
 
 def train(spec: dict, manifest: str, images: str, keep: str, out: str, log: Log = _quiet) -> dict:
-    from .training import fit, save_model, setup_runtime
+    from .training import fit, remove_checkpoint, save_model, setup_runtime
 
     device = setup_runtime(spec["runtime"])
     ds, man, _, x = _poisoned_training_set(spec, manifest, images)
@@ -163,11 +165,14 @@ def train(spec: dict, manifest: str, images: str, keep: str, out: str, log: Log 
     if len(mask) != len(man):
         raise ArtifactError(f"{keep}: has {len(mask)} rows, the manifest {len(man)}; rerun the filter stage")
     labels = man["label"].to_numpy()
-    res = fit(spec["training"], x.subset(mask), labels[mask], ds.num_classes, seed=spec["seed"], device=device, log=log)
+    ckpt = str(out) + ".ckpt"
+    res = fit(spec["training"], x.subset(mask), labels[mask], ds.num_classes, seed=spec["seed"], device=device,
+              checkpoint=ckpt, fingerprint=fingerprint(spec, manifest, images, keep), log=log)
     meta = {"model": spec["training"]["model"], "num_classes": ds.num_classes, "image_size": int(ds.image_shape[-1]),
             "n_trained_on": int(mask.sum()), "train_loss": res.train_loss, "wall_time_s": res.wall_time_s,
             "images_per_s": res.images_per_s, "device": str(device), "epochs": res.epochs_run}
     save_model(out, res.model, meta)
+    remove_checkpoint(ckpt)
     log(f"train: {mask.sum()} examples, {res.epochs_run} epochs, {res.wall_time_s:.1f}s, final loss {res.train_loss[-1]:.4f}")
     return meta
 

@@ -22,7 +22,13 @@ AUGMENTS: Registry = Registry("augment")
 
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if os.environ.get("SLURM_JOB_ID"):
+            # A cluster job without a GPU is a configuration error, not days of silent CPU training.
+            raise ConfigError("device", "auto", f"a GPU in SLURM job {os.environ['SLURM_JOB_ID']} (cluster.gpus_per_job >= 1 "
+                              "and a GPU partition), or device: cpu to train on the CPU deliberately")
+        return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device", name, "'cpu' or 'auto' on a machine without a CUDA GPU")
     return torch.device(name)
@@ -152,12 +158,18 @@ def as_tensor_data(images, device: torch.device, max_bytes: int = 8 << 30):
 
 
 def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: int, device: torch.device,
-        epochs_to_run: int | None = None, record: str | None = None,
-        on_epoch: Callable[[int, dict], None] | None = None, log: Callable[[str], None] | None = None) -> TrainResult:
+        epochs_to_run: int | None = None, record: str | None = None, checkpoint: str | None = None,
+        fingerprint: str = "", log: Callable[[str], None] | None = None) -> TrainResult:
     """Train a fresh model from `training` (model, epochs, batch_size, lr, weight_decay, loss_clamp,
     augment). The cosine schedule spans `training['epochs']`; `epochs_to_run` stops early (BaDLoss
     pretraining). `record`: None, 'eval' (extra eval-mode pass, paper) or 'train' (the training
-    pass's own per-example losses, no extra cost)."""
+    pass's own per-example losses, no extra cost).
+
+    With `checkpoint`, the full state (model, optimiser, schedule, RNG, losses so far) is saved
+    atomically after every epoch, and a run restarted with the same `fingerprint` (a digest of
+    everything the result depends on) resumes after the last saved epoch, ending with the same
+    result as an uninterrupted run (bit-equal on CPU). A checkpoint with another fingerprint is
+    ignored. The caller deletes the checkpoint once its own output is written."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     n = len(labels)
@@ -178,9 +190,23 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
     y_dev = y.to(device)
     losses = np.empty((run, n), dtype=np.float32) if record else None
     train_loss: list[float] = []
+    seen, start, before = 0, 0, 0.0
+    ident = {"fingerprint": fingerprint, "epochs_to_run": run, "record": record or "", "n": n, "seed": seed}
+    state = _load_checkpoint(checkpoint, ident, log) if checkpoint else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        gen.set_state(state["gen"])
+        torch.set_rng_state(state["torch_rng"])
+        start, seen, before = int(state["epoch"]) + 1, int(state["seen"]), float(state["wall"])
+        train_loss = [float(v) for v in state["train_loss"]]
+        if losses is not None:
+            losses[:start] = state["losses"].numpy()
+        if log:
+            log(f"resumed from checkpoint {checkpoint}: epochs 1-{start} done, continuing at epoch {start + 1}/{run}")
     t0 = time.perf_counter()
-    seen = 0
-    for epoch in range(run):
+    for epoch in range(start, run):
         model.train()
         perm = torch.randperm(n, generator=gen)
         # One host-to-device copy of the order per epoch, not one per batch.
@@ -208,15 +234,50 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
             losses[epoch] = per_example_loss(model, data, y, device).numpy()
         elif record == "train":
             losses[epoch] = rec.cpu().numpy()
+        if checkpoint:
+            _save_checkpoint(checkpoint, {
+                **ident, "epoch": epoch, "seen": seen, "wall": before + time.perf_counter() - t0,
+                "model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                "gen": gen.get_state(), "torch_rng": torch.get_rng_state(), "train_loss": train_loss,
+                "losses": torch.from_numpy(losses[:epoch + 1].copy()) if losses is not None else torch.zeros(0)})
         if log:
-            log(f"epoch {epoch + 1}/{run} train_loss {train_loss[-1]:.4f} lr {sched.get_last_lr()[0]:.2e}")
-        if on_epoch:
-            on_epoch(epoch, {"model": model, "opt": opt, "sched": sched, "gen": gen})
+            log(f"epoch {epoch + 1}/{run} train_loss {train_loss[-1]:.4f} lr {sched.get_last_lr()[0]:.2e}"
+                + (" (checkpoint saved)" if checkpoint else ""))
     if device.type == "cuda":
         torch.cuda.synchronize()
-    wall = time.perf_counter() - t0
+    wall = before + time.perf_counter() - t0
     return TrainResult(model=model, losses=losses, train_loss=train_loss, wall_time_s=wall,
                        images_per_s=seen / wall if wall > 0 else float("nan"), epochs_run=run)
+
+
+def _save_checkpoint(path: str, state: dict) -> None:
+    from .io import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_checkpoint(path: str, ident: dict, log) -> dict | None:
+    """The saved state if it belongs to this very run; None (and say why) otherwise."""
+    if not os.path.exists(path):
+        return None
+    try:
+        # weights_only: a checkpoint is data, never code to unpickle.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is simply not resumed from
+        if log:
+            log(f"ignoring unreadable checkpoint {path}: {e}")
+        return None
+    if not isinstance(state, dict) or any(state.get(k) != v for k, v in ident.items()):
+        if log:
+            log(f"ignoring checkpoint {path}: it was made from other inputs or settings")
+        return None
+    return state
+
+
+def remove_checkpoint(path: str | None) -> None:
+    if path and os.path.exists(path):
+        os.unlink(path)
 
 
 def save_model(path, model: nn.Module, meta: dict) -> None:

@@ -7,6 +7,8 @@ rule aggregate:
         csv=RESULTS + "/summary.csv",
         parquet=RESULTS + "/summary.parquet",
         tables=RESULTS + "/tables.md",
+    resources:
+        **resources_of("aggregate"),
     log:
         "logs/aggregate/aggregate.log",
     shell:

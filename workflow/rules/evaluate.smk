@@ -31,6 +31,8 @@ rule evaluate:
     params:
         spec=spec("evaluate"),
         flags=evaluate_flags,
+    resources:
+        **resources_of("evaluate"),
     log:
         "logs/evaluate/{dataset}/{scenario}/seed{seed}/{defense}.log",
     threads: config["threads"]

@@ -15,6 +15,8 @@ rule filter:
     params:
         spec=spec("filter"),
         scores=lambda w, input: f"--scores {input.scores}" if "scores" in input.keys() else "",
+    resources:
+        **resources_of("filter"),
     log:
         "logs/filter/{dataset}/{scenario}/seed{seed}/{defense}.log",
     shell:

@@ -8,6 +8,8 @@ rule poison:
     params:
         spec=spec("poison"),
         triggers=lambda w, input: trigger_flags(w, input),
+    resources:
+        **resources_of("poison"),
     log:
         "logs/poison/{dataset}/{scenario}/seed{seed}.log",
     shell:

@@ -7,6 +7,8 @@ rule pretrain:
         P("trajectories"),
     params:
         spec=spec("pretrain"),
+    resources:
+        **resources_of("pretrain"),
     log:
         "logs/pretrain/{dataset}/{scenario}/seed{seed}.log",
     threads: config["threads"]

@@ -12,6 +12,8 @@ rule score:
     params:
         spec=spec("score"),
         inputs=lambda w, input: " ".join(f"--{k} {v}" for k, v in input.items()),
+    resources:
+        **resources_of("score"),
     log:
         "logs/score/{dataset}/{scenario}/seed{seed}/{detector}.log",
     shell:

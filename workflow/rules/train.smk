@@ -8,6 +8,8 @@ rule train:
         P("model"),
     params:
         spec=spec("train"),
+    resources:
+        **resources_of("train"),
     log:
         "logs/train/{dataset}/{scenario}/seed{seed}/{defense}.log",
     threads: config["threads"]

@@ -4,6 +4,8 @@ rule trigger:
         P("trigger"),
     params:
         spec=spec("trigger"),
+    resources:
+        **resources_of("trigger"),
     log:
         "logs/trigger/{dataset}/{attack}-seed{seed}.log",
     threads: config["threads"]
