@@ -92,6 +92,9 @@ def all_trajectories():
                    for c in pgc.cells(config)})
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/trigger.smk"
 include: "workflow/rules/poison.smk"
 include: "workflow/rules/pretrain.smk"

@@ -22,8 +22,7 @@ def report_figures():
         if any(len(r) >= 2 for r in sweeps.values()):
             out.append(report(fig.format(f"rreject_{ds}_{sc}"), caption=REPORT_CAPTIONS + "rreject.rst",
                               category="r_reject", subcategory=ds, labels={"figure": f"{ds} — {sc}"}))
-    for c in dict.fromkeys((c["dataset"], c["scenario"], c["seed"]) for c in pgc.cells(config)):
-        ds, sc, seed = c
+    for ds, sc, seed in dict.fromkeys((c["dataset"], c["scenario"], c["seed"]) for c in pgc.cells(config)):
         if pgp.path("trajectories", RESULTS, dataset=ds, scenario=sc, seed=seed) in trajectories:
             out.append(report(fig.format(f"trajectories_{ds}_{sc}_seed{seed}"),
                               caption=REPORT_CAPTIONS + "trajectories.rst", category="Trajectories", subcategory=ds,
