@@ -21,7 +21,7 @@ SCHEMA = json.loads(resources.files("poisongrid").joinpath("schemas/config.schem
 # Training-set sizes of the standard datasets, so impossible budgets fail before any job runs.
 KNOWN_TRAIN_SIZES = {"cifar10": 50000, "gtsrb": 26640, "imagenette": 9469, "imagenet": 1281167}
 
-TRAIN_KEYS = ("model", "epochs", "batch_size", "lr", "weight_decay", "loss_clamp", "augment", "crop_scale")
+TRAIN_KEYS = ("model", "epochs", "batch_size", "lr", "weight_decay", "loss_clamp", "augment", "crop_scale", "precision")
 
 
 @functools.cache

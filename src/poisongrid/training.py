@@ -120,15 +120,16 @@ def _batch(images, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 @torch.no_grad()
 def per_example_loss(model: nn.Module, images, labels: torch.Tensor, device: torch.device,
-                     batch_size: int = 1024) -> torch.Tensor:
+                     batch_size: int = 1024, amp: bool = True) -> torch.Tensor:
     """Unclamped cross-entropy of every example, eval mode, no augmentation (float32, on CPU)."""
     model.eval()
     cl = device.type == "cuda"
+    amp = amp and cl
     labels = labels.to(device)
     out = torch.empty(len(labels), dtype=torch.float32, device=device)
     for s in range(0, len(labels), batch_size):
         idx = torch.arange(s, min(s + batch_size, len(labels)), device=device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cl):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(_to_float(_batch(images, idx, device), cl))
         out[s:s + len(idx)] = F.cross_entropy(logits.float(), labels[idx], reduction="none")
     return out.cpu()
@@ -179,6 +180,7 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
     clamp = float(training.get("loss_clamp", 100.0))
     augment = AUGMENTS.get(training.get("augment", "none"), "augment")
     cl = device.type == "cuda"
+    amp = cl and training.get("precision", "bf16") == "bf16"
 
     model = build_model(training["model"], num_classes, images.shape[-1]).to(device)
     if cl:
@@ -217,7 +219,7 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
             idx = perm_dev[s:s + bs]
             xb = augment(_batch(data, idx, device), gen, training)
             yb = y_dev[idx.to(device)]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cl):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = model(_to_float(xb, cl))
             per = F.cross_entropy(logits.float(), yb, reduction="none")
             if rec is not None:
@@ -231,7 +233,7 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
         seen += n
         train_loss.append(float(ep_sum) / n)
         if record == "eval":
-            losses[epoch] = per_example_loss(model, data, y, device).numpy()
+            losses[epoch] = per_example_loss(model, data, y, device, amp=amp).numpy()
         elif record == "train":
             losses[epoch] = rec.cpu().numpy()
         if checkpoint:
