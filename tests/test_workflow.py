@@ -84,3 +84,19 @@ def test_invalid_config_stops_before_any_job(tmp_path):
     assert res.returncode != 0
     assert "defenses.badloss.r_reject" in res.stdout + res.stderr
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.slow
+def test_missing_dataset_fails_once_with_path(tmp_path):
+    cfg = {**TINY, "data_dir": str(tmp_path / "nodata"),
+           "datasets": {"cifar10": {"model": "smallcnn", "epochs": 1, "scenarios": ["single-patch"],
+                                    "attacks": {"patch": {"ratio": 0.01}}}}}
+    cfgfile = tmp_path / "c.yaml"
+    cfgfile.write_text(yaml.safe_dump(cfg))
+    res = snakemake(tmp_path, "results/cifar10/single-patch/seed0/poison/manifest.parquet", "--configfile", str(cfgfile),
+                    "--retries", "2", check=False)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0
+    assert "Trying to restart" not in out  # a real failure is not retried
+    log = (tmp_path / "logs/poison/cifar10/single-patch/seed0.log").read_text()
+    assert "cifar-10-batches-py" in log and str(tmp_path / "nodata") in log

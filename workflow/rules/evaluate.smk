@@ -31,6 +31,9 @@ rule evaluate:
     params:
         spec=spec("evaluate"),
         flags=evaluate_flags,
+    # Short and deterministic: a failure here (e.g. missing data) is real, so it is not retried
+    # (the profile's retries are for training jobs killed by the cluster).
+    retries: 0
     resources:
         **resources_of("evaluate"),
     log:

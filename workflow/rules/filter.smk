@@ -15,6 +15,9 @@ rule filter:
     params:
         spec=spec("filter"),
         scores=lambda w, input: f"--scores {input.scores}" if "scores" in input.keys() else "",
+    # Short and deterministic: a failure here (e.g. missing data) is real, so it is not retried
+    # (the profile's retries are for training jobs killed by the cluster).
+    retries: 0
     resources:
         **resources_of("filter"),
     log:

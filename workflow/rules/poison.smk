@@ -8,6 +8,9 @@ rule poison:
     params:
         spec=spec("poison"),
         triggers=lambda w, input: trigger_flags(w, input),
+    # Short and deterministic: a failure here (e.g. missing data) is real, so it is not retried
+    # (the profile's retries are for training jobs killed by the cluster).
+    retries: 0
     resources:
         **resources_of("poison"),
     log:

@@ -12,6 +12,9 @@ rule score:
     params:
         spec=spec("score"),
         inputs=lambda w, input: " ".join(f"--{k} {v}" for k, v in input.items()),
+    # Short and deterministic: a failure here (e.g. missing data) is real, so it is not retried
+    # (the profile's retries are for training jobs killed by the cluster).
+    retries: 0
     resources:
         **resources_of("score"),
     log:
