@@ -2,6 +2,7 @@
 #   snakemake --cores 2 --configfile configs/demo.yaml all
 #   snakemake --cores 2 results/digits/multi/seed0/badloss/metrics.json   (one cell)
 import json
+import os
 import shlex
 import sys
 
@@ -28,6 +29,8 @@ except PoisongridError as e:
     sys.exit(f"poisongrid: invalid configuration: {e}")
 
 RESULTS = "results"
+# envs/poisongrid.yaml installs the package from here when --sdm conda builds the environment.
+os.environ.setdefault("POISONGRID_ROOT", workflow.basedir)
 
 
 wildcard_constraints:
@@ -39,57 +42,7 @@ wildcard_constraints:
     defense=r"(?!(?:poison|pretrain|scores)/)[A-Za-z0-9_]+",
 
 
-def P(kind, **w):
-    """A path of the artifact layout; wildcards not given stay as {wildcards}."""
-    return pgp.pattern(kind, RESULTS).format(**{k: "{" + k + "}" for k in ("dataset", "scenario", "seed", "attack", "detector", "defense")} | w)
-
-
-def spec(stage, **extra):
-    """Rule params: the resolved part of the config this stage depends on, shell-quoted JSON."""
-
-    def f(w):
-        args = {k: getattr(w, k, None) for k in ("scenario", "defense", "detector")}
-        seed = int(w.seed) if hasattr(w, "seed") else None
-        return shlex.quote(json.dumps(pgc.stage_spec(config, stage, w.dataset, seed=seed, **args, **extra), sort_keys=True))
-
-    return f
-
-
-def scenario_triggers(w):
-    """Learned-trigger artifacts the scenario's attacks need (e.g. Narcissus)."""
-    names = pgc.scenario_attacks(config["datasets"][w.dataset], w.scenario)
-    return {a: P("trigger", dataset=w.dataset, attack=a, seed=w.seed) for a in names if ATTACKS.get(a).needs_trigger_file}
-
-
-def trigger_flags(w, input):
-    return " ".join(f"--trigger {a}={input[a]}" for a in scenario_triggers(w))
-
-
-def defense_of(w):
-    return config["defenses"][w.defense]
-
-
-def resources_of(stage):
-    """Scheduler resources of a rule, from the config's `cluster` keys; runtime per dataset."""
-    some = next(iter(config["datasets"]))
-    keys = pgc.resources(config, stage, some)
-    return {k: (lambda w, k=k: pgc.resources(config, stage, w.dataset if hasattr(w, "dataset") else some)[k]) for k in keys}
-
-
-def gpu_threads(stage):
-    return config["threads"]
-
-
-def all_metrics():
-    return [pgp.path("metrics", RESULTS, **c) for c in pgc.cells(config)]
-
-
-def all_trajectories():
-    if not any(d.get("detector") and DETECTORS.get(config["detectors"][d["detector"]]["type"]).inputs.count("trajectories")
-               for d in config["defenses"].values()):
-        return []
-    return sorted({pgp.path("trajectories", RESULTS, dataset=c["dataset"], scenario=c["scenario"], seed=c["seed"])
-                   for c in pgc.cells(config)})
+include: "workflow/rules/common.smk"
 
 
 report: "workflow/report/workflow.rst"
@@ -107,13 +60,13 @@ include: "workflow/rules/aggregate.smk"
 
 rule all:
     input:
-        RESULTS + "/summary.csv",
-        RESULTS + "/tables.md",
+        f"{RESULTS}/summary.csv",
+        f"{RESULTS}/tables.md",
     default_target: True
 
 
 onsuccess:
     import os
 
-    if os.path.exists(RESULTS + "/tables.md"):
-        print(open(RESULTS + "/tables.md").read())
+    if os.path.exists(f"{RESULTS}/tables.md"):
+        print(open(f"{RESULTS}/tables.md").read())

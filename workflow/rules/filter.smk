@@ -1,11 +1,3 @@
-def filter_inputs(w):
-    d = defense_of(w)
-    out = {"manifest": P("manifest", dataset=w.dataset, scenario=w.scenario, seed=w.seed)}
-    if d.get("detector"):
-        out["scores"] = P("scores", dataset=w.dataset, scenario=w.scenario, seed=w.seed, detector=d["detector"])
-    return out
-
-
 rule filter:
     """Choose the examples a defense removes (none for defense 'none')."""
     input:
@@ -20,6 +12,8 @@ rule filter:
     retries: 0
     resources:
         **resources_of("filter"),
+    conda:
+        "../../envs/poisongrid.yaml"
     log:
         "logs/filter/{dataset}/{scenario}/seed{seed}/{defense}.log",
     shell:

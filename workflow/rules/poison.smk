@@ -13,6 +13,8 @@ rule poison:
     retries: 0
     resources:
         **resources_of("poison"),
+    conda:
+        "../../envs/poisongrid.yaml"
     log:
         "logs/poison/{dataset}/{scenario}/seed{seed}.log",
     shell:

@@ -9,6 +9,8 @@ rule pretrain:
         spec=spec("pretrain"),
     resources:
         **resources_of("pretrain"),
+    conda:
+        "../../envs/poisongrid.yaml"
     log:
         "logs/pretrain/{dataset}/{scenario}/seed{seed}.log",
     threads: config["threads"]

@@ -1,8 +1,3 @@
-def score_inputs(w):
-    det = config["detectors"][w.detector]
-    return {kind: P(kind, dataset=w.dataset, scenario=w.scenario, seed=w.seed) for kind in DETECTORS.get(det["type"]).inputs}
-
-
 rule score:
     """Anomaly score of every training example by one configured detector."""
     input:
@@ -17,6 +12,8 @@ rule score:
     retries: 0
     resources:
         **resources_of("score"),
+    conda:
+        "../../envs/poisongrid.yaml"
     log:
         "logs/score/{dataset}/{scenario}/seed{seed}/{detector}.log",
     shell:

@@ -10,6 +10,8 @@ rule train:
         spec=spec("train"),
     resources:
         **resources_of("train"),
+    conda:
+        "../../envs/poisongrid.yaml"
     log:
         "logs/train/{dataset}/{scenario}/seed{seed}/{defense}.log",
     threads: config["threads"]

@@ -6,6 +6,8 @@ rule trigger:
         spec=spec("trigger"),
     resources:
         **resources_of("trigger"),
+    conda:
+        "../../envs/poisongrid.yaml"
     log:
         "logs/trigger/{dataset}/{attack}-seed{seed}.log",
     threads: config["threads"]

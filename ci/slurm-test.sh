@@ -1,0 +1,348 @@
+#!/usr/bin/env bash
+# ci/slurm-test.sh -- the tiny grid through a real Slurm (ci/slurm-up.sh), checked against a local run,
+# plus a kill-and-resume test of a training job.
+#
+# CI runs it as root after `pip install -e ".[slurm]"` (snakemake, snakemake-executor-plugin-slurm
+# and the `poisongrid` CLI on PATH; sbatch exports PATH to the jobs). About 6-9 minutes on 2 cores.
+#
+#   1. ci/slurm-up.sh (idempotent: a running healthy cluster is left alone)
+#   2. one tiny grid (digits, scenario multi, defenses none + badloss, device cpu, no GPUs):
+#      trigger -> poison -> pretrain -> score -> filter -> train -> evaluate -> aggregate,
+#      run (a) locally with --cores 2 and (b) with --profile ci/slurm-profile (executor slurm)
+#   3. every stage job of (b) went through sbatch: each rule log says "in SLURM job <id>", and
+#      .snakemake/slurm_logs/ holds <id>.log for each of those ids (and each submitted job)
+#   4. (a) and (b) agree: clean_accuracy, asr, asr_boosted, detection.auroc of every metrics.json
+#      are identical, and the trajectories Parquet files are equal
+#   5. fault test: the pretrain job of a slower config (many epochs) is scancel'ed once it has
+#      saved a checkpoint; snakemake fails, the .ckpt is left and no trajectories; the rerun (new
+#      Slurm job id) logs "resumed from checkpoint", removes the .ckpt and writes trajectories
+#      equal to those of an uninterrupted local run (bit-equal on CPU)
+#   6. on any failure: snakemake outputs, rule logs, Slurm job logs and daemon log tails, exit 1
+#
+# Environment knobs:
+#   SLURM_TEST_KEEP=1             keep the work directory (always kept on failure)
+#   SLURM_TEST_SKIP_UP=1          do not run ci/slurm-up.sh (a cluster is already up)
+#   SLURM_TEST_FAULT_EPOCHS=80    schedule epochs of the fault config (pretrain runs half of them)
+#   PYTHON=...                    interpreter with poisongrid + pandas (default: the one snakemake uses)
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PROFILE="$REPO/ci/slurm-profile"
+SNAKEFILE="$REPO/Snakefile"
+FAULT_EPOCHS="${SLURM_TEST_FAULT_EPOCHS:-80}"
+STAGE_RULES=(trigger poison pretrain score filter train evaluate)
+CELL=results/digits/multi/seed0
+TRAJ="$CELL/pretrain/trajectories.parquet"
+PRETRAIN_LOG=logs/pretrain/digits/multi/seed0.log
+export MPLBACKEND=Agg
+
+T0=$SECONDS
+log() { printf '[slurm-test %s +%ss] %s\n' "$(date +%H:%M:%S)" "$((SECONDS - T0))" "$*"; }
+
+WORK=""
+BG_PIDS=()
+DUMPED=0
+
+dump_logs() {
+    [ "$DUMPED" = 1 ] && return 0
+    DUMPED=1
+    set +e
+    local f
+    echo >&2
+    echo "================ slurm-test: diagnostics ================" >&2
+    if [ -n "$WORK" ] && [ -d "$WORK" ]; then
+        for f in "$WORK"/*.out; do
+            [ -f "$f" ] || continue
+            printf '\n----- tail -n 80 %s -----\n' "$f" >&2
+            tail -n 80 "$f" >&2
+        done
+        while IFS= read -r f; do
+            printf '\n----- tail -n 25 %s -----\n' "$f" >&2
+            tail -n 25 "$f" >&2
+        done < <(find "$WORK" -path '*/logs/*' -name '*.log' -not -path '*/.snakemake/*' 2>/dev/null | sort)
+        while IFS= read -r f; do
+            printf '\n----- tail -n 30 %s (Slurm job log) -----\n' "$f" >&2
+            tail -n 30 "$f" >&2
+        done < <(find "$WORK" -path '*/.snakemake/slurm_logs/*' -name '*.log' 2>/dev/null | sort | tail -n 20)
+    fi
+    for f in /var/log/slurm/slurmctld.log /var/log/slurm/slurmd.log; do
+        [ -f "$f" ] || continue
+        printf '\n----- tail -n 40 %s -----\n' "$f" >&2
+        tail -n 40 "$f" >&2
+    done
+    printf '\n----- squeue / sinfo -----\n' >&2
+    timeout 10 squeue -a -o '%.8i %.9P %.30j %.8T %.10M %R %Z' >&2 2>&1
+    timeout 10 sinfo -N -l >&2 2>&1
+    set -e
+}
+
+cleanup() {
+    local rc=$?
+    set +e
+    local p id
+    for p in "${BG_PIDS[@]}"; do  # our background subshells and their `timeout` children
+        if kill -0 "$p" 2>/dev/null; then
+            pkill -TERM -P "$p" 2>/dev/null
+            kill -TERM "$p" 2>/dev/null
+        fi
+    done
+    # Slurm jobs still queued or running from this test's directories (ours, by id).
+    if [ -n "$WORK" ] && command -v squeue >/dev/null 2>&1; then
+        while read -r id dir; do
+            case "$dir" in "$WORK"/*) timeout 10 scancel "$id" ;; esac
+        done < <(timeout 10 squeue -h -o '%i %Z' 2>/dev/null)
+    fi
+    if [ "$rc" -ne 0 ]; then
+        dump_logs
+        echo "slurm-test: FAILED (rc $rc) after $((SECONDS - T0)) s; work dir kept: ${WORK:-none}" >&2
+    elif [ -n "$WORK" ] && [ "${SLURM_TEST_KEEP:-0}" != 1 ]; then
+        rm -rf "$WORK"
+    elif [ -n "$WORK" ]; then
+        log "work dir kept: $WORK"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+
+fail() {
+    printf '[slurm-test] FAILED: %s\n' "$*" >&2
+    exit 1
+}
+
+# ---------------------------------------------------------------- 0. tools
+command -v snakemake >/dev/null || fail "snakemake not on PATH (pip install -e '.[slurm]')"
+command -v poisongrid >/dev/null || fail "poisongrid CLI not on PATH (the Slurm jobs need it too)"
+if [ -z "${PYTHON:-}" ]; then
+    PYTHON="$(head -n 1 "$(command -v snakemake)" | sed -n 's/^#! *\([^ ]*\).*/\1/p')"
+    [ -x "$PYTHON" ] || PYTHON="$(command -v python3)"
+fi
+timeout -k 10 120 "$PYTHON" -c 'import poisongrid, pandas, pyarrow, snakemake_executor_plugin_slurm' \
+    || fail "$PYTHON lacks poisongrid/pandas/pyarrow/snakemake-executor-plugin-slurm"
+log "snakemake $(timeout 60 snakemake --version), python $PYTHON"
+
+# ---------------------------------------------------------------- 1. cluster
+if [ "${SLURM_TEST_SKIP_UP:-0}" != 1 ]; then
+    timeout -k 10 1200 "$REPO/ci/slurm-up.sh" || fail "ci/slurm-up.sh failed"
+fi
+
+# ---------------------------------------------------------------- 2. configs
+WORK="$(mktemp -d /tmp/slurm-test.XXXXXX)"
+log "work dir $WORK"
+
+# The tiny grid of tests/test_workflow.py (TINY), scenario multi only, on CPU and without GPUs.
+# gpu_mem_mb/cpu_mem_mb: the rules ask for these (they override the profile's mem_mb); the
+# schema defaults (32000 MB for trigger/pretrain/train) exceed a CI machine, and sbatch would
+# reject the jobs ("Requested node configuration is not available").
+write_config() {  # file epochs r_epoch
+    cat >"$1" <<EOF
+device: cpu
+threads: 1
+seeds: [0]
+cluster: {gpus_per_job: 0, gpu_mem_mb: 2000, cpu_mem_mb: 1000}
+pretrain: {r_epoch: $3}
+bona_fide: {n_clean: 60}
+detectors:
+  badloss: {type: badloss, k: 10, log_losses: true}
+defenses:
+  none: {remedy: none}
+  badloss: {detector: badloss, remedy: remove, r_reject: 0.4}
+datasets:
+  digits:
+    image_size: 16
+    model: smallcnn
+    epochs: $2
+    minutes_per_epoch: 0.05
+    batch_size: 64
+    lr: 0.003
+    scenarios: [multi]
+    attacks:
+      patch: {ratio: 0.05}
+      blend_random: {ratio: 0.04, alpha: 0.1}
+      narcissus: {ratio: 0.02}
+    narcissus_surrogate: {model: smallcnn, epochs: 3, steps: 40, pool_fraction: 0.2}
+EOF
+}
+TINY="$WORK/tiny.yaml"
+FAULT="$WORK/fault.yaml"
+write_config "$TINY" 12 0.3
+write_config "$FAULT" "$FAULT_EPOCHS" 0.5
+FAULT_RUN=$(( (FAULT_EPOCHS + 1) / 2 ))
+
+smk_local() {  # timeout dir out-file args...
+    local t=$1 dir=$2 out=$3
+    shift 3
+    timeout -k 10 "$t" snakemake -s "$SNAKEFILE" -d "$dir" --cores 2 "$@" >"$out" 2>&1
+}
+smk_slurm() {  # timeout dir out-file args...
+    local t=$1 dir=$2 out=$3
+    shift 3
+    timeout -k 10 "$t" snakemake -s "$SNAKEFILE" -d "$dir" --profile "$PROFILE" "$@" >"$out" 2>&1
+}
+
+# ---------------------------------------------------------------- local runs (background)
+# While the Slurm grid mostly waits on status checks, the local runs use the CPUs:
+# (a) the grid, the uninterrupted reference of the fault config, and the fault test's inputs.
+log "local runs in the background: grid, fault reference ($FAULT_RUN pretrain epochs), fault inputs"
+(
+    set -e
+    smk_local 400 "$WORK/local" "$WORK/local.out" all --configfile "$TINY"
+    smk_local 400 "$WORK/fault-ref" "$WORK/fault-ref.out" "$TRAJ" --configfile "$FAULT"
+    smk_local 400 "$WORK/fault" "$WORK/fault-inputs.out" "$CELL/poison/manifest.parquet" --configfile "$FAULT"
+) &
+LOCAL_PID=$!
+BG_PIDS+=("$LOCAL_PID")
+
+# ---------------------------------------------------------------- 2b. the grid through Slurm
+log "grid through Slurm: snakemake --profile ci/slurm-profile all"
+t=$SECONDS
+smk_slurm 540 "$WORK/slurm" "$WORK/slurm.out" all --configfile "$TINY" \
+    || fail "snakemake through Slurm failed (rc $?), see $WORK/slurm.out"
+log "grid through Slurm done in $((SECONDS - t)) s"
+
+t=$SECONDS
+wait "$LOCAL_PID" || fail "a local snakemake run failed (rc $?), see $WORK/local.out, fault-ref.out, fault-inputs.out"
+log "local runs done (waited $((SECONDS - t)) s more)"
+
+# ---------------------------------------------------------------- 3. every job went through sbatch
+SD="$WORK/slurm"
+submitted="$(sed -n 's/.*has been submitted with SLURM jobid \([0-9][0-9]*\).*/\1/p' "$WORK/slurm.out" | sort -n | tr '\n' ' ')"
+[ -n "$submitted" ] || fail "no 'submitted with SLURM jobid' in $WORK/slurm.out"
+ids=()
+checked_rules=()
+for rule in "${STAGE_RULES[@]}" aggregate; do
+    if grep -q "^localrule $rule:" "$WORK/slurm.out"; then
+        log "rule $rule is a localrule: not checked"
+        continue
+    fi
+    mapfile -t logs < <(find "$SD/logs/$rule" -name '*.log' 2>/dev/null | sort)
+    [ "${#logs[@]}" -gt 0 ] || fail "no rule log under $SD/logs/$rule/"
+    for f in "${logs[@]}"; do
+        id="$(sed -n 's/.*in SLURM job \([0-9][0-9]*\) on .*/\1/p' "$f" | tail -n 1)"
+        [ -n "$id" ] || fail "$f lacks 'in SLURM job <id>': rule $rule did not run through sbatch"
+        [ -n "$(find "$SD/.snakemake/slurm_logs" -name "$id.log" 2>/dev/null)" ] \
+            || fail "no .snakemake/slurm_logs/**/$id.log for $f"
+        case " $submitted " in *" $id "*) ;; *) fail "job $id of $f is not among the submitted jobs: $submitted" ;; esac
+        ids+=("$id")
+    done
+    checked_rules+=("$rule")
+done
+for id in $submitted; do
+    [ -n "$(find "$SD/.snakemake/slurm_logs" -name "$id.log")" ] || fail "submitted job $id has no slurm_logs/**/$id.log"
+done
+n_sub=$(wc -w <<<"$submitted")
+uniq_ids="$(printf '%s\n' "${ids[@]}" | sort -un | tr '\n' ' ')"
+[ "$(wc -w <<<"$uniq_ids")" -eq "${#ids[@]}" ] || fail "two rule logs name the same Slurm job: ${ids[*]}"
+log "sbatch: $n_sub jobs submitted (ids: ${submitted% }); rule logs of ${checked_rules[*]} name jobs ${uniq_ids% }"
+
+# ---------------------------------------------------------------- 4. same results locally and under Slurm
+log "comparing local and Slurm results"
+timeout -k 10 120 "$PYTHON" - "$WORK/local/results" "$WORK/slurm/results" <<'PY' || fail "local and Slurm results differ"
+import json, sys
+from pathlib import Path
+import pandas as pd
+
+a, b = Path(sys.argv[1]), Path(sys.argv[2])
+bad = []
+for pat in ("**/metrics.json", "**/trajectories.parquet"):
+    fa = sorted(p.relative_to(a) for p in a.glob(pat))
+    fb = sorted(p.relative_to(b) for p in b.glob(pat))
+    if fa != fb or not fa:
+        bad.append(f"{pat}: local has {list(map(str, fa))}, slurm has {list(map(str, fb))}")
+        continue
+    for rel in fa:
+        if rel.suffix == ".json":
+            ma, mb = (json.loads((r / rel).read_text()) for r in (a, b))
+            for key in ("clean_accuracy", "asr", "asr_boosted"):
+                if ma.get(key) != mb.get(key):
+                    bad.append(f"{rel} {key}: local {ma.get(key)} != slurm {mb.get(key)}")
+            auc = [(m.get("detection") or {}).get("auroc") for m in (ma, mb)]
+            if auc[0] != auc[1]:
+                bad.append(f"{rel} detection.auroc: local {auc[0]} != slurm {auc[1]}")
+            print(f"  {rel}: clean_accuracy {ma['clean_accuracy']:.4f}, auroc {auc[0]}  (equal)")
+        else:
+            ta, tb = (pd.read_parquet(r / rel) for r in (a, b))
+            if not ta.equals(tb):
+                bad.append(f"{rel}: trajectories differ")
+            else:
+                print(f"  {rel}: {ta.shape} equal")
+if bad:
+    print("\n".join(bad), file=sys.stderr)
+    sys.exit(1)
+PY
+
+# ---------------------------------------------------------------- 5. kill a training job, resume it
+FD="$WORK/fault"
+PL="$FD/$PRETRAIN_LOG"
+CKPT="$FD/$TRAJ.ckpt"
+[ -f "$FD/$CELL/poison/manifest.parquet" ] || fail "fault test inputs missing"
+log "fault test: pretrain ($FAULT_RUN epochs) through Slurm, retries 0; scancel after its first checkpoint"
+smk_slurm 400 "$FD" "$WORK/fault-run1.out" --retries 0 "$TRAJ" --configfile "$FAULT" &
+RUN1=$!
+BG_PIDS+=("$RUN1")
+job1=""
+for _ in $(seq 1 480); do
+    if [ -f "$PL" ] && grep -q '(checkpoint saved)' "$PL"; then
+        job1="$(sed -n 's/.*in SLURM job \([0-9][0-9]*\) on .*/\1/p' "$PL" | head -n 1)"
+        break
+    fi
+    kill -0 "$RUN1" 2>/dev/null || fail "snakemake exited before the pretrain job saved a checkpoint"
+    sleep 0.5
+done
+[ -n "$job1" ] || fail "no '(checkpoint saved)' with 'in SLURM job <id>' in $PL within 240 s"
+timeout 30 scancel "$job1" || fail "scancel $job1 failed"
+log "scancel $job1 after: $(grep '(checkpoint saved)' "$PL" | tail -n 1)"
+rc=0
+wait "$RUN1" || rc=$?
+[ "$rc" -ne 0 ] || fail "snakemake succeeded although its pretrain job $job1 was cancelled"
+[ "$rc" -ne 124 ] && [ "$rc" -ne 137 ] || fail "snakemake did not notice the cancelled job $job1 (timed out)"
+log "snakemake failed as it should (rc $rc): $(grep -m 1 -o "SLURM-job '$job1' failed[^.]*" "$WORK/fault-run1.out" || true)"
+killed_epoch="$(sed -n 's/.*epoch \([0-9][0-9]*\)\/[0-9]* .*(checkpoint saved).*/\1/p' "$PL" | tail -n 1)"
+grep -q '^.*pretrain: [0-9]* epochs' "$PL" && fail "the pretrain job finished before it was cancelled; raise SLURM_TEST_FAULT_EPOCHS"
+[ -f "$CKPT" ] || fail "checkpoint $CKPT missing after the kill"
+[ ! -e "$FD/$TRAJ" ] || fail "$TRAJ exists after the kill"
+cp "$PL" "$WORK/pretrain-killed.log"
+log "killed at epoch $killed_epoch/$FAULT_RUN: checkpoint left, no trajectories"
+
+log "rerun through Slurm (rerun-incomplete from the profile)"
+t=$SECONDS
+smk_slurm 400 "$FD" "$WORK/fault-run2.out" --retries 0 "$TRAJ" --configfile "$FAULT" \
+    || fail "the rerun after the kill failed (rc $?), see $WORK/fault-run2.out"
+log "rerun done in $((SECONDS - t)) s"
+job2="$(sed -n 's/.*in SLURM job \([0-9][0-9]*\) on .*/\1/p' "$PL" | head -n 1)"
+[ -n "$job2" ] || fail "$PL of the rerun lacks 'in SLURM job <id>'"
+[ "$job2" != "$job1" ] || fail "the rerun ran in the same Slurm job $job1"
+resumed="$(grep -m 1 'resumed from checkpoint' "$PL" || true)"
+[ -n "$resumed" ] || fail "the rerun did not resume from the checkpoint (no 'resumed from checkpoint' in $PL)"
+done_n="$(sed -n 's/.*epochs 1-\([0-9][0-9]*\) done, continuing at epoch [0-9]*\/[0-9]*.*/\1/p' <<<"$resumed")"
+resume_at="$(sed -n 's/.*continuing at epoch \([0-9][0-9]*\)\/\([0-9][0-9]*\).*/\1/p' <<<"$resumed")"
+resume_of="$(sed -n 's/.*continuing at epoch \([0-9][0-9]*\)\/\([0-9][0-9]*\).*/\2/p' <<<"$resumed")"
+[ -n "$done_n" ] && [ -n "$resume_at" ] || fail "cannot read the epoch from: $resumed"
+[ "$resume_at" -eq $((done_n + 1)) ] || fail "inconsistent resume line: $resumed"
+[ "$resume_of" -eq "$FAULT_RUN" ] || fail "resume line names $resume_of epochs, expected $FAULT_RUN: $resumed"
+[ "$done_n" -ge "$killed_epoch" ] && [ "$resume_at" -le "$FAULT_RUN" ] \
+    || fail "resumed at epoch $resume_at, but the killed job had logged epoch $killed_epoch saved"
+grep -q "epoch $resume_at/$FAULT_RUN .*(checkpoint saved)" "$PL" || fail "the rerun did not train epoch $resume_at"
+if grep -q "epoch 1/$FAULT_RUN " "$PL" && [ "$resume_at" -gt 1 ]; then
+    fail "the rerun trained epoch 1 again"
+fi
+[ ! -e "$CKPT" ] || fail "$CKPT still there after the rerun"
+[ -f "$FD/$TRAJ" ] || fail "no $TRAJ after the rerun"
+for id in "$job1" "$job2"; do
+    [ -n "$(find "$FD/.snakemake/slurm_logs" -name "$id.log")" ] || fail "no .snakemake/slurm_logs/**/$id.log (fault test)"
+done
+log "resumed in Slurm job $job2: $resumed"
+timeout -k 10 120 "$PYTHON" - "$WORK/fault-ref/$TRAJ" "$FD/$TRAJ" <<'PY' || fail "resumed trajectories differ from the uninterrupted run"
+import sys
+import pandas as pd
+
+ref, got = (pd.read_parquet(p) for p in sys.argv[1:3])
+if not ref.equals(got):
+    print(f"ref {ref.shape} vs resumed {got.shape}; max abs diff "
+          f"{(ref.select_dtypes('number') - got.select_dtypes('number')).abs().max().max() if ref.shape == got.shape else 'n/a'}",
+          file=sys.stderr)
+    sys.exit(1)
+print(f"  resumed trajectories {got.shape} equal to the uninterrupted local run")
+PY
+
+log "Slurm jobs: grid ${submitted% }; fault test $job1 (cancelled) -> $job2 (resumed)"
+echo "slurm-test: OK ($((n_sub + 2)) jobs through sbatch: $n_sub grid + 2 fault-test; results equal to the local run; resumed at epoch $resume_at/$FAULT_RUN after scancel; $((SECONDS - T0)) s)"
