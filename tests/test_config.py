@@ -96,3 +96,25 @@ def test_shipped_configs_are_valid():
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="existing YAML"):
         config.load("nope.yaml")
+
+
+def test_scheduler_resources_follow_the_config():
+    c = cfg()
+    c["cluster"] = {"partition": "a100", "cpu_partition": "cpu", "account": "lab", "gpu_model": "a100", "gpus_per_job": 1}
+    c["datasets"]["digits"].update(epochs=100, minutes_per_epoch=0.5)
+    c = config.validate(c)
+    train = config.resources(c, "train", "digits")
+    assert train == {"runtime": int(10 + 1.5 * 100 * 0.5), "gpu": 1, "gpu_model": "a100", "slurm_partition": "a100",
+                     "slurm_account": "lab"}
+    score = config.resources(c, "score", "digits")
+    assert "gpu" not in score and score["slurm_partition"] == "cpu" and "runtime" not in score
+    c2 = config.validate(cfg(device="cpu", cluster={"gpus_per_job": 0}))
+    assert "gpu" not in config.resources(c2, "pretrain", "digits")
+    with pytest.raises(ConfigError, match="cluster.gpus_per_job"):
+        config.validate(cfg(device="cuda", cluster={"gpus_per_job": 0}))
+
+
+def test_trigger_spec_ignores_the_final_runs_model_and_epochs():
+    a = config.stage_spec(config.validate(cfg()), "trigger", "digits", seed=0)
+    b = config.stage_spec(config.validate(cfg(datasets__digits__epochs=50, datasets__digits__model="resnet18")), "trigger", "digits", seed=0)
+    assert a == b

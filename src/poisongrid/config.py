@@ -227,7 +227,8 @@ def stage_spec(cfg: dict, stage: str, dataset: str, scenario: str | None = None,
     if stage == "trigger":
         spec["attack"] = ds["attacks"]["narcissus"]
         spec["surrogate"] = ds["narcissus_surrogate"]
-        spec["training"] = training_spec(cfg, dataset)
+        # The surrogate's own model and epochs replace the dataset's: those must not rerun it.
+        spec["training"] = {k: v for k, v in training_spec(cfg, dataset).items() if k not in ("model", "epochs")}
         spec["runtime"] = runtime_spec(cfg)
     elif stage == "poison":
         names = scenario_attacks(ds, scenario)
@@ -298,15 +299,20 @@ def estimated_minutes(cfg: dict, stage: str, dataset: str) -> float:
         return ds["epochs"] * mpe
     if stage == "trigger":
         return ds["narcissus_surrogate"]["epochs"] * mpe + 5
-    return 5.0
+    return 0.0
 
 
 def resources(cfg: dict, stage: str, dataset: str) -> dict:
     """What one job of `stage` asks the scheduler for (Snakemake resources)."""
     cl = cfg["cluster"]
     gpu = stage in GPU_STAGES and cl["gpus_per_job"] > 0
-    res = {"runtime": int(10 + cl["runtime_margin"] * estimated_minutes(cfg, stage, dataset)),
-           "mem_mb": cl["gpu_mem_mb"] if stage in GPU_STAGES else cl["cpu_mem_mb"]}
+    res = {}
+    # Only what the config knows better than the profile's default-resources is set here.
+    if stage in GPU_STAGES:
+        res["runtime"] = int(10 + cl["runtime_margin"] * estimated_minutes(cfg, stage, dataset))
+    mem = cl["gpu_mem_mb"] if stage in GPU_STAGES else cl["cpu_mem_mb"]
+    if mem:
+        res["mem_mb"] = mem
     part = cl["partition"] if stage in GPU_STAGES else (cl["cpu_partition"] or cl["partition"])
     if part:
         res["slurm_partition"] = part
