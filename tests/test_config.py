@@ -115,6 +115,8 @@ def test_scheduler_resources_follow_the_config():
 
 
 def test_trigger_spec_ignores_the_final_runs_model_and_epochs():
-    a = config.stage_spec(config.validate(cfg()), "trigger", "digits", seed=0)
-    b = config.stage_spec(config.validate(cfg(datasets__digits__epochs=50, datasets__digits__model="resnet18")), "trigger", "digits", seed=0)
+    narc = {"narcissus": {"ratio": 0.02}}
+    a = config.stage_spec(config.validate(cfg(datasets__digits__attacks=narc)), "trigger", "digits", seed=0)
+    b = config.stage_spec(config.validate(cfg(datasets__digits__attacks=narc, datasets__digits__epochs=50,
+                                              datasets__digits__model="resnet18")), "trigger", "digits", seed=0)
     assert a == b
