@@ -225,6 +225,8 @@ def stage_spec(cfg: dict, stage: str, dataset: str, scenario: str | None = None,
     if seed is not None:
         spec["seed"] = int(seed)
     if stage == "trigger":
+        if "narcissus" not in ds["attacks"]:
+            raise ConfigError(f"datasets.{dataset}.attacks", sorted(ds["attacks"]), "an attack with a learned trigger (narcissus)")
         spec["attack"] = ds["attacks"]["narcissus"]
         spec["surrogate"] = ds["narcissus_surrogate"]
         # The surrogate's own model and epochs replace the dataset's: those must not rerun it.
