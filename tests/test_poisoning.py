@@ -134,6 +134,10 @@ def test_oracle_removes_exactly_the_poisoned(ds, tmp_path):
 
     ps = poisoning.poison(ds, ATTACKS, list(ATTACKS), seed=0, bona_fide=BONA)
     poisoning.write(ps, tmp_path / "m.parquet", tmp_path / "p.npz")
+    from poisongrid.cli import main
+
+    assert main(["filter", "--spec", '{"defense": "oracle", "remedy": "oracle"}', "--manifest", str(tmp_path / "m.parquet"),
+                 "--out", str(tmp_path / "f.parquet")]) == 0
     meta = stages.filter_({"defense": "oracle", "remedy": "oracle"}, tmp_path / "m.parquet", tmp_path / "f.parquet")
     import pandas as pd
 

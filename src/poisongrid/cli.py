@@ -156,7 +156,7 @@ def cmd_filter(args) -> None:
     w["defense"] = w["defense"] or spec.get("defense")
     cw = dict(results=args.results, **_pick(w, "dataset", "scenario", "seed"))
     scores = None
-    if spec["remedy"] != "none":
+    if spec.get("detector"):
         scores = _default(args, "scores", "scores", detector=spec["detector"], **cw)
     meta = stages.filter_(spec, _default(args, "manifest", "manifest", **cw), _default(args, "out", "filter", defense=w["defense"], **cw), scores)
     _log(f"filter: removed {meta['n_removed']} of {meta['n_train']}")
