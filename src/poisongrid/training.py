@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -98,7 +98,6 @@ class TrainResult:
     wall_time_s: float
     images_per_s: float
     epochs_run: int
-    history: list[dict] = field(default_factory=list)
 
 
 def _to_float(x: torch.Tensor, channels_last: bool) -> torch.Tensor:

@@ -38,10 +38,6 @@ def resources_of(stage):
     return {k: (lambda w, k=k: pgc.resources(config, stage, w.dataset if hasattr(w, "dataset") else some)[k]) for k in keys}
 
 
-def gpu_threads(stage):
-    return config["threads"]
-
-
 def all_metrics():
     return [pgp.path("metrics", RESULTS, **c) for c in pgc.cells(config)]
 
