@@ -111,3 +111,18 @@ def test_checkpoint_from_other_inputs_is_ignored(tmp_path):
     msgs = []
     fit(TR, x, y, 4, seed=1, device=CPU, record="eval", epochs_to_run=1, checkpoint=ckpt, fingerprint="new", log=msgs.append)
     assert any("unreadable" in m for m in msgs)
+
+
+def test_no_gpu_under_slurm_is_a_config_error(monkeypatch):
+    import pytest
+
+    from poisongrid.errors import ConfigError
+    from poisongrid.training import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("SLURM_JOB_ID", "1234")
+    with pytest.raises(ConfigError, match="SLURM job 1234.*device: cpu"):
+        resolve_device("auto")
+    assert resolve_device("cpu").type == "cpu"  # deliberate CPU runs stay possible
+    monkeypatch.delenv("SLURM_JOB_ID")
+    assert resolve_device("auto").type == "cpu"
