@@ -77,17 +77,22 @@ def _kill_after(epoch_no):
     return log
 
 
+def _kill_then_rerun(tr, x, y, ckpt, first_fingerprint, second_fingerprint):
+    """Run until the checkpoint of epoch 2 is written, 'kill' it, then run again; return (result, log)."""
+    try:
+        fit(tr, x, y, 4, seed=1, device=CPU, record="eval", checkpoint=ckpt, fingerprint=first_fingerprint, log=_kill_after(2))
+    except _Killed:
+        pass
+    msgs = []
+    res = fit(tr, x, y, 4, seed=1, device=CPU, record="eval", checkpoint=ckpt, fingerprint=second_fingerprint, log=msgs.append)
+    return res, msgs
+
+
 def test_killed_run_resumes_bit_equal(tmp_path):
     x, y = _data()
     tr = {**TR, "augment": "crop_flip", "epochs": 5}
     ref = fit(tr, x, y, 4, seed=1, device=CPU, record="eval")
-    ckpt = str(tmp_path / "run.ckpt")
-    try:
-        fit(tr, x, y, 4, seed=1, device=CPU, record="eval", checkpoint=ckpt, fingerprint="a", log=_kill_after(2))
-    except _Killed:
-        pass
-    msgs = []
-    res = fit(tr, x, y, 4, seed=1, device=CPU, record="eval", checkpoint=ckpt, fingerprint="a", log=msgs.append)
+    res, msgs = _kill_then_rerun(tr, x, y, str(tmp_path / "run.ckpt"), "a", "a")
     assert any("resumed" in m and "continuing at epoch 3/5" in m for m in msgs)
     np.testing.assert_array_equal(res.losses, ref.losses)
     assert res.train_loss == ref.train_loss
@@ -98,12 +103,7 @@ def test_killed_run_resumes_bit_equal(tmp_path):
 def test_checkpoint_from_other_inputs_is_ignored(tmp_path):
     x, y = _data()
     ckpt = str(tmp_path / "run.ckpt")
-    try:
-        fit(TR, x, y, 4, seed=1, device=CPU, record="eval", checkpoint=ckpt, fingerprint="old", log=_kill_after(2))
-    except _Killed:
-        pass
-    msgs = []
-    res = fit(TR, x, y, 4, seed=1, device=CPU, record="eval", checkpoint=ckpt, fingerprint="new", log=msgs.append)
+    res, msgs = _kill_then_rerun(TR, x, y, ckpt, "old", "new")
     assert any("other inputs" in m for m in msgs) and not any("resumed" in m for m in msgs)
     np.testing.assert_array_equal(res.losses, fit(TR, x, y, 4, seed=1, device=CPU, record="eval").losses)
     # A truncated checkpoint is not trusted either.
