@@ -24,7 +24,9 @@
 #   SLURM_TEST_SKIP_UP=1          do not run ci/slurm-up.sh (a cluster is already up)
 #   SLURM_TEST_FAULT_EPOCHS=100   schedule epochs of the fault config (pretrain runs half of them;
 #                                 ~0.3 s each on an idle core at image_size 16)
-#   SLURM_TEST_PARTS="grid fault" run only some parts (grid: steps 2-4, fault: step 5)
+#   SLURM_TEST_PARTS="grid fault badinput" run only some parts (grid: steps 2-4, fault: step 5,
+#                                 badinput: a partition the cluster lacks stops the run with
+#                                 sbatch's message and the rule's log path)
 #   PYTHON=...                    interpreter with poisongrid + pandas (default: the one snakemake uses)
 set -euo pipefail
 
@@ -32,7 +34,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PROFILE="$REPO/ci/slurm-profile"
 SNAKEFILE="$REPO/Snakefile"
 FAULT_EPOCHS="${SLURM_TEST_FAULT_EPOCHS:-100}"
-PARTS=" ${SLURM_TEST_PARTS:-grid fault} "
+PARTS=" ${SLURM_TEST_PARTS:-grid fault badinput} "
 STAGE_RULES=(trigger poison pretrain score filter train evaluate)
 CELL=results/digits/multi/seed0
 TRAJ="$CELL/pretrain/trajectories.parquet"
@@ -133,9 +135,8 @@ WORK="$(mktemp -d /tmp/slurm-test.XXXXXX)"
 log "work dir $WORK"
 
 # The tiny grid of tests/test_workflow.py (TINY), scenario multi only, on CPU and without GPUs.
-# gpu_mem_mb/cpu_mem_mb: the rules ask for these (they override the profile's mem_mb); the
-# schema defaults (32000 MB for trigger/pretrain/train) exceed a CI machine, and sbatch would
-# reject the jobs ("Requested node configuration is not available").
+# gpu_mem_mb/cpu_mem_mb: small enough for a CI machine (a request above the node's memory is
+# rejected by sbatch: "Requested node configuration is not available").
 write_config() {  # file epochs r_epoch
     cat >"$1" <<EOF
 device: cpu
@@ -362,6 +363,19 @@ print(f"  resumed trajectories {got.shape} equal to the uninterrupted local run"
 PY
 
 log "Slurm jobs: fault test $job1 (cancelled) -> $job2 (resumed)"
+fi
+
+if has_part badinput; then
+    log "bad input: a partition the cluster does not have"
+    set +e
+    smk_slurm 120 "$WORK/badpart" "$WORK/badpart.out" "$CELL/poison/manifest.parquet" --configfile "$TINY" \
+        --default-resources slurm_partition=no_such_partition mem_mb=500 runtime=5
+    rc=$?
+    set -e
+    [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] || fail "a run with an unknown partition should fail by itself (rc $rc)"
+    grep -q "invalid partition" "$WORK/badpart.out" || fail "sbatch's 'invalid partition' message is not shown"
+    grep -qE "log: logs/[a-z]+/digits/.*\.log \(check log file" "$WORK/badpart.out" || fail "the failed rule's log path is not named"
+    log "unknown partition: stopped (rc $rc) with sbatch's message and the rule's log path"
 fi
 
 summary="$n_sub grid"
