@@ -15,6 +15,7 @@ import pyarrow as pa
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .config import swept_detectors
 from .errors import ArtifactError
 from .io import atomic_path, read_json, read_table, table_meta, write_table
 
@@ -263,8 +264,8 @@ def rreject_figure(df: pd.DataFrame, out_path, title: str) -> Path | None:
     import seaborn as sns
 
     cells = _cells(df)
-    sweep = cells[(cells["remedy"] == "remove") & cells["r_reject"].notna()]
-    sweep = sweep.groupby("detector").filter(lambda g: g["r_reject"].nunique() >= 2)
+    swept = swept_detectors(cells[["detector", "remedy", "r_reject"]].itertuples(index=False))
+    sweep = cells[(cells["remedy"] == "remove") & cells["r_reject"].notna() & cells["detector"].isin(swept)]
     if sweep.empty:
         return None
     base = cells[cells["remedy"] == "none"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import math
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -267,6 +268,16 @@ def _defense(cfg: dict, defense: str) -> dict:
     if defense not in cfg["defenses"]:
         raise ConfigError("defense", defense, f"one of the configured defenses {sorted(cfg['defenses'])}")
     return {k: v for k, v in cfg["defenses"][defense].items() if k not in WHERE_KEYS}
+
+
+def swept_detectors(defenses) -> set[str]:
+    """Detectors with >= 2 distinct r_reject values among 'remove' defenses, given (detector,
+    remedy, r_reject) triples: those get an r_reject figure. The workflow's report list uses this too."""
+    values: dict[str, set[float]] = {}
+    for det, remedy, r in defenses:
+        if remedy == "remove" and r is not None and not (isinstance(r, float) and math.isnan(r)):
+            values.setdefault(det, set()).add(float(r))
+    return {d for d, v in values.items() if len(v) >= 2}
 
 
 def defense_applies(d: dict, dataset: str, scenario: str) -> bool:

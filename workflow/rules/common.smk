@@ -95,8 +95,8 @@ def report_figures():
     """The figures `poisongrid aggregate` draws, each flagged for the report with the caption of its kind.
 
     Listed from the config rather than declared as one directory(), because a report() flag carries one
-    caption and the three kinds need their own. Which r_reject figures exist follows poisongrid.aggregate.rreject_figure,
-    i.e. wherever some detector has >= 2 r_reject values among a dataset/scenario's "remove" defenses.
+    caption and the three kinds need their own. Which r_reject figures exist is decided by the same
+    swept_detectors() that poisongrid.aggregate.rreject_figure uses.
     """
     fig = f"{RESULTS}/figures/fig_{{}}.png"
     trajectories = set(all_trajectories())
@@ -104,11 +104,8 @@ def report_figures():
     for ds, sc in pairs:
         out.append(report(fig.format(f"asr_{ds}_{sc}"), caption=f"{REPORT_CAPTIONS}asr.rst", category="ASR",
                           subcategory=ds, labels={"figure": f"{ds} — {sc}"}))
-        sweeps = {}
-        for d in config["defenses"].values():
-            if d["remedy"] == "remove" and d.get("r_reject") is not None and pgc.defense_applies(d, ds, sc):
-                sweeps.setdefault(d["detector"], set()).add(float(d["r_reject"]))
-        if any(len(r) >= 2 for r in sweeps.values()):
+        here = [d for d in config["defenses"].values() if pgc.defense_applies(d, ds, sc)]
+        if pgc.swept_detectors((d.get("detector"), d["remedy"], d.get("r_reject")) for d in here):
             out.append(report(fig.format(f"rreject_{ds}_{sc}"), caption=f"{REPORT_CAPTIONS}rreject.rst",
                               category="r_reject", subcategory=ds, labels={"figure": f"{ds} — {sc}"}))
     for ds, sc, seed in dict.fromkeys((c["dataset"], c["scenario"], c["seed"]) for c in pgc.cells(config)):
