@@ -139,13 +139,14 @@ def _check_detectors_defenses(cfg: dict) -> None:
     for fname in cfg["defenses"]:
         if fname in RESERVED:
             raise ConfigError("defenses", fname, f"a name other than {list(RESERVED)} (artifact folders)")
+    known = {"datasets": set(cfg["datasets"]),
+             "scenarios": {s for ds in cfg["datasets"].values() for s in ds["scenarios"]}}
     for fname, d in cfg["defenses"].items():
         key = f"defenses.{fname}"
-        for where, known in (("datasets", cfg["datasets"]), ("scenarios", None)):
+        for where, allowed in known.items():
             for v in d.get(where, []):
-                ok = v in known if known is not None else any(v in ds["scenarios"] for ds in cfg["datasets"].values())
-                if not ok:
-                    raise ConfigError(f"{key}.{where}", v, f"a configured {where[:-1]}")
+                if v not in allowed:
+                    raise ConfigError(f"{key}.{where}", v, f"one of the configured {where} {sorted(allowed)}")
         if d["remedy"] in ("none", "oracle"):
             if "detector" in d or "r_reject" in d:
                 raise ConfigError(key, d, f"remedy '{d['remedy']}' with no detector or r_reject")

@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from . import __version__, poisoning, trajectories
 from .attacks import ATTACKS
-from .data import Dataset, load_dataset  # noqa
+from .data import Dataset, load_dataset
 from .detectors import DETECTORS, defender_manifest, read_scores
 from .errors import ArtifactError
 from .io import fingerprint, load_npz, read_table, save_npz, write_json, write_table
