@@ -2,6 +2,8 @@
 normalisation lives inside the model so data can stay uint8 until the model's input."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torchvision
 from torch import nn
@@ -55,5 +57,146 @@ def smallcnn(num_classes: int, image_size: int) -> nn.Module:
     )
 
 
+# --- Low-capacity teachers (LfD, section 5.3). "Neurons" in the paper are read as channels.
+
+
+def _conv_bn(cin, cout, kernel, stride=1, groups=1, act: type[nn.Module] | None = nn.ReLU):
+    layers = [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+    if act is not None:
+        layers.append(act(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = _conv_bn(cin, cout, 3, stride)
+        self.conv2 = _conv_bn(cout, cout, 3, act=None)
+        # Projection as in torchvision: whenever the shape changes (stride or width).
+        self.shortcut = (
+            _conv_bn(cin, cout, 1, stride, act=None) if stride != 1 or cin != cout else nn.Identity()
+        )
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        return self.relu(self.conv2(self.conv1(x)) + self.shortcut(x))
+
+
+class SmallResNet(nn.Module):
+    """ResNet with one BasicBlock per stage; the stem has the first stage's width."""
+
+    def __init__(self, widths, num_classes: int, image_size: int):
+        super().__init__()
+        if image_size <= SMALL_IMAGE:
+            # Same CIFAR stem as _resnet: 3x3 stride-1 conv, max-pool kept.
+            self.stem = nn.Sequential(_conv_bn(3, widths[0], 3), nn.MaxPool2d(3, 2, 1))
+        else:
+            self.stem = nn.Sequential(_conv_bn(3, widths[0], 7, 2), nn.MaxPool2d(3, 2, 1))
+        stages, cin = [], widths[0]
+        for width, stride in zip(widths, (1, 2, 2, 2)):
+            stages.append(BasicBlock(cin, width, stride))
+            cin = width
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.stages(self.stem(x))))
+
+
+def _small_resnet(widths):
+    def build(num_classes: int, image_size: int) -> nn.Module:
+        return nn.Sequential(Normalize(), SmallResNet(widths, num_classes, image_size))
+
+    return build
+
+
+MODELS.register("resnet_s")(_small_resnet((2, 2, 2, 4)))
+MODELS.register("resnet_s1")(_small_resnet((1, 1, 1, 1)))
+MODELS.register("resnet_s2")(_small_resnet((64, 128, 256, 512)))
+
+# VGG-11 layout ("M" = 2x2 max-pool) with the paper's VGG-S conv widths.
+VGG_S = (4, "M", 8, "M", 16, 16, "M", 32, 32, "M", 32, 512, "M")
+
+
+@MODELS.register("vgg_s")
+def vgg_s(num_classes: int, image_size: int) -> nn.Module:
+    layers, cin, size = [], 3, image_size
+    for item in VGG_S:
+        if item == "M":
+            # A pool is dropped once the map is down to 1 px, so small images still build;
+            # at 32 px all five pools are kept, as in CIFAR VGG-11.
+            if size >= 2:
+                layers.append(nn.MaxPool2d(2))
+                size //= 2
+        else:
+            layers.append(_conv_bn(cin, item, 3))
+            cin = item
+    return nn.Sequential(
+        Normalize(), *layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)
+    )
+
+
+@MODELS.register("lenet_s")
+def lenet_s(num_classes: int, image_size: int) -> nn.Module:
+    """LeNet-5 with 1 and 2 conv channels and a 20-unit hidden layer."""
+    return nn.Sequential(
+        Normalize(),
+        nn.Conv2d(3, 1, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(1, 2, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        # 5x5 is LeNet's map at 32 px (identity there); other sizes are resampled to it.
+        nn.AdaptiveAvgPool2d(5), nn.Flatten(),
+        nn.Linear(2 * 5 * 5, 20), nn.ReLU(inplace=True),
+        nn.Linear(20, num_classes),
+    )
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: 1x1 expand, 3x3 depthwise, linear 1x1 projection."""
+
+    def __init__(self, cin: int, expand: int, cout: int, stride: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            _conv_bn(cin, expand, 1, act=nn.ReLU6),
+            _conv_bn(expand, expand, 3, stride, groups=expand, act=nn.ReLU6),
+            _conv_bn(expand, cout, 1, act=None),
+        )
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x):
+        out = self.body(x)
+        return x + out if self.residual else out
+
+
+@MODELS.register("mobilenetv2_s")
+def mobilenetv2_s(num_classes: int, image_size: int) -> nn.Module:
+    # Strides as MobileNetV2 (stage 1: 1, stage 2: 2); only the stem follows the CIFAR rule.
+    stem_stride = 1 if image_size <= SMALL_IMAGE else 2
+    return nn.Sequential(
+        Normalize(),
+        _conv_bn(3, 4, 3, stem_stride, act=nn.ReLU6),
+        InvertedResidual(4, 4, 8, 1),
+        InvertedResidual(8, 4, 8, 2),
+        InvertedResidual(8, 8, 8, 1),
+        _conv_bn(8, 16, 1, act=nn.ReLU6),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(16, num_classes),
+    )
+
+
 def build_model(name: str, num_classes: int, image_size: int) -> nn.Module:
     return MODELS.get(name, "model")(num_classes, image_size)
+
+
+@functools.lru_cache(maxsize=None)
+def parameter_count(name: str, num_classes: int = 10, image_size: int = 32) -> int:
+    """Number of parameters (trainable or not, buffers excluded) of a registered model."""
+    return sum(p.numel() for p in build_model(name, num_classes, image_size).parameters())
+
+
+def penultimate_module(model: nn.Module) -> nn.Module:
+    """The last nn.Linear of `model`; its input is the penultimate-layer feature."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layer")
+    return linears[-1]
