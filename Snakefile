@@ -10,8 +10,6 @@ from snakemake.utils import min_version, validate
 
 from poisongrid import config as pgc
 from poisongrid import paths as pgp
-from poisongrid.attacks import ATTACKS
-from poisongrid.detectors import DETECTORS
 from poisongrid.errors import PoisongridError
 
 min_version("8.0")
@@ -38,8 +36,9 @@ wildcard_constraints:
     scenario=r"multi|single-[a-z_]+",
     seed=r"\d+",
     attack=r"[a-z_]+",
+    model=r"[A-Za-z0-9_]+",
     detector=r"[A-Za-z0-9_]+",
-    defense=r"(?!(?:poison|pretrain|scores)/)[A-Za-z0-9_]+",
+    defense=r"(?!(?:poison|models|scores)/)[A-Za-z0-9_]+",
 
 
 include: "workflow/rules/common.smk"
@@ -52,7 +51,7 @@ include: "workflow/rules/trigger.smk"
 include: "workflow/rules/poison.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/score.smk"
-include: "workflow/rules/filter.smk"
+include: "workflow/rules/plan.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/aggregate.smk"

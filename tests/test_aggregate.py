@@ -13,8 +13,9 @@ ATTACKS = ["patch", "single_pixel", "blend_random"]
 
 
 def cell(root, dataset="digits", scenario="multi", seed=0, defense="badloss", r=0.4, clean=0.93,
-         asr=(0.02, 0.05, 0.10), boosted=0.20, auroc=0.91, recall=0.95):
-    """Write one metrics.json in the results layout; defense 'none' has no detector/detection/r_reject."""
+         asr=(0.02, 0.05, 0.10), boosted=0.20, auroc=0.91, recall=0.95, lfd=None):
+    """Write one metrics.json in the results layout; defense 'none' has no detector/detection/r_reject;
+    lfd=<teacher architecture> makes an LfD (teacher loss + reweight) cell."""
     none = defense == "none"
     plain = dict(zip(ATTACKS, asr))
     paper = {**plain, "blend_random": boosted}
@@ -31,6 +32,11 @@ def cell(root, dataset="digits", scenario="multi", seed=0, defense="badloss", r=
          "n_train": 1437, "n_poisoned": 100, "n_removed": 0 if none else 570,
          "wall_time_s": {"pretrain": 12.0, "score": None if none else 0.5, "train": 30.0, "evaluate": 1.0},
          "config": {}, "versions": {}, "device": "cpu"}
+    if lfd:
+        m.update(detector="lfd", remedy="reweight", detector_type="teacher_loss", defense_params={"alpha": 0.15, "beta": 1e-3},
+                 defender_model={"model_name": "teacher", "model": lfd}, n_ascent=150, n_removed=0)
+    elif not none:
+        m.update(detector_type="badloss", defender_model={"model_name": "pretrain", "model": "smallcnn"})
     path = root / "results" / dataset / scenario / f"seed{seed}" / defense / "metrics.json"
     write_json(path, m)
     return path
@@ -114,7 +120,7 @@ def test_bad_metrics_names_file_and_key(tmp_path):
         aggregate.collect([p])
 
 
-def pretrain_cell(root, dataset="digits", scenario="multi", seed=0, n=400, epochs=8, skipped=(3,)):
+def pretrain_cell(root, dataset="digits", scenario="multi", seed=0, n=400, epochs=8, skipped=(3,), model="pretrain"):
     """Trajectories + manifest per the contract; the manifest's attack column is null for untouched examples."""
     rng = np.random.default_rng(seed)
     attack = np.full(n, None, dtype=object)
@@ -134,14 +140,21 @@ def pretrain_cell(root, dataset="digits", scenario="multi", seed=0, n=400, epoch
     cols = {"index": pa.array(np.arange(n, dtype=np.int64))}
     cols |= {f"loss_e{k:03d}": pa.array(loss[:, k].astype(np.float32)) for k in range(epochs)}
     accepted = [k for k in range(epochs) if k not in skipped]
-    write_table(base / "pretrain" / "trajectories.parquet", pa.table(cols), "trajectories",
-                {"accepted_epochs": accepted, "skipped_epochs": list(skipped), "epochs_recorded": epochs})
-    return base / "pretrain" / "trajectories.parquet", base / "poison" / "manifest.parquet"
+    tpath = base / "models" / model / "trajectories.parquet"
+    write_table(tpath, pa.table(cols), "trajectories",
+                {"accepted_epochs": accepted, "skipped_epochs": list(skipped), "epochs_recorded": epochs, "model": "resnet_s"})
+    return tpath, base / "poison" / "manifest.parquet"
 
 
 def is_png(path):
     data = path.read_bytes()
     return data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_teacher_figure(tmp_path):
+    t, m = pretrain_cell(tmp_path, epochs=1, skipped=(), model="teacher")
+    out = aggregate.teacher_figure(t, m, tmp_path / "teacher.png", "digits — multi, seed 0", gamma_alpha=0.15)
+    assert is_png(out)
 
 
 def test_trajectory_figure(tmp_path):
@@ -161,21 +174,27 @@ def test_run_writes_everything(tmp_path):
     paths += [cell(tmp_path, defense=f"badloss_r{int(r * 100)}", r=r, seed=s) for r in (0.2, 0.4) for s in (0, 1)]
     # A second scenario with one r_reject only: no r_reject figure for it.
     paths += [cell(tmp_path, scenario="patch", defense=d, r=0.4) for d in ("none", "badloss")]
-    traj = [pretrain_cell(tmp_path), pretrain_cell(tmp_path, seed=1)]
+    # LfD students on two teachers in the multi scenario: a capacity figure there.
+    paths += [cell(tmp_path, defense=f"lfd_{a}", seed=s, lfd=a) for a in ("resnet_s", "resnet_s1") for s in (0, 1)]
+    traj = [pretrain_cell(tmp_path)[0], pretrain_cell(tmp_path, seed=1)[0]]
+    teacher = [pretrain_cell(tmp_path, epochs=1, skipped=(), model="teacher")[0]]
     out = tmp_path / "report"
-    w = aggregate.run(paths, out, trajectory_cells=traj)
+    w = aggregate.run(paths, out, trajectory_paths=traj, teacher_paths=teacher)
 
     figs = out / "figures"
     assert w["asr"] == [figs / "fig_asr_digits_multi.png", figs / "fig_asr_digits_patch.png"]
     assert w["rreject"] == [figs / "fig_rreject_digits_multi.png"]
+    assert w["capacity"] == [figs / "fig_capacity_digits_multi.png"]
     assert not (figs / "fig_rreject_digits_patch.png").exists()
-    assert w["trajectories"] == [figs / f"fig_trajectories_digits_multi_seed{s}.png" for s in (0, 1)]
-    assert all(is_png(p) for k in ("asr", "rreject", "trajectories") for p in w[k])
-    assert sorted(p.name for p in figs.iterdir()) == sorted(p.name for k in ("asr", "rreject", "trajectories") for p in w[k])
+    assert w["trajectories"] == [figs / f"fig_trajectories_digits_multi_seed{s}_pretrain.png" for s in (0, 1)]
+    assert w["teacher"] == [figs / "fig_teacher_digits_multi_seed0_teacher.png"]
+    kinds = ("asr", "rreject", "capacity", "trajectories", "teacher")
+    assert all(is_png(p) for k in kinds for p in w[k])
+    assert sorted(p.name for p in figs.iterdir()) == sorted(p.name for k in kinds for p in w[k])
 
     assert w["summary"] == [out / "summary.csv", out / "summary.parquet"]
     csv = pd.read_csv(out / "summary.csv")
-    assert len(csv) == 3 * (2 + 4 + 2) and list(csv.columns) == aggregate.COLUMNS
+    assert len(csv) == 3 * (2 + 4 + 2 + 4) and list(csv.columns) == aggregate.COLUMNS
     table, _ = read_table(out / "summary.parquet", "summary")
     assert table.num_rows == len(csv)
     md = (out / "tables.md").read_text()

@@ -9,8 +9,11 @@ from poisongrid.errors import ConfigError
 BASE = {
     "datasets": {"digits": {"model": "smallcnn", "epochs": 2, "attacks": {"patch": {"ratio": 0.05}, "sinusoid": {"ratio": 0.02}}}},
     "bona_fide": {"n_clean": 50},
-    "detectors": {"badloss": {"type": "badloss", "k": 10}},
-    "defenses": {"none": {"remedy": "none"}, "badloss": {"detector": "badloss", "remedy": "remove", "r_reject": 0.4}},
+    "defender_models": {"pretrain": {"r_epoch": 0.3, "augment": "none", "record": "eval"},
+                        "teacher": {"model": "resnet_s", "epochs": 4, "optimizer": "adam", "weight_decay": 0}},
+    "detectors": {"badloss": {"type": "badloss", "k": 10}, "lfd": {"type": "teacher_loss"}},
+    "defenses": {"none": {"remedy": "none"}, "badloss": {"detector": "badloss", "remedy": "remove", "r_reject": 0.4},
+                 "lfd": {"detector": "lfd", "remedy": "reweight"}},
 }
 
 
@@ -27,9 +30,10 @@ def cfg(**patch):
 
 def test_defaults_filled_and_cells():
     c = config.validate(cfg())
-    assert c["pretrain"]["r_epoch"] == 0.3 and c["seeds"] == [0]
+    assert c["defender_models"]["pretrain"] == {"r_epoch": 0.3, "augment": "none", "record": "eval"} and c["seeds"] == [0]
+    assert c["defender_models"]["attacked"] == {} and c["detectors"]["badloss"]["model"] == "pretrain"
     assert c["datasets"]["digits"]["scenarios"] == ["multi", "single-patch", "single-sinusoid"]
-    assert len(config.cells(c)) == 3 * 2
+    assert len(config.cells(c)) == 3 * 3
 
 
 @pytest.mark.parametrize("patch, key, allowed", [
@@ -49,7 +53,24 @@ def test_defaults_filled_and_cells():
     ({"detectors__badloss__type": "magic"}, "detectors.badloss.type", "badloss"),
     ({"datasets__digits__scenarios": ["single-frequency"]}, "datasets.digits.scenarios", "single-patch"),
     ({"device": "tpu"}, "device", "one of"),
-    ({"defenses__pretrain": {"remedy": "none"}}, "defenses", "artifact folders"),
+    ({"defenses__models": {"remedy": "none"}}, "defenses", "artifact folders"),
+    ({"defenses__badloss__alpha": 0.1}, "defenses.badloss.alpha", "for remedy 'remove'"),
+    ({"defenses__lfd": {"detector": "lfd", "remedy": "reweight", "alpha": 0}}, "defenses.lfd.alpha", "(0, 1)"),
+    ({"defenses__lfd": {"detector": "lfd", "remedy": "reweight", "alpha": 1}}, "defenses.lfd.alpha", "(0, 1)"),
+    ({"defenses__lfd": {"detector": "lfd", "remedy": "reweight", "beta": 0}}, "defenses.lfd.beta", "(0, 1]"),
+    ({"defenses__lfd": {"detector": "lfd", "remedy": "reweight", "beta": 1.5}}, "defenses.lfd.beta", "(0, 1]"),
+    ({"defenses__lfd": {"detector": "lfd", "remedy": "reweight", "alpha": "0.1"}}, "defenses.lfd.alpha", "(0, 1)"),
+    ({"defenses__lfd": {"detector": "lfd", "remedy": "reweight", "mode": "both"}}, "defenses.lfd.mode", "Eq. 6"),
+    ({"defender_models__teacher__model": "resnet_xs"}, "defender_models.teacher.model", "resnet_s"),
+    ({"defender_models__teacher__model": "resnet18"}, "defender_models.teacher.model", "no larger than the student 'smallcnn'"),
+    ({"detectors__lfd__model": "tutor"}, "detectors.lfd.model", "one of the defender models"),
+    ({"detectors__badloss__model": "teacher"}, "defender_models.teacher.record", "loss per epoch"),
+    ({"defender_models__attacked": {"epochs": 3}}, "defender_models.attacked.epochs", "dataset's own settings"),
+    ({"defender_models__teacher__epochs": 3, "defender_models__teacher__r_epoch": 0.5}, "defender_models.teacher", "not both"),
+    ({"defender_models__teacher__optimizer": "lion"}, "defender_models.teacher.optimizer", "adamw"),
+    ({"datasets__digits__augment": "mixup"}, "datasets.digits.augment", "crop_flip_zero"),
+    ({"detectors__badloss__log_losses": "no"}, "detectors.badloss.log_losses", "true or false"),
+    ({"detectors__badloss__k": True}, "detectors.badloss.k", "integer"),
     ({"datasets__digits__epochs": 0}, "datasets.digits.epochs", "minimum"),
 ])
 def test_bad_input_names_key_value_and_allowed(patch, key, allowed):
@@ -61,15 +82,30 @@ def test_bad_input_names_key_value_and_allowed(patch, key, allowed):
 
 def test_stage_specs_are_minimal():
     c = config.validate(cfg())
-    f = config.stage_spec(c, "filter", "digits", "multi", 0, "badloss")
+    f = config.stage_spec(c, "plan", "digits", "multi", 0, "badloss")
     assert f == {"defense": "badloss", "detector": "badloss", "remedy": "remove", "r_reject": 0.4}
-    p = config.stage_spec(c, "pretrain", "digits", "multi", 0)
-    assert set(p) == {"dataset", "seed", "training", "pretrain", "runtime"}
+    p = config.stage_spec(c, "pretrain", "digits", "multi", 0, model="pretrain")
+    assert set(p) == {"dataset", "seed", "model", "runtime"}
+    assert p["model"]["run"] == 1 and p["model"]["training"]["epochs"] == 2 and p["model"]["record"] == "eval"
     # A defense's parameters are not part of the pretrain spec, so changing them reuses the trajectories.
-    c2 = config.validate(cfg(defenses__badloss__r_reject=0.2))
-    assert config.stage_spec(c2, "pretrain", "digits", "multi", 0) == p
+    c2 = config.validate(cfg(defenses__badloss__r_reject=0.2, defenses__lfd__alpha=0.3))
+    for m in ("pretrain", "teacher", "attacked"):
+        assert config.stage_spec(c2, "pretrain", "digits", "multi", 0, model=m) == \
+            config.stage_spec(c, "pretrain", "digits", "multi", 0, model=m)
     assert config.stage_spec(c2, "score", "digits", "multi", 0, detector="badloss") == \
         config.stage_spec(c, "score", "digits", "multi", 0, detector="badloss")
+
+
+def test_defender_models_take_the_datasets_settings_unless_overridden():
+    c = config.validate(cfg())
+    att = config.defender_model_spec(c, "digits", "attacked")
+    # The attacked model is exactly the final training on everything (the `none` defense's model).
+    assert att["training"] == config.stage_spec(c, "train", "digits", "multi", 0, "none")["training"]
+    assert att["run"] == 2 and att["record"] == "final"
+    t = config.defender_model_spec(c, "digits", "teacher")
+    assert t["training"]["model"] == "resnet_s" and t["training"]["optimizer"] == "adam" and t["run"] == 4
+    assert t["training"]["epochs"] == 4  # its own schedule; r_epoch models keep the dataset's
+    assert config.cell_models(c, "digits", "multi") == ["pretrain", "teacher"]
 
 
 def test_defense_restricted_to_scenarios():
@@ -78,7 +114,7 @@ def test_defense_restricted_to_scenarios():
     c = config.validate(c)
     cells = [(x["scenario"], x["defense"]) for x in config.cells(c)]
     assert ("multi", "badloss_r20") in cells and ("single-patch", "badloss_r20") not in cells
-    assert "scenarios" not in config.stage_spec(c, "filter", "digits", "multi", 0, "badloss_r20")
+    assert "scenarios" not in config.stage_spec(c, "plan", "digits", "multi", 0, "badloss_r20")
     bad = cfg()
     bad["defenses"]["x"] = {"remedy": "none", "scenarios": ["single-blend"]}
     with pytest.raises(ConfigError, match="defenses.x.scenarios"):
@@ -86,7 +122,7 @@ def test_defense_restricted_to_scenarios():
 
 
 def test_shipped_configs_are_valid():
-    for path in ("config.yaml", "configs/demo.yaml"):
+    for path in ("config.yaml", "configs/demo.yaml", "configs/imagenet.yaml", "configs/lfd-paper.yaml"):
         c = config.load(path)
         assert config.cells(c)
     raw = yaml.safe_load(open("config.yaml"))

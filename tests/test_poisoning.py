@@ -129,18 +129,25 @@ def test_training_images_overlay_without_copy(ds, tmp_path):
     assert x.subset(mask).shape == (mask.sum(), *full.shape[1:])
 
 
-def test_oracle_removes_exactly_the_poisoned(ds, tmp_path):
-    from poisongrid import stages
+def test_oracle_drops_exactly_the_poisoned(ds, tmp_path):
+    import pandas as pd
 
     ps = poisoning.poison(ds, ATTACKS, list(ATTACKS), seed=0, bona_fide=BONA)
     poisoning.write(ps, tmp_path / "m.parquet", tmp_path / "p.npz")
     from poisongrid.cli import main
 
-    assert main(["filter", "--spec", '{"defense": "oracle", "remedy": "oracle"}', "--manifest", str(tmp_path / "m.parquet"),
+    assert main(["plan", "--spec", '{"defense": "oracle", "remedy": "oracle"}', "--manifest", str(tmp_path / "m.parquet"),
                  "--out", str(tmp_path / "f.parquet")]) == 0
-    meta = stages.filter_({"defense": "oracle", "remedy": "oracle"}, tmp_path / "m.parquet", tmp_path / "f.parquet")
-    import pandas as pd
+    plan = pd.read_parquet(tmp_path / "f.parquet")
+    assert plan["weight"].dtype == np.float32 and plan["score"].isna().all()
+    np.testing.assert_array_equal(plan["weight"].to_numpy() == 0, ps.manifest["attack"].notna().to_numpy())
+    assert set(plan["weight"].unique()) == {0.0, 1.0}
 
-    keep = pd.read_parquet(tmp_path / "f.parquet")["keep"].to_numpy()
-    assert meta["n_removed"] == len(ps.index)
-    np.testing.assert_array_equal(~keep, ps.manifest["attack"].notna().to_numpy())
+
+def test_fixed_target(ds):
+    cfg = {"patch": {"ratio": 0.05, "target": 1}, "sinusoid": {"ratio": 0.02, "target": 1}}
+    ps = poisoning.poison(ds, cfg, list(cfg), seed=0, bona_fide=BONA)
+    assert {a: i["target"] for a, i in ps.meta["attacks"].items()} == {"patch": 1, "sinusoid": 1}
+    assert (ps.manifest.loc[ps.manifest["attack"].notna(), "label"] == 1).all()
+    with pytest.raises(ConfigError, match="attacks.patch.target"):
+        poisoning.poison(ds, {"patch": {"ratio": 0.05, "target": 10}}, ["patch"], seed=0, bona_fide=BONA)

@@ -36,10 +36,15 @@ def test_knn_k_equal_ref_and_self_distance():
 
 def test_spike_epochs_skipped():
     means = [2.0, 1.5, 1.2, 1.0, 9.0, 0.9, 0.8, 5.0, 0.7]
-    kept = trajectories.accepted_epochs(means, 2.0)
-    assert kept == [0, 1, 2, 3, 5, 6, 8]
-    # The first three epochs are kept however high they are.
-    assert trajectories.accepted_epochs([1.0, 50.0, 70.0, 1.0]) == [0, 1, 2, 3]
+    for rule in ("paper", "reference"):
+        assert trajectories.accepted_epochs(means, 2.0, rule) == [0, 1, 2, 3, 5, 6, 8]
+    # The paper checks every epoch against the kept ones before it (Algorithm 1: the mean of up to
+    # the last three); the authors' code keeps epochs 0-2 however high they are.
+    assert trajectories.accepted_epochs([1.0, 50.0, 70.0, 1.0], rule="paper") == [0, 3]
+    assert trajectories.accepted_epochs([1.0, 1.5, 4.0, 1.0], rule="paper") == [0, 1, 3]  # 4 > 2 * mean(1, 1.5)
+    assert trajectories.accepted_epochs([1.0, 50.0, 70.0, 1.0], rule="reference") == [0, 1, 2, 3]
+    with pytest.raises(ValueError):
+        trajectories.accepted_epochs(means, 2.0, "median")
 
 
 def _write_cell(tmp_path, n=300, epochs=6, n_bona=30, skipped=(3,)):
@@ -78,7 +83,7 @@ def test_badloss_detector_matches_reference_and_streams(tmp_path):
     out = tmp_path / "scores.parquet"
     BaDLoss(k=10, chunk_rows=37).score({"trajectories": tpath, "manifest": mpath}, out)
     df, meta = read_scores(out)
-    assert meta["epochs_used"] == kept
+    assert meta["epochs_used"] == kept and meta["wall_time_s"] > 0
     x = losses[kept].T.astype(float)
     np.testing.assert_allclose(df["score"].to_numpy(), brute_force(x, x[bona], 10, 1e-8), rtol=1e-5, atol=1e-5)
     # The planted poisoned examples are the most anomalous.

@@ -15,7 +15,7 @@ import pyarrow as pa
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .config import swept_detectors
+from .config import capacity_swept, figure_name, model_of_path, swept_detectors
 from .errors import ArtifactError
 from .io import atomic_path, read_json, read_table, table_meta, write_table
 
@@ -23,8 +23,8 @@ ATTACK_NAMES = {"patch": "Patch", "single_pixel": "Single-Pix", "blend_random": 
                 "blend_pattern": "Blend-P", "sinusoid": "Sinusoid", "narcissus": "Narcissus", "frequency": "Freq"}
 CELL = ["dataset", "scenario", "seed", "defense"]
 CELL_COLUMNS = ["clean_accuracy", "mean_asr", "mean_asr_boosted", "auroc", "recall_removed", "precision_removed",
-                "n_train", "n_poisoned", "n_removed", "wall_time_total_s"]
-COLUMNS = [*CELL, "detector", "remedy", "r_reject", "attack", "target", "asr", "asr_boosted", "asr_paper",
+                "n_train", "n_poisoned", "n_removed", "n_ascent", "wall_time_total_s"]
+COLUMNS = [*CELL, "detector", "detector_type", "defender_model", "defender_arch", "remedy", "r_reject", "alpha", "attack", "target", "asr", "asr_boosted", "asr_paper",
            "auroc_attack", "recall_attack", *CELL_COLUMNS]
 REQUIRED = ("dataset", "scenario", "seed", "defense", "detector", "remedy", "attacks", "targets",
             "clean_accuracy", "asr", "mean_asr", "mean_asr_boosted", "n_train", "n_poisoned", "n_removed")
@@ -65,8 +65,12 @@ def _cell_rows(path) -> list[dict]:
     boosted = m.get("asr_boosted") or {}
     wall = [v for v in (m.get("wall_time_s") or {}).values() if v is not None]
     cell = {"dataset": m["dataset"], "scenario": m["scenario"], "seed": int(m["seed"]), "defense": m["defense"],
-            "detector": m["detector"], "remedy": m["remedy"],
+            "detector": m["detector"], "remedy": m["remedy"], "detector_type": m.get("detector_type"),
+            "defender_model": (m.get("defender_model") or {}).get("model_name"),
+            "defender_arch": (m.get("defender_model") or {}).get("model"),
+            "n_ascent": int(m.get("n_ascent") or 0),
             "r_reject": _num((m.get("defense_params") or {}).get("r_reject")),
+            "alpha": _num((m.get("defense_params") or {}).get("alpha")),
             "clean_accuracy": _num(m["clean_accuracy"]), "mean_asr": _num(m["mean_asr"]),
             "mean_asr_boosted": _num(m["mean_asr_boosted"]), "auroc": _num(det.get("auroc")),
             "recall_removed": _num(det.get("recall_removed")), "precision_removed": _num(det.get("precision_removed")),
@@ -95,7 +99,7 @@ def collect(metrics_paths: Iterable) -> pd.DataFrame:
         rows += r
     df = pd.DataFrame(rows, columns=COLUMNS)
     return df.astype({"seed": "int64", "target": "int64", "n_train": "int64", "n_poisoned": "int64",
-                      "n_removed": "int64"})
+                      "n_removed": "int64", "n_ascent": "int64"})
 
 
 def write_summary(df: pd.DataFrame, out_dir) -> list[Path]:
@@ -332,33 +336,107 @@ def trajectory_figure(trajectories_path, manifest_path, out_path, title: str) ->
 
 # ---------------------------------------------------------------- driver
 
-def _cell_of(trajectories_path) -> tuple[str, str, int]:
-    p = Path(trajectories_path)
-    if len(p.parts) < 5 or not re.fullmatch(r"seed\d+", p.parts[-3]):
-        raise ArtifactError(f"{p}: expected …/{{dataset}}/{{scenario}}/seed{{seed}}/pretrain/trajectories.parquet")
-    return p.parts[-5], p.parts[-4], int(p.parts[-3][4:])
+def teacher_figure(losses_path, manifest_path, out_path, title: str, gamma_alpha: float | None = None) -> Path:
+    """Distribution of each example's final loss on a teacher, clean vs each attack (LfD Fig. 1-2
+    idea), log-x histograms; with gamma_alpha, the threshold gamma (Eq. 4) as a dashed line."""
+    pf, meta = table_meta(losses_path, "trajectories")
+    col = f"loss_e{meta['epochs_recorded'] - 1:03d}"
+    loss = read_table(losses_path, "trajectories", columns=["index", col])[0].to_pandas()
+    man = read_table(manifest_path, "manifest", columns=["index", "attack"])[0].to_pandas()
+    df = loss.merge(man, on="index", how="left", validate="one_to_one")
+    if len(loss) != len(man) or not np.array_equal(np.sort(loss["index"].to_numpy()), np.sort(man["index"].to_numpy())):
+        raise ArtifactError(f"{losses_path}: examples differ from {manifest_path}; the two come from different runs")
+    attacks = attack_order(df["attack"].dropna())
+    v = np.maximum(df[col].to_numpy(np.float64), 1e-8)
+    bins = np.logspace(np.log10(v.min()), np.log10(max(v.max(), v.min() * 10)), 50)
+    fig = Figure(figsize=(7.5, 4.2))
+    ax = fig.add_subplot()
+    groups = [("clean", df["attack"].isna().to_numpy())] + [(a, (df["attack"] == a).fillna(False).to_numpy(bool)) for a in attacks]
+    for i, (name, m) in enumerate(groups):
+        if m.any():
+            st = dict(color="0.35", lw=2.2) if i == 0 else dict(color=ATTACK_LINE_COLORS[(i - 1) % len(ATTACK_LINE_COLORS)], lw=1.4)
+            ax.hist(v[m], bins=bins, density=True, histtype="step", label=f"{_label(name)} (n={int(m.sum())})", **st)
+    if gamma_alpha is not None:
+        g = np.sort(v)[min(int(len(v) * gamma_alpha), len(v) - 1)]
+        ax.axvline(g, ls="--", color="k", lw=1, label=f"γ (α = {gamma_alpha:g})")
+    ax.set(xscale="log", xlabel=f"teacher loss after epoch {meta['epochs_recorded']} ({meta.get('model', '?')})",
+           ylabel="density", title=title)
+    ax.legend(fontsize="small", bbox_to_anchor=(1.01, 1), loc="upper left")
+    return _save(fig, out_path)
 
 
-def run(metrics_paths: Iterable, out_dir, trajectory_cells: Iterable = ()) -> dict[str, list[Path]]:
-    """Write summary.csv/.parquet, tables.md (+ tables.html) and figures/*.png under out_dir; return the paths by kind."""
+def capacity_figure(df: pd.DataFrame, out_path, title: str) -> Path | None:
+    """Clean accuracy and Avg. ASR of reweighting defenses against the teacher architecture,
+    ordered by parameter count (LfD Fig. 4a); None if fewer than two teachers."""
+    cells = _cells(df)
+    rows = cells[["remedy", "detector_type", "defender_arch"]].itertuples(index=False)
+    if not capacity_swept(rows):
+        return None
+    from .models import parameter_count
+
+    sweep = cells[(cells["remedy"] == "reweight") & (cells["detector_type"] == "teacher_loss")]
+    size = {a: parameter_count(a) for a in sweep["defender_arch"].unique()}
+    order = sorted(size, key=size.get)
+    base = cells[cells["remedy"] == "none"]
+    fig = Figure(figsize=(9, 3.8))
+    for ax, col, name in zip(fig.subplots(1, 2), ["clean_accuracy", "mean_asr_boosted"], ["Clean accuracy", "Avg. ASR"]):
+        g = sweep.groupby("defender_arch")[col].agg(["mean", "std"]).reindex(order) * 100
+        ax.errorbar(range(len(order)), g["mean"], yerr=g["std"].fillna(0), marker="o", capsize=3)
+        if not base.empty:
+            ax.axhline(base[col].mean() * 100, ls="--", color="0.4", label="no defense")
+            ax.legend(fontsize="small")
+        ax.set_xticks(range(len(order)), [f"{a}\n{size[a]:,}" for a in order], fontsize="small")
+        ax.set(xlabel="teacher (parameters)", ylabel=f"{name} (%)", ylim=(0, 102))
+    fig.suptitle(title)
+    return _save(fig, out_path)
+
+
+# ---------------------------------------------------------------- driver
+
+
+def _manifest_of(losses_path) -> Path:
+    return Path(losses_path).parents[2] / "poison" / "manifest.parquet"
+
+
+def run(metrics_paths: Iterable, out_dir, trajectory_paths: Iterable = (), teacher_paths: Iterable = ()) -> dict[str, list[Path]]:
+    """Write summary.csv/.parquet, tables.md (+ tables.html) and figures/*.png under out_dir; return the paths by kind.
+    trajectory_paths / teacher_paths: defender models' loss files (…/seed{s}/models/{m}/trajectories.parquet)
+    to draw per-epoch trajectories / teacher loss distributions of."""
     out, figs = Path(out_dir), Path(out_dir) / "figures"
     df = collect(metrics_paths)
     if df.empty:
         raise ArtifactError("no metrics.json files (or none with attacks) to aggregate")
     written: dict[str, list[Path]] = {"summary": write_summary(df, out), "tables": [out / "tables.md"],
                                       "tables_html": [out / "tables.html"], "asr": [], "rreject": [],
-                                      "trajectories": []}
+                                      "capacity": [], "trajectories": [], "teacher": []}
     md = markdown_tables(df)
     with atomic_path(out / "tables.md") as tmp:
         tmp.write_text(md)
     with atomic_path(out / "tables.html") as tmp:
         tmp.write_text(html_tables(md), encoding="utf-8")
     for (ds, sc), g in df.groupby(["dataset", "scenario"], sort=False):
-        written["asr"].append(asr_figure(g, figs / f"fig_asr_{ds}_{sc}.png", f"{ds} — {sc}"))
-        if p := rreject_figure(g, figs / f"fig_rreject_{ds}_{sc}.png", f"{ds} — {sc}: rejection threshold"):
+        written["asr"].append(asr_figure(g, figs / figure_name("asr", ds, sc), f"{ds} — {sc}"))
+        if p := rreject_figure(g, figs / figure_name("rreject", ds, sc), f"{ds} — {sc}: rejection threshold"):
             written["rreject"].append(p)
-    for tpath, mpath in trajectory_cells:
-        ds, sc, seed = _cell_of(tpath)
-        written["trajectories"].append(trajectory_figure(
-            tpath, mpath, figs / f"fig_trajectories_{ds}_{sc}_seed{seed}.png", f"{ds} — {sc}, seed {seed}"))
+        if p := capacity_figure(g, figs / figure_name("capacity", ds, sc), f"{ds} — {sc}: LfD teacher capacity"):
+            written["capacity"].append(p)
+    for kind, paths in (("trajectories", trajectory_paths), ("teacher", teacher_paths)):
+        for tpath in paths:
+            try:
+                ds, sc, seed, m = model_of_path(tpath)
+            except Exception:
+                raise ArtifactError(f"{tpath}: expected …/{{dataset}}/{{scenario}}/seed{{seed}}/models/{{model}}/trajectories.parquet") from None
+            name, title = figure_name(kind, ds, sc, seed, m), f"{ds} — {sc}, seed {seed}: {m}"
+            if kind == "trajectories":
+                written[kind].append(trajectory_figure(tpath, _manifest_of(tpath), figs / name, title))
+            else:
+                alpha = _first_alpha(df, ds, sc, m)
+                written[kind].append(teacher_figure(tpath, _manifest_of(tpath), figs / name, title, alpha))
     return written
+
+
+def _first_alpha(df: pd.DataFrame, ds: str, sc: str, model: str) -> float | None:
+    """alpha of the first reweighting defense reading this teacher (from its metrics), for the γ line."""
+    g = df[(df["dataset"] == ds) & (df["scenario"] == sc) & (df["defender_model"] == model) & (df["remedy"] == "reweight")]
+    a = g["alpha"].dropna()
+    return None if a.empty else float(a.iloc[0])

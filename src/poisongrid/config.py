@@ -21,8 +21,10 @@ SCHEMA = json.loads(resources.files("poisongrid").joinpath("schemas/config.schem
 
 # Training-set sizes of the standard datasets, so impossible budgets fail before any job runs.
 KNOWN_TRAIN_SIZES = {"cifar10": 50000, "gtsrb": 26640, "imagenette": 9469, "imagenet": 1281167}
+KNOWN_NUM_CLASSES = {"digits": 10, "cifar10": 10, "gtsrb": 43, "imagenette": 10, "imagenet": 1000}
 
-TRAIN_KEYS = ("model", "epochs", "batch_size", "lr", "weight_decay", "loss_clamp", "augment", "crop_scale", "precision")
+TRAIN_KEYS = ("model", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "momentum", "loss_clamp", "augment",
+              "crop_scale", "precision")
 
 
 @functools.cache
@@ -89,6 +91,7 @@ def validate(cfg: dict) -> dict:
         raise ConfigError(_path(e), value, _allowed(e))
     for name, ds in cfg["datasets"].items():
         _check_dataset(name, ds)
+    _check_defender_models(cfg)
     _check_detectors_defenses(cfg)
     _check_budgets(cfg)
     if cfg["cluster"]["gpus_per_job"] == 0 and cfg["device"] == "cuda":
@@ -101,9 +104,13 @@ def _check_dataset(name: str, ds: dict) -> None:
     from .data import DATASETS
     from .models import MODELS
 
+    from .training import AUGMENTS, OPTIMIZERS
+
     ds.setdefault("loader", name)
     DATASETS.get(ds["loader"], f"datasets.{name}.loader")
     MODELS.get(ds["model"], f"datasets.{name}.model")
+    AUGMENTS.get(ds["augment"], f"datasets.{name}.augment")
+    OPTIMIZERS.get(ds["optimizer"], f"datasets.{name}.optimizer")
     total = 0.0
     for aname, a in ds["attacks"].items():
         key = f"datasets.{name}.attacks.{aname}"
@@ -112,6 +119,10 @@ def _check_dataset(name: str, ds: dict) -> None:
         if not (isinstance(r, (int, float)) and 0 < r < 1):
             raise ConfigError(f"{key}.ratio", r, "a number in (0, 1)")
         total += r
+        tgt = a.get("target")
+        n_cls = KNOWN_NUM_CLASSES.get(ds["loader"])
+        if tgt is not None and (isinstance(tgt, bool) or not isinstance(tgt, int) or tgt < 0 or (n_cls and tgt >= n_cls)):
+            raise ConfigError(f"{key}.target", tgt, f"a class index in [0, {n_cls - 1}]" if n_cls else "a class index >= 0")
         params = attack_params(a)
         if cls.needs_trigger_file:
             params = {**params, "trigger": None}  # made later by the trigger stage
@@ -128,14 +139,41 @@ def _check_dataset(name: str, ds: dict) -> None:
         raise ConfigError(f"datasets.{name}.crop_scale", cs, "[lo, hi] with 0 < lo <= hi <= 1")
 
 
+def _check_defender_models(cfg: dict) -> None:
+    from .models import MODELS
+    from .paths import ATTACKED
+    from .training import AUGMENTS, OPTIMIZERS
+
+    models = cfg["defender_models"]
+    att = models.setdefault(ATTACKED, {})
+    # The attacked model IS the final training on the whole set; only what it records may vary.
+    for k in att:
+        if k not in ("record", "spike_rule", "spike_factor"):
+            raise ConfigError(f"defender_models.{ATTACKED}.{k}", att[k],
+                              "only record/spike_rule/spike_factor: it trains with each dataset's own settings")
+    for name, m in models.items():
+        key = f"defender_models.{name}"
+        if "epochs" in m and "r_epoch" in m:
+            raise ConfigError(key, {"epochs": m["epochs"], "r_epoch": m["r_epoch"]}, "either epochs or r_epoch, not both")
+        if "model" in m:
+            MODELS.get(m["model"], f"{key}.model")
+        if "augment" in m:
+            AUGMENTS.get(m["augment"], f"{key}.augment")
+        if "optimizer" in m:
+            OPTIMIZERS.get(m["optimizer"], f"{key}.optimizer")
+        if "crop_scale" in m and not (0 < m["crop_scale"][0] <= m["crop_scale"][1] <= 1):
+            raise ConfigError(f"{key}.crop_scale", m["crop_scale"], "[lo, hi] with 0 < lo <= hi <= 1")
+
+
 def _check_detectors_defenses(cfg: dict) -> None:
     from .detectors import DETECTORS
+    from .paths import RESERVED
+    from .remedies import REMEDIES
 
     for dname, det in cfg["detectors"].items():
         cls = DETECTORS.get(det["type"], f"detectors.{dname}.type")
         cls.check(det, f"detectors.{dname}", cfg)
-    from .paths import RESERVED
-
+        det.setdefault("model", cls.default_model)
     for fname in cfg["defenses"]:
         if fname in RESERVED:
             raise ConfigError("defenses", fname, f"a name other than {list(RESERVED)} (artifact folders)")
@@ -147,18 +185,33 @@ def _check_detectors_defenses(cfg: dict) -> None:
             for v in d.get(where, []):
                 if v not in allowed:
                     raise ConfigError(f"{key}.{where}", v, f"one of the configured {where} {sorted(allowed)}")
-        if d["remedy"] in ("none", "oracle"):
-            if "detector" in d or "r_reject" in d:
-                raise ConfigError(key, d, f"remedy '{d['remedy']}' with no detector or r_reject")
+        cls = REMEDIES.get(d["remedy"], f"{key}.remedy")
+        d.update(cls.check(d, key, cfg))
+    _check_teachers(cfg)
+
+
+def _check_teachers(cfg: dict) -> None:
+    """LfD's premise is a teacher of lower capacity than the student: a teacher with more
+    parameters than a dataset's final model, wherever a reweighting defense uses it, is an error."""
+    from .models import parameter_count
+
+    for fname, d in cfg["defenses"].items():
+        if d["remedy"] != "reweight":
             continue
-        if "detector" not in d:
-            raise ConfigError(f"{key}.detector", None, f"one of the configured detectors {sorted(cfg['detectors'])}")
-        if d["detector"] not in cfg["detectors"]:
-            raise ConfigError(f"{key}.detector", d["detector"], f"one of the configured detectors {sorted(cfg['detectors'])}")
-        r = d.get("r_reject", 0.4)
-        if not (isinstance(r, (int, float)) and 0 <= r < 1):
-            raise ConfigError(f"{key}.r_reject", r, "a number in [0, 1)")
-        d["r_reject"] = r
+        det = cfg["detectors"][d["detector"]]
+        if det["type"] != "teacher_loss":
+            continue
+        mname = det["model"]
+        for dsname, ds in cfg["datasets"].items():
+            if dsname not in d.get("datasets", [dsname]):
+                continue
+            teacher = cfg["defender_models"][mname].get("model", ds["model"])
+            size = ds["image_size"] or 32
+            t, s = parameter_count(teacher, 10, size), parameter_count(ds["model"], 10, size)
+            if t > s:
+                raise ConfigError(f"defender_models.{mname}.model", teacher,
+                                  f"a model no larger than the student '{ds['model']}' of dataset '{dsname}' "
+                                  f"({t:,} > {s:,} parameters; defense '{fname}' uses it as LfD's teacher)")
 
 
 def _check_budgets(cfg: dict) -> None:
@@ -183,7 +236,7 @@ def train_size(ds: dict) -> int | None:
 
 def attack_params(a: dict) -> dict:
     """An attack entry minus the scenario-level keys: what the Attack class itself takes."""
-    return {k: v for k, v in a.items() if k not in ("ratio", "min_count", "min_target_count")}
+    return {k: v for k, v in a.items() if k not in ("ratio", "min_count", "min_target_count", "target")}
 
 
 def scenario_attacks(ds: dict, scenario: str, key: str = "scenario") -> list[str]:
@@ -219,8 +272,29 @@ def training_spec(cfg: dict, dataset: str) -> dict:
     return {k: ds[k] for k in TRAIN_KEYS}
 
 
+def defender_model_spec(cfg: dict, dataset: str, name: str) -> dict:
+    """How one defender model of a dataset is trained: its training settings (the dataset's,
+    overridden by the model's entry), how many epochs run, and what it records."""
+    from .paths import ATTACKED
+
+    ds = _dataset(cfg, dataset)
+    if name not in cfg["defender_models"]:
+        raise ConfigError("model", name, f"one of the defender models {sorted(cfg['defender_models'])}")
+    m = cfg["defender_models"][name]
+    training = {**training_spec(cfg, dataset), **{k: m[k] for k in TRAIN_KEYS if k in m}}
+    if "r_epoch" in m:
+        # BaDLoss: stop early; the cosine schedule still spans the dataset's full run.
+        training["epochs"] = ds["epochs"]
+        run = max(1, round(m["r_epoch"] * ds["epochs"]))
+    else:
+        run = int(training["epochs"])
+    return {"name": name, "training": training, "run": run, "record": m.get("record", "final"),
+            "spike_rule": m.get("spike_rule", "paper"), "spike_factor": m.get("spike_factor", 2.0),
+            "attacked": name == ATTACKED}
+
+
 def stage_spec(cfg: dict, stage: str, dataset: str, scenario: str | None = None, seed: int | None = None,
-               defense: str | None = None, detector: str | None = None) -> dict:
+               defense: str | None = None, detector: str | None = None, model: str | None = None) -> dict:
     """The part of the config one stage of one cell depends on (and nothing else)."""
     ds = _dataset(cfg, dataset)
     spec: dict[str, Any] = {"dataset": dataset_spec(cfg, dataset)}
@@ -241,24 +315,36 @@ def stage_spec(cfg: dict, stage: str, dataset: str, scenario: str | None = None,
         spec["all_attacks"] = list(ds["attacks"])  # targets are drawn in this order for every scenario
         spec["bona_fide"] = cfg["bona_fide"]
     elif stage == "pretrain":
-        spec["training"] = training_spec(cfg, dataset)
-        spec["pretrain"] = cfg["pretrain"]
+        spec["model"] = defender_model_spec(cfg, dataset, model)
+        spec["runtime"] = runtime_spec(cfg)
+    elif stage == "features":
+        spec["model"] = model
         spec["runtime"] = runtime_spec(cfg)
     elif stage == "score":
         if detector not in cfg["detectors"]:
             raise ConfigError("detector", detector, f"one of {sorted(cfg['detectors'])}")
         spec = {"detector": detector, **cfg["detectors"][detector]}
-    elif stage == "filter":
+    elif stage == "plan":
         spec = {"defense": defense, **_defense(cfg, defense)}
     elif stage == "train":
         spec["training"] = training_spec(cfg, dataset)
         spec["runtime"] = runtime_spec(cfg)
     elif stage == "evaluate":
         spec["defense"] = {"name": defense, **_defense(cfg, defense)}
+        spec["attacks"] = scenario_attacks(ds, scenario) if scenario else []
         spec["runtime"] = runtime_spec(cfg)
     else:
-        raise ConfigError("stage", stage, "one of trigger, poison, pretrain, score, filter, train, evaluate")
+        raise ConfigError("stage", stage, "one of trigger, poison, pretrain, features, score, plan, train, evaluate")
     return spec
+
+
+def cell_models(cfg: dict, dataset: str, scenario: str) -> list[str]:
+    """Defender models some detector of a defense run in this cell reads (trained once each)."""
+    out = []
+    for d in cfg["defenses"].values():
+        if defense_applies(d, dataset, scenario) and d.get("detector"):
+            out.append(cfg["detectors"][d["detector"]]["model"])
+    return list(dict.fromkeys(out))
 
 
 # Keys of a defense that say where it runs, not what it computes (kept out of stage specs).
@@ -299,31 +385,38 @@ def cells(cfg: dict) -> list[dict]:
 
 # ---- scheduler resources -------------------------------------------------------------------------
 
-GPU_STAGES = ("trigger", "pretrain", "train")
+GPU_STAGES = ("trigger", "pretrain", "features", "train")
 
 
-def estimated_minutes(cfg: dict, stage: str, dataset: str) -> float:
-    """Training minutes a GPU stage needs, from the dataset's measured minutes per epoch."""
+def estimated_minutes(cfg: dict, stage: str, dataset: str, model: str | None = None) -> float:
+    """Training minutes a GPU stage needs, from the dataset's measured minutes per epoch (the
+    slowest defender model when `model` is not given, e.g. for a rule-wide default)."""
     ds = _dataset(cfg, dataset)
     mpe = ds["minutes_per_epoch"]
     if stage == "pretrain":
-        extra = 1.3 if cfg["pretrain"]["record"] == "eval" else 1.0  # the eval pass
-        return max(1, round(cfg["pretrain"]["r_epoch"] * ds["epochs"])) * mpe * extra
+        names = [model] if model else list(cfg["defender_models"])
+        def one(name):
+            m = defender_model_spec(cfg, dataset, name)
+            extra = {"eval": 1.3, "final": 1.0 + 0.3 / m["run"], "train": 1.0}[m["record"]]  # eval passes
+            return m["run"] * mpe * extra
+        return max(one(n) for n in names)
     if stage == "train":
         return ds["epochs"] * mpe
+    if stage == "features":
+        return 0.5 * mpe + 2
     if stage == "trigger":
         return ds["narcissus_surrogate"]["epochs"] * mpe + 5
     return 0.0
 
 
-def resources(cfg: dict, stage: str, dataset: str) -> dict:
+def resources(cfg: dict, stage: str, dataset: str, model: str | None = None) -> dict:
     """What one job of `stage` asks the scheduler for (Snakemake resources)."""
     cl = cfg["cluster"]
     gpu = stage in GPU_STAGES and cl["gpus_per_job"] > 0
     res = {}
     # Only what the config knows better than the profile's default-resources is set here.
     if stage in GPU_STAGES:
-        res["runtime"] = int(10 + cl["runtime_margin"] * estimated_minutes(cfg, stage, dataset))
+        res["runtime"] = int(10 + cl["runtime_margin"] * estimated_minutes(cfg, stage, dataset, model))
     mem = cl["gpu_mem_mb"] if stage in GPU_STAGES else cl["cpu_mem_mb"]
     if mem:
         res["mem_mb"] = mem
@@ -337,3 +430,58 @@ def resources(cfg: dict, stage: str, dataset: str) -> dict:
         if cl["gpu_model"]:
             res["gpu_model"] = cl["gpu_model"]
     return res
+
+
+# ---- figures -------------------------------------------------------------------------------------
+
+
+def trajectory_detector_types(cfg: dict) -> set[str]:
+    """Detector types that read a loss per epoch (their models' trajectories get a figure)."""
+    from .detectors import DETECTORS
+
+    return {t for t in DETECTORS.names() if DETECTORS.get(t).per_epoch}
+
+
+def capacity_swept(rows) -> bool:
+    """Given (remedy, detector type, teacher architecture) of a dataset/scenario's defenses: do
+    reweighting defenses on teacher losses use >= 2 teacher architectures (the LfD capacity figure)?"""
+    return len({arch for remedy, dtype, arch in rows if remedy == "reweight" and dtype == "teacher_loss"}) >= 2
+
+
+def model_of_path(path) -> tuple[str, str, int, str]:
+    """(dataset, scenario, seed, model) of a …/{dataset}/{scenario}/seed{seed}/models/{model}/… file."""
+    import re
+
+    p = Path(path)
+    if len(p.parts) < 6 or p.parts[-3] != "models" or not re.fullmatch(r"seed\d+", p.parts[-4]):
+        raise ConfigError("defender model file", str(p), "…/{dataset}/{scenario}/seed{seed}/models/{model}/trajectories.parquet")
+    return p.parts[-6], p.parts[-5], int(p.parts[-4][4:]), p.parts[-2]
+
+
+def figure_name(kind: str, dataset: str, scenario: str, seed: int | None = None, model: str | None = None) -> str:
+    tail = f"_seed{seed}_{model}" if seed is not None else ""
+    return f"fig_{kind}_{dataset}_{scenario}{tail}.png"
+
+
+def figure_names(cfg: dict, trajectory_paths, teacher_paths) -> list[tuple[str, str, str, str]]:
+    """(kind, file name, label, dataset) of every figure `poisongrid aggregate` draws for this config."""
+    out = []
+    pairs = list(dict.fromkeys((c["dataset"], c["scenario"]) for c in cells(cfg)))
+    for ds, sc in pairs:
+        out.append(("asr", figure_name("asr", ds, sc), f"{ds} — {sc}", ds))
+        here = [d for d in cfg["defenses"].values() if defense_applies(d, ds, sc)]
+        if swept_detectors((d.get("detector"), d["remedy"], d.get("r_reject")) for d in here):
+            out.append(("rreject", figure_name("rreject", ds, sc), f"{ds} — {sc}", ds))
+        rows = []
+        for d in here:
+            if d.get("detector"):
+                det = cfg["detectors"][d["detector"]]
+                arch = cfg["defender_models"][det["model"]].get("model", cfg["datasets"][ds]["model"])
+                rows.append((d["remedy"], det["type"], arch))
+        if capacity_swept(rows):
+            out.append(("capacity", figure_name("capacity", ds, sc), f"{ds} — {sc}", ds))
+    for kind, paths in (("trajectories", trajectory_paths), ("teacher", teacher_paths)):
+        for p in paths:
+            ds, sc, seed, m = model_of_path(p)
+            out.append((kind, figure_name(kind, ds, sc, seed, m), f"{ds} — {sc}, seed {seed}, {m}", ds))
+    return out

@@ -87,7 +87,9 @@ def table_meta(path, kind: str) -> tuple[pq.ParquetFile, dict]:
         raise ArtifactError(
             f"{path}: not a readable Parquet file (truncated or corrupt: {e}); delete it and rerun the stage that makes it"
         ) from None
-    md = pf.schema_arrow.metadata or {}
+    # The file footer's key-value metadata: it holds the schema's metadata and what a streaming
+    # writer adds at close.
+    md = pf.metadata.metadata or {}
     if META_KEY not in md:
         raise ArtifactError(f"{path}: Parquet file was not written by poisongrid (no '{META_KEY.decode()}' metadata); expected a {kind} file")
     meta = json.loads(md[META_KEY])

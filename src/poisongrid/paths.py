@@ -1,19 +1,33 @@
-"""The artifact layout, shared by the Snakefile and the CLI."""
+"""The artifact layout and each stage's inputs and outputs, declared once.
+
+The Snakefile's rules and the CLI's default paths both come from `STAGES`: a stage's outputs are
+fixed artifact kinds; its inputs are a function of the stage's spec (the part of the config the
+stage depends on), e.g. which defender model a detector reads or which learned triggers a
+scenario needs. No other module builds a path."""
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 CELL = "{results}/{dataset}/{scenario}/seed{seed}"
 PATTERNS = {
     "trigger": "{results}/{dataset}/triggers/{attack}-seed{seed}.npz",
     "manifest": CELL + "/poison/manifest.parquet",
     "poisoned": CELL + "/poison/poisoned.npz",
-    "trajectories": CELL + "/pretrain/trajectories.parquet",
+    "defender_model": CELL + "/models/{model}/model.pt",
+    "losses": CELL + "/models/{model}/trajectories.parquet",
+    "features": CELL + "/models/{model}/features.npy",
     "scores": CELL + "/scores/{detector}.parquet",
-    "filter": CELL + "/{defense}/filter.parquet",
-    "model": CELL + "/{defense}/model.pt",
+    "plan": CELL + "/{defense}/plan.parquet",
+    "final_model": CELL + "/{defense}/model.pt",
     "metrics": CELL + "/{defense}/metrics.json",
 }
+WILDCARDS = ("dataset", "scenario", "seed", "attack", "model", "detector", "defense")
 # Directory names a defense may not take, since they sit beside the defense folders.
-RESERVED = ("poison", "pretrain", "scores")
+RESERVED = ("poison", "models", "scores")
+# The model of the `none` defense: the final training on the whole poisoned set. Detectors that
+# inspect "the attacked model" name it, so it is trained once per cell.
+ATTACKED = "attacked"
 
 
 def path(kind: str, results: str = "results", **wildcards) -> str:
@@ -23,3 +37,98 @@ def path(kind: str, results: str = "results", **wildcards) -> str:
 def pattern(kind: str, results: str = "results") -> str:
     """The Snakemake pattern: every wildcard but the results root left in braces."""
     return PATTERNS[kind].replace("{results}", results)
+
+
+# An input: (artifact kind, wildcards it sets beyond the job's own).
+Input = tuple[str, dict]
+
+
+@dataclass(frozen=True)
+class Stage:
+    cell: tuple[str, ...]  # the wildcards that name one job of the stage
+    outputs: dict[str, str]  # I/O name -> artifact kind
+    inputs: Callable[[dict], dict[str, Input]]  # spec -> I/O name -> input
+
+
+def _triggers(attacks) -> dict[str, Input]:
+    from .attacks import ATTACKS
+
+    return {f"trigger_{a}": ("trigger", {"attack": a}) for a in attacks if ATTACKS.get(a).needs_trigger_file}
+
+
+def _poisoned(spec: dict) -> dict[str, Input]:
+    return {"manifest": ("manifest", {}), "images": ("poisoned", {})}
+
+
+def _score_inputs(spec: dict) -> dict[str, Input]:
+    from .detectors import DETECTORS
+
+    needs = DETECTORS.get(spec["type"], "detector type").needs
+    out: dict[str, Input] = {"manifest": ("manifest", {})}
+    for name in needs:
+        out[name] = ({"trajectories": "losses", "weights": "defender_model"}.get(name, name), {"model": spec["model"]})
+    return out
+
+
+def _plan_inputs(spec: dict) -> dict[str, Input]:
+    out: dict[str, Input] = {"manifest": ("manifest", {})}
+    if spec.get("detector"):
+        out["scores"] = ("scores", {"detector": spec["detector"]})
+    return out
+
+
+def _evaluate_inputs(spec: dict) -> dict[str, Input]:
+    d = spec["defense"]
+    out: dict[str, Input] = {"manifest": ("manifest", {}), "plan": ("plan", {"defense": d["name"]})}
+    out["weights"] = ("defender_model", {"model": ATTACKED}) if trains_nothing(d) else ("final_model", {"defense": d["name"]})
+    if d.get("detector"):
+        out["scores"] = ("scores", {"detector": d["detector"]})
+    out.update(_triggers(spec["attacks"]))
+    return out
+
+
+def trains_nothing(defense: dict) -> bool:
+    """A defense whose plan keeps every example as is: its model is the attacked model."""
+    return defense["remedy"] == "none"
+
+
+CELL_W = ("dataset", "scenario", "seed")
+STAGES: dict[str, Stage] = {
+    "trigger": Stage(("dataset", "attack", "seed"), {"out": "trigger"}, lambda spec: {}),
+    "poison": Stage(CELL_W, {"manifest": "manifest", "images": "poisoned"}, lambda spec: _triggers(spec["attacks"])),
+    "pretrain": Stage(CELL_W + ("model",), {"weights": "defender_model", "trajectories": "losses"}, _poisoned),
+    "features": Stage(CELL_W + ("model",), {"out": "features"},
+                      lambda spec: {**_poisoned(spec), "weights": ("defender_model", {})}),
+    "score": Stage(CELL_W + ("detector",), {"out": "scores"}, _score_inputs),
+    "plan": Stage(CELL_W + ("defense",), {"out": "plan"}, _plan_inputs),
+    "train": Stage(CELL_W + ("defense",), {"out": "final_model"},
+                   lambda spec: {**_poisoned(spec), "plan": ("plan", {})}),
+    "evaluate": Stage(CELL_W + ("defense",), {"out": "metrics"}, _evaluate_inputs),
+}
+
+
+def outputs(stage: str, results: str = "results", **cell) -> dict[str, str]:
+    """Output paths of one job; wildcards not given stay as {wildcard} (Snakemake patterns)."""
+    w = {k: cell.get(k, f"{{{k}}}") for k in STAGES[stage].cell}
+    return {name: path(kind, results, **_fill(kind, w)) for name, kind in STAGES[stage].outputs.items()}
+
+
+def inputs(stage: str, spec: dict, results: str = "results", **cell) -> dict[str, str]:
+    w = {k: cell[k] for k in STAGES[stage].cell if k in cell}
+    out = {}
+    for name, (kind, extra) in STAGES[stage].inputs(spec).items():
+        out[name] = path(kind, results, **_fill(kind, {**w, **extra}))
+    return out
+
+
+def _fill(kind: str, w: dict) -> dict:
+    """The wildcards a pattern uses, from w; a missing one is a usage error naming it."""
+    import string
+
+    need = [f for _, f, _, _ in string.Formatter().parse(PATTERNS[kind]) if f and f != "results"]
+    missing = [f for f in need if w.get(f) is None]
+    if missing:
+        from .errors import PoisongridError
+
+        raise PoisongridError(f"the path of the {kind} file needs {', '.join('--' + m for m in missing)}")
+    return {f: w[f] for f in need}

@@ -28,12 +28,20 @@ def attack_seed(seed: int, name: str) -> int:
 
 
 def draw_target(name: str, cfg: dict, labels: np.ndarray, num_classes: int, seed: int) -> int:
-    """A uniformly random class; clean-label attacks redraw until the class is large enough."""
+    """The configured `target` class, else a uniformly random one; clean-label attacks redraw
+    until the class is large enough."""
     rng = np.random.default_rng([seed, zlib.crc32(name.encode()), 1])
     counts = np.bincount(labels, minlength=num_classes)
     need = cfg.get("min_target_count", 0)
     if ATTACKS.get(name).clean_label:
         need = max(need, _count(cfg, len(labels)))
+    fixed = cfg.get("target")
+    if fixed is not None:
+        if not 0 <= fixed < num_classes:
+            raise ConfigError(f"attacks.{name}.target", fixed, f"a class in [0, {num_classes - 1}]")
+        if counts[fixed] < need:
+            raise ConfigError(f"attacks.{name}.target", fixed, f"a class with at least {need} training images (class {fixed} has {counts[fixed]})")
+        return int(fixed)
     if counts.max() < need:
         raise ConfigError(f"attacks.{name}", cfg, f"settings whose target class can hold {need} images (largest class has {counts.max()})")
     while True:

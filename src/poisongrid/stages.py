@@ -21,7 +21,6 @@ from .errors import ArtifactError
 from .io import fingerprint, load_npz, read_table, save_npz, write_json, write_table
 from .remedies import REMEDIES
 
-FILTER_KIND = "filter"
 Log = Callable[[str], None]
 
 
@@ -41,7 +40,7 @@ def _triggers(paths: dict[str, str] | None) -> dict[str, np.ndarray]:
 # ---- trigger (Narcissus) ----------------------------------------------------------------------
 
 
-def trigger(spec: dict, out: str, log: Log = _quiet) -> dict:
+def trigger(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
     """Optimise the Narcissus trigger for this dataset and seed: train a surrogate on what the
     attacker holds (the target class plus a fraction of the other classes), then minimise the
     surrogate's loss toward the target on target-class images under the l-inf budget."""
@@ -66,7 +65,7 @@ def trigger(spec: dict, out: str, log: Log = _quiet) -> dict:
     trig = optimize_trigger(res.model, target_imgs, target, eps=eps, steps=sur["steps"], lr=sur["lr"],
                             batch_size=spec["training"]["batch_size"], seed=seed, device=device)
     meta = {"target": target, "eps": eps, "surrogate_pool": int(len(pool)), "wall_time_s": time.perf_counter() - t0}
-    save_npz(out, trigger=trig.astype(np.float32), target=np.int64(target))
+    save_npz(out["out"], trigger=trig.astype(np.float32), target=np.int64(target))
     log(f"trigger done: l-inf {np.abs(trig).max() * 255:.1f}/255 in {meta['wall_time_s']:.1f}s")
     return meta
 
@@ -74,106 +73,152 @@ def trigger(spec: dict, out: str, log: Log = _quiet) -> dict:
 # ---- poison -----------------------------------------------------------------------------------
 
 
-def poison(spec: dict, manifest_out: str, images_out: str, trigger_paths: dict[str, str] | None = None) -> dict:
+def poison(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
     ds = get_dataset(spec)
+    trigger_paths = {k[len("trigger_"):]: v for k, v in inp.items() if k.startswith("trigger_")}
     trig = _triggers(trigger_paths)
-    for name, path in (trigger_paths or {}).items():
+    for name, path in trigger_paths.items():
         want = poisoning.draw_target(name, spec["attacks"][name], ds.train.labels, ds.num_classes, spec["seed"])
         got = int(load_npz(path)["target"])
         if got != want:
             raise ArtifactError(f"{path}: trigger was optimised for class {got}, but this seed's {name} target is {want}")
     ps = poisoning.poison(ds, spec["attacks"], spec["all_attacks"], spec["seed"], spec["bona_fide"], trig)
     ps.meta["scenario"] = spec["scenario"]
-    poisoning.write(ps, manifest_out, images_out)
+    poisoning.write(ps, out["manifest"], out["images"])
+    log("poisoned " + ", ".join(f"{a}: {i['count']} -> class {i['target']}" for a, i in ps.meta["attacks"].items()))
     return ps.meta
 
 
-def _poisoned_training_set(spec: dict, manifest_path: str, images_path: str):
+def _poisoned_training_set(spec: dict, manifest_path, images_path):
     ds = get_dataset(spec)
     man, meta = poisoning.read_manifest(manifest_path)
     return ds, man, meta, poisoning.training_images(ds, images_path, man)
 
 
-# ---- pretrain ---------------------------------------------------------------------------------
+# ---- defender models (pretrain) -------------------------------------------------------------
 
 
-def pretrain(spec: dict, manifest: str, images: str, out: str, log: Log = _quiet) -> dict:
-    from .training import fit, remove_checkpoint, setup_runtime
+def pretrain(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
+    """Train one defender model on the cell's poisoned set; write it and its per-example losses
+    (every epoch, or once after the last), with the spike epochs the trajectories skip."""
+    from .training import fit, remove_checkpoint, save_model, setup_runtime
 
     device = setup_runtime(spec["runtime"])
-    ds, man, pmeta, x = _poisoned_training_set(spec, manifest, images)
-    tr, pt = spec["training"], spec["pretrain"]
-    run = max(1, round(pt["r_epoch"] * tr["epochs"]))
-    # Paper: no augmentation while recording trajectories; the schedule still spans the full run.
-    training = {**tr, "augment": "none"}
-    ckpt = str(out) + ".ckpt"
-    res = fit(training, x, man["label"].to_numpy(), ds.num_classes, seed=spec["seed"], device=device,
-              epochs_to_run=run, record=pt["record"], checkpoint=ckpt, fingerprint=fingerprint(spec, manifest, images), log=log)
-    means = res.losses.mean(axis=1).astype(float).tolist()
-    kept = trajectories.accepted_epochs(means, pt["spike_factor"])
-    meta = {"epochs_recorded": run, "accepted_epochs": kept, "skipped_epochs": sorted(set(range(run)) - set(kept)),
-            "epoch_mean_loss": means, "train_loss": res.train_loss, "n_examples": len(man), "record": pt["record"],
-            "wall_time_s": res.wall_time_s, "images_per_s": res.images_per_s, "device": str(device),
-            "schedule_epochs": tr["epochs"]}
-    trajectories.write(out, res.losses, meta)
+    ds, man, pmeta, x = _poisoned_training_set(spec, inp["manifest"], inp["images"])
+    m = spec["model"]
+    tr, run = m["training"], m["run"]
+    ckpt = str(out["weights"]) + ".ckpt"
+    res = fit(tr, x, man["label"].to_numpy(), ds.num_classes, seed=spec["seed"], device=device,
+              epochs_to_run=run, record=m["record"], checkpoint=ckpt,
+              fingerprint=fingerprint(spec, inp["manifest"], inp["images"]), log=log)
+    recorded = res.losses.shape[0]
+    kept = trajectories.accepted_epochs(res.train_loss, m["spike_factor"], m["spike_rule"]) if recorded == run else [0]
+    meta = {"model_name": m["name"], "model": tr["model"], "epochs_run": run, "epochs_recorded": recorded,
+            "accepted_epochs": kept, "skipped_epochs": sorted(set(range(recorded)) - set(kept)),
+            "spike_rule": m["spike_rule"], "spike_series": "train_loss", "spike_factor": m["spike_factor"],
+            "epoch_mean_loss": res.losses.mean(axis=1).astype(float).tolist(), "train_loss": res.train_loss,
+            "n_examples": len(man), "record": m["record"], "wall_time_s": res.wall_time_s,
+            "images_per_s": res.images_per_s, "device": str(device), "schedule_epochs": tr["epochs"]}
+    save_model(out["weights"], res.model, {"model": tr["model"], "num_classes": ds.num_classes,
+                                           "image_size": int(ds.image_shape[-1]), "n_trained_on": len(man),
+                                           "train_loss": res.train_loss, "wall_time_s": res.wall_time_s,
+                                           "images_per_s": res.images_per_s, "device": str(device), "epochs": run,
+                                           "defender_model": m["name"]})
+    trajectories.write(out["trajectories"], res.losses, meta)
     remove_checkpoint(ckpt)
-    log(f"pretrain: {run} epochs, skipped spike epochs {meta['skipped_epochs']}, {res.images_per_s:.0f} img/s")
+    log(f"pretrain {m['name']} ({tr['model']}): {run} epochs, recorded {recorded}, skipped spike epochs "
+        f"{meta['skipped_epochs']}, {res.images_per_s:.0f} img/s")
     return meta
+
+
+def features(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
+    """Penultimate-layer features of every training example under one defender model."""
+    from .training import load_model, penultimate_features, setup_runtime
+
+    device = setup_runtime(spec["runtime"])
+    ds, man, _, x = _poisoned_training_set(spec, inp["manifest"], inp["images"])
+    model, mmeta = load_model(inp["weights"], device)
+    f = penultimate_features(model, x, device)
+    if len(f) != len(man):
+        raise ArtifactError(f"{inp['weights']}: gave {len(f)} feature rows for {len(man)} examples")
+    from .io import atomic_path
+
+    with atomic_path(out["out"]) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, f.astype(np.float32), allow_pickle=False)
+    log(f"features of {spec['model']}: {f.shape}")
+    return {"shape": list(f.shape)}
 
 
 # ---- score ------------------------------------------------------------------------------------
 
 
-def score(spec: dict, inputs: dict[str, str], out: str) -> dict:
+def score(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
     det_cls = DETECTORS.get(spec["type"], "detector type")
-    params = {k: v for k, v in spec.items() if k not in ("type", "detector")}
-    t0 = time.perf_counter()
-    meta = det_cls(**params).score(inputs, out)
-    return {**meta, "wall_time_s": time.perf_counter() - t0}
-
-
-# ---- filter -----------------------------------------------------------------------------------
-
-
-def filter_(spec: dict, manifest: str, out: str, scores: str | None = None) -> dict:
-    remedy = REMEDIES.get(spec["remedy"], "remedy")
-    man = poisoning.read_manifest(manifest)[0] if getattr(remedy, "ground_truth", False) else defender_manifest(manifest)[0]
-    n = len(man)
-    sc = np.full(n, np.nan)
-    if scores is not None:
-        sdf, _ = read_scores(scores)
-        if len(sdf) != n or not np.array_equal(np.sort(sdf["index"].to_numpy()), man["index"].to_numpy()):
-            raise ArtifactError(f"{scores}: scores cover {len(sdf)} examples, the manifest {n}; rerun the score stage")
-        sc = sdf.sort_values("index")["score"].to_numpy()
-    removed = remedy(sc, man, spec)
-    meta = {"defense": spec["defense"], "remedy": spec["remedy"], "r_reject": spec.get("r_reject"),
-            "n_removed": int(removed.sum()), "n_train": n}
-    write_table(out, pa.table({"index": man["index"].to_numpy(), "keep": ~removed, "score": sc}), FILTER_KIND, meta)
+    params = {k: v for k, v in spec.items() if k not in ("type", "detector", "model")}
+    meta = det_cls(**params).score(inp, out["out"])
+    log(f"scores written to {out['out']} ({meta['wall_time_s']:.2f}s)")
     return meta
+
+
+# ---- plan -------------------------------------------------------------------------------------
+
+PLAN_KIND = "plan"
+
+
+def plan(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
+    """Per-example weights of a defense: 1 train as usual, 0 drop, < 0 gradient ascent."""
+    cls = REMEDIES.get(spec["remedy"], "remedy")
+    remedy = cls(**{k: v for k, v in spec.items() if k in cls.params})
+    man = poisoning.read_manifest(inp["manifest"])[0] if cls.ground_truth else defender_manifest(inp["manifest"])[0]
+    n = len(man)
+    sc, smeta = np.full(n, np.nan), {}
+    if "scores" in inp:
+        sdf, smeta = read_scores(inp["scores"])
+        if len(sdf) != n or not np.array_equal(np.sort(sdf["index"].to_numpy()), man["index"].to_numpy()):
+            raise ArtifactError(f"{inp['scores']}: scores cover {len(sdf)} examples, the manifest {n}; rerun the score stage")
+        sc = sdf.sort_values("index")["score"].to_numpy()
+    w = remedy.weights(sc, man, smeta).astype(np.float32)
+    meta = {"defense": spec["defense"], "remedy": spec["remedy"], "params": remedy.p, "n_train": n,
+            "n_removed": int((w == 0).sum()), "n_ascent": int((w < 0).sum()), "weight_min": float(w.min()),
+            "weight_max": float(w.max()), **remedy.plan_meta()}
+    write_table(out["out"], pa.table({"index": man["index"].to_numpy(), "score": sc, "weight": w}), PLAN_KIND, meta)
+    log(f"plan {spec['defense']}: {meta['n_removed']} dropped, {meta['n_ascent']} ascended of {n}")
+    return meta
+
+
+def read_plan(path, n: int) -> tuple[pd.DataFrame, dict]:
+    table, meta = read_table(path, PLAN_KIND)
+    df = table.to_pandas()
+    if len(df) != n:
+        raise ArtifactError(f"{path}: has {len(df)} rows, the manifest {n}; rerun the plan stage")
+    return df, meta
 
 
 # ---- train ------------------------------------------------------------------------------------
 
 
-def train(spec: dict, manifest: str, images: str, keep: str, out: str, log: Log = _quiet) -> dict:
+def train(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
+    """The final model, from scratch, minimising the plan's weighted loss (weight-0 examples dropped)."""
     from .training import fit, remove_checkpoint, save_model, setup_runtime
 
     device = setup_runtime(spec["runtime"])
-    ds, man, _, x = _poisoned_training_set(spec, manifest, images)
-    ktab, kmeta = read_table(keep, FILTER_KIND)
-    mask = ktab.column("keep").to_numpy(zero_copy_only=False)
-    if len(mask) != len(man):
-        raise ArtifactError(f"{keep}: has {len(mask)} rows, the manifest {len(man)}; rerun the filter stage")
+    ds, man, _, x = _poisoned_training_set(spec, inp["manifest"], inp["images"])
+    pl, pmeta = read_plan(inp["plan"], len(man))
+    w = pl["weight"].to_numpy(dtype=np.float32)
+    keep = w != 0
     labels = man["label"].to_numpy()
-    ckpt = str(out) + ".ckpt"
-    res = fit(spec["training"], x.subset(mask), labels[mask], ds.num_classes, seed=spec["seed"], device=device,
-              checkpoint=ckpt, fingerprint=fingerprint(spec, manifest, images, keep), log=log)
+    ckpt = str(out["out"]) + ".ckpt"
+    res = fit(spec["training"], x.subset(keep), labels[keep], ds.num_classes, seed=spec["seed"], device=device,
+              weights=w[keep], ascent_clamp=pmeta.get("ascent_clamp"), checkpoint=ckpt,
+              fingerprint=fingerprint(spec, inp["manifest"], inp["images"], inp["plan"]), log=log)
     meta = {"model": spec["training"]["model"], "num_classes": ds.num_classes, "image_size": int(ds.image_shape[-1]),
-            "n_trained_on": int(mask.sum()), "train_loss": res.train_loss, "wall_time_s": res.wall_time_s,
-            "images_per_s": res.images_per_s, "device": str(device), "epochs": res.epochs_run}
-    save_model(out, res.model, meta)
+            "n_trained_on": int(keep.sum()), "n_ascent": int((w < 0).sum()), "train_loss": res.train_loss,
+            "wall_time_s": res.wall_time_s, "images_per_s": res.images_per_s, "device": str(device), "epochs": res.epochs_run}
+    save_model(out["out"], res.model, meta)
     remove_checkpoint(ckpt)
-    log(f"train: {mask.sum()} examples, {res.epochs_run} epochs, {res.wall_time_s:.1f}s, final loss {res.train_loss[-1]:.4f}")
+    log(f"train: {keep.sum()} examples ({meta['n_ascent']} with gradient ascent), {res.epochs_run} epochs, "
+        f"{res.wall_time_s:.1f}s, final loss {res.train_loss[-1]:.4f}")
     return meta
 
 
@@ -193,20 +238,22 @@ def attack_success(model, attacks: dict, test_x: np.ndarray, test_y: np.ndarray,
     return asr, boosted
 
 
-def detection_quality(man: pd.DataFrame, scores: np.ndarray, removed: np.ndarray) -> dict | None:
+def detection_quality(man: pd.DataFrame, scores: np.ndarray, flagged: np.ndarray) -> dict | None:
+    """AUROC of the scores (overall and per attack); recall and precision of the flagged set (the
+    examples the plan gives weight <= 0)."""
     if np.isnan(scores).all():
         return None
     poisoned = man["attack"].notna().to_numpy()
     attack = man["attack"].fillna("").to_numpy(dtype=str)
     clean = ~poisoned
     out = {"auroc": _auroc(scores, poisoned, clean), "auroc_per_attack": {}, "recall_per_attack": {},
-           "recall_removed": float(removed[poisoned].mean()) if poisoned.any() else None,
-           "precision_removed": float(poisoned[removed].mean()) if removed.any() else None,
-           "clean_removed_fraction": float(removed[clean].mean())}
+           "recall_removed": float(flagged[poisoned].mean()) if poisoned.any() else None,
+           "precision_removed": float(poisoned[flagged].mean()) if flagged.any() else None,
+           "clean_removed_fraction": float(flagged[clean].mean())}
     for a in pd.unique(attack[poisoned]):
         m = attack == a
         out["auroc_per_attack"][a] = _auroc(scores, m, clean)
-        out["recall_per_attack"][a] = float(removed[m].mean())
+        out["recall_per_attack"][a] = float(flagged[m].mean())
     return out
 
 
@@ -219,43 +266,44 @@ def _auroc(scores, pos, neg) -> float | None:
     return float(roc_auc_score(y, np.concatenate([scores[pos], scores[neg]])))
 
 
-def evaluate(spec: dict, manifest: str, keep: str, model_path: str, out: str,
-             trigger_paths: dict[str, str] | None = None, pretrain_path: str | None = None,
-             scores_path: str | None = None, log: Log = _quiet) -> dict:
+def evaluate(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
     from .training import load_model, predict, setup_runtime
 
     t0 = time.perf_counter()
     device = setup_runtime(spec["runtime"])
     ds = get_dataset(spec)
-    man, pmeta = poisoning.read_manifest(manifest)
-    model, mmeta = load_model(model_path, device)
-    attacks = poisoning.test_attacks(pmeta, ds.image_shape, _triggers(trigger_paths))
+    man, pmeta = poisoning.read_manifest(inp["manifest"])
+    model, mmeta = load_model(inp["weights"], device)
+    trig = {k[len("trigger_"):]: v for k, v in inp.items() if k.startswith("trigger_")}
+    attacks = poisoning.test_attacks(pmeta, ds.image_shape, _triggers(trig))
     clean_acc = float((predict(model, ds.test.images, device) == ds.test.labels).mean())
     asr, boosted = attack_success(model, attacks, ds.test.images, ds.test.labels, device)
     paper = {a: boosted.get(a, asr[a]) for a in asr}
-    ktab, kmeta = read_table(keep, FILTER_KIND)
-    removed = ~ktab.column("keep").to_numpy(zero_copy_only=False)
-    scores = ktab.column("score").to_numpy(zero_copy_only=False).astype(float)
+    pl, plmeta = read_plan(inp["plan"], len(man))
+    w = pl["weight"].to_numpy()
+    scores = pl["score"].to_numpy().astype(float)
     d = spec["defense"]
     wall = {"train": mmeta["wall_time_s"]}
-    if pretrain_path:
-        wall["pretrain"] = trajectories.meta(pretrain_path)["wall_time_s"]
-    if scores_path:
-        wall["score"] = read_scores(scores_path)[1].get("wall_time_s")
+    smeta: dict = {}
+    if "scores" in inp:
+        smeta = read_scores(inp["scores"])[1]
+        wall["score"] = smeta.get("wall_time_s")
+        wall["pretrain"] = (smeta.get("defender_model") or {}).get("wall_time_s")
     wall["evaluate"] = time.perf_counter() - t0
     metrics = {
         "dataset": spec["dataset"]["name"], "scenario": pmeta["scenario"], "seed": spec["seed"], "defense": d["name"],
-        "detector": d.get("detector"), "remedy": d["remedy"],
+        "detector": d.get("detector"), "remedy": d["remedy"], "detector_type": smeta.get("detector"),
+        "defender_model": smeta.get("defender_model"),
         "defense_params": {k: v for k, v in d.items() if k not in ("name", "detector", "remedy")},
         "attacks": list(attacks), "targets": {a: t for a, (_, t) in attacks.items()},
         "clean_accuracy": clean_acc, "asr": asr, "asr_boosted": boosted,
         "mean_asr": float(np.mean(list(asr.values()))), "mean_asr_boosted": float(np.mean(list(paper.values()))),
-        "detection": detection_quality(man, scores, removed),
-        "n_train": len(man), "n_poisoned": int(man["attack"].notna().sum()), "n_removed": int(removed.sum()),
-        "wall_time_s": wall, "config": spec, "versions": versions(), "device": device_name(device),
-        "train_images_per_s": mmeta["images_per_s"],
+        "detection": detection_quality(man, scores, w <= 0),
+        "n_train": len(man), "n_poisoned": int(man["attack"].notna().sum()), "n_removed": int((w == 0).sum()),
+        "n_ascent": int((w < 0).sum()), "wall_time_s": wall, "config": spec, "versions": versions(),
+        "device": device_name(device), "train_images_per_s": mmeta["images_per_s"], "train_epochs": mmeta.get("epochs"),
     }
-    write_json(out, metrics)
+    write_json(out["out"], metrics)
     log(f"clean acc {clean_acc:.4f}  mean ASR {metrics['mean_asr']:.4f}  " + " ".join(f"{a}={v:.3f}" for a, v in asr.items()))
     return metrics
 

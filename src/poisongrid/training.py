@@ -18,6 +18,24 @@ from .models import build_model
 from .registry import Registry
 
 AUGMENTS: Registry = Registry("augment")
+OPTIMIZERS: Registry = Registry("optimizer")
+
+
+@OPTIMIZERS.register("adamw")
+def _adamw(params, spec: dict) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=float(spec["lr"]), weight_decay=float(spec["weight_decay"]))
+
+
+@OPTIMIZERS.register("adam")
+def _adam(params, spec: dict) -> torch.optim.Optimizer:
+    # Coupled L2 as torch's Adam does it (LfD trains with Adam and weight decay 0).
+    return torch.optim.Adam(params, lr=float(spec["lr"]), weight_decay=float(spec["weight_decay"]))
+
+
+@OPTIMIZERS.register("sgd")
+def _sgd(params, spec: dict) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=float(spec["lr"]), momentum=float(spec.get("momentum", 0.9)),
+                           weight_decay=float(spec["weight_decay"]))
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -53,16 +71,23 @@ def _flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 @AUGMENTS.register("crop_flip")
-def _crop_flip(x: torch.Tensor, gen: torch.Generator, spec: dict, pad: int = 4) -> torch.Tensor:
-    """Random crop from a reflect-padded image (pad 4) and horizontal flip, one gather for the batch."""
+def _crop_flip(x: torch.Tensor, gen: torch.Generator, spec: dict, pad: int = 4, mode: str = "reflect") -> torch.Tensor:
+    """Random crop from a padded image (pad 4; reflect as in the BaDLoss code) and horizontal flip,
+    one gather for the batch."""
     n, c, h, w = x.shape
-    xp = F.pad(x.float(), (pad, pad, pad, pad), mode="reflect")
+    xp = F.pad(x.float(), (pad, pad, pad, pad), mode=mode) if mode == "reflect" else F.pad(x.float(), (pad,) * 4)
     oy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
     ox = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
     rows = (oy[:, None] + torch.arange(h, device=x.device)).view(n, 1, h, 1).expand(n, c, h, w + 2 * pad)
     xp = xp.gather(2, rows)
     cols = (ox[:, None] + torch.arange(w, device=x.device)).view(n, 1, 1, w).expand(n, c, h, w)
     return _flip(xp.gather(3, cols).to(x.dtype), gen)
+
+
+@AUGMENTS.register("crop_flip_zero")
+def _crop_flip_zero(x: torch.Tensor, gen: torch.Generator, spec: dict) -> torch.Tensor:
+    """Random crop with 4 px of zero padding + flip (torchvision's RandomCrop(padding=4), as LfD trains)."""
+    return _crop_flip(x, gen, spec, mode="constant")
 
 
 @AUGMENTS.register("resized_crop_flip")
@@ -146,6 +171,20 @@ def predict(model: nn.Module, images, device: torch.device, batch_size: int = 10
     return torch.cat(preds).numpy() if preds else np.zeros(0, dtype=np.int64)
 
 
+@torch.no_grad()
+def penultimate_features(model: nn.Module, images, device: torch.device, batch_size: int = 1024) -> np.ndarray:
+    """The input of each example's last linear layer (eval mode, no augmentation), float32 (N, D)."""
+    from .models import penultimate_module
+
+    grabbed: list[torch.Tensor] = []
+    hook = penultimate_module(model).register_forward_hook(lambda m, inp, out: grabbed.append(inp[0].float().cpu()))
+    try:
+        predict(model, images, device, batch_size)
+    finally:
+        hook.remove()
+    return torch.cat(grabbed).numpy() if grabbed else np.zeros((0, 0), dtype=np.float32)
+
+
 def as_tensor_data(images, device: torch.device, max_bytes: int = 8 << 30):
     """Keep the uint8 training set on the device when it fits; else leave it (memory-mapped or a
     lazy overlay of the poisoned rows) on the host and gather each batch."""
@@ -158,12 +197,19 @@ def as_tensor_data(images, device: torch.device, max_bytes: int = 8 << 30):
 
 
 def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: int, device: torch.device,
-        epochs_to_run: int | None = None, record: str | None = None, checkpoint: str | None = None,
+        epochs_to_run: int | None = None, record: str | None = None, weights: np.ndarray | None = None,
+        ascent_clamp: float | None = None, checkpoint: str | None = None,
         fingerprint: str = "", log: Callable[[str], None] | None = None) -> TrainResult:
-    """Train a fresh model from `training` (model, epochs, batch_size, lr, weight_decay, loss_clamp,
-    augment). The cosine schedule spans `training['epochs']`; `epochs_to_run` stops early (BaDLoss
-    pretraining). `record`: None, 'eval' (extra eval-mode pass, paper) or 'train' (the training
-    pass's own per-example losses, no extra cost).
+    """Train a fresh model from `training` (model, epochs, batch_size, optimizer, lr, weight_decay,
+    loss_clamp, augment). The cosine schedule spans `training['epochs']`; `epochs_to_run` stops early
+    (BaDLoss pretraining). `record`: None, 'eval' (extra eval-mode pass after every epoch, paper),
+    'train' (the training pass's own per-example losses, no extra cost) or 'final' (one eval-mode
+    pass after the last epoch).
+
+    `weights` (one per example, nonzero): the step minimises mean(w * loss) over the batch; a
+    negative weight is gradient ascent on that example, its loss clamped at `ascent_clamp` so the
+    ascent stops there instead of inflating the logits without bound. All weights 1 gives exactly
+    the plain step (x * 1.0 is exact).
 
     With `checkpoint`, the full state (model, optimiser, schedule, RNG, losses so far) is saved
     atomically after every epoch, and a run restarted with the same `fingerprint` (a digest of
@@ -184,12 +230,20 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
     model = build_model(training["model"], num_classes, images.shape[-1]).to(device)
     if cl:
         model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=float(training["lr"]), weight_decay=float(training["weight_decay"]))
+    opt = OPTIMIZERS.get(training.get("optimizer", "adamw"), "optimizer")(model.parameters(), training)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
     data = as_tensor_data(images, device)
     y = torch.as_tensor(np.array(labels), dtype=torch.int64)
     y_dev = y.to(device)
-    losses = np.empty((run, n), dtype=np.float32) if record else None
+    w_dev = None
+    if weights is not None:
+        weights = np.asarray(weights, dtype=np.float32)
+        if weights.shape != (n,) or not np.isfinite(weights).all() or (weights == 0).any():
+            raise ValueError("weights: one finite nonzero weight per example (drop zero-weight examples first)")
+        w_dev = torch.from_numpy(weights).to(device)
+        if (weights < 0).any() and ascent_clamp is None:
+            raise ValueError("negative weights need ascent_clamp")
+    losses = np.empty((1 if record == "final" else run, n), dtype=np.float32) if record else None
     train_loss: list[float] = []
     seen, start, before = 0, 0, 0.0
     ident = {"fingerprint": fingerprint, "epochs_to_run": run, "record": record or "", "n": n, "seed": seed}
@@ -202,7 +256,7 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
         torch.set_rng_state(state["torch_rng"])
         start, seen, before = int(state["epoch"]) + 1, int(state["seen"]), float(state["wall"])
         train_loss = [float(v) for v in state["train_loss"]]
-        if losses is not None:
+        if record in ("eval", "train"):
             losses[:start] = state["losses"].numpy()
         if log:
             log(f"resumed from checkpoint {checkpoint}: epochs 1-{start} done, continuing at epoch {start + 1}/{run}")
@@ -223,7 +277,12 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
             per = F.cross_entropy(logits.float(), yb, reduction="none")
             if rec is not None:
                 rec[idx.to(device)] = per.detach()
-            loss = per.clamp(max=clamp).mean()
+            if w_dev is None:
+                loss = per.clamp(max=clamp).mean()
+            else:
+                wb = w_dev[idx.to(device)]
+                capped = per.clamp(max=clamp) if ascent_clamp is None else torch.where(wb < 0, per.clamp(max=ascent_clamp), per.clamp(max=clamp))
+                loss = (capped * wb).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -235,12 +294,14 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
             losses[epoch] = per_example_loss(model, data, y, device, amp=amp).numpy()
         elif record == "train":
             losses[epoch] = rec.cpu().numpy()
+        elif record == "final" and epoch == run - 1:
+            losses[0] = per_example_loss(model, data, y, device, amp=amp).numpy()
         if checkpoint:
             _save_checkpoint(checkpoint, {
                 **ident, "epoch": epoch, "seen": seen, "wall": before + time.perf_counter() - t0,
                 "model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                 "gen": gen.get_state(), "torch_rng": torch.get_rng_state(), "train_loss": train_loss,
-                "losses": torch.from_numpy(losses[:epoch + 1].copy()) if losses is not None else torch.zeros(0)})
+                "losses": torch.from_numpy(losses[:epoch + 1].copy()) if record in ("eval", "train") else torch.zeros(0)})
         if log:
             log(f"epoch {epoch + 1}/{run} train_loss {train_loss[-1]:.4f} lr {sched.get_last_lr()[0]:.2e}"
                 + (" (checkpoint saved)" if checkpoint else ""))

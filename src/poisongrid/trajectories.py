@@ -16,12 +16,17 @@ def column(epoch: int) -> str:
     return f"loss_e{epoch:03d}"
 
 
-def accepted_epochs(epoch_means: list[float], factor: float = 2.0) -> list[int]:
-    """Paper footnote 4: epochs 0-2 are kept; a later epoch is skipped when its mean loss exceeds
-    `factor` x the mean of the last three accepted epochs (loss spikes in multi-attack training)."""
+def accepted_epochs(epoch_means: list[float], factor: float = 2.0, rule: str = "paper") -> list[int]:
+    """Epochs kept for the trajectories, given each epoch's mean training loss (loss spikes in
+    multi-attack training). paper (footnote 4 and Algorithm 1): every epoch is checked; it is skipped
+    when its mean exceeds `factor` x the mean of the last three kept (the first has no history and
+    is kept). reference (the authors' code): epochs 0-2 always kept, the same test after that."""
+    if rule not in ("paper", "reference"):
+        raise ValueError(f"spike rule {rule!r}: 'paper' or 'reference'")
     kept: list[int] = []
     for e, m in enumerate(epoch_means):
-        if len(kept) < 3 or m <= factor * float(np.mean([epoch_means[k] for k in kept[-3:]])):
+        free = 1 if rule == "paper" else 3
+        if len(kept) < free or m <= factor * float(np.mean([epoch_means[k] for k in kept[-3:]])):
             kept.append(e)
     return kept
 
@@ -49,10 +54,12 @@ def read(path, only_accepted: bool = True) -> tuple[np.ndarray, np.ndarray, dict
     return table.column("index").to_numpy(), _matrix(table, cols), md
 
 
-def iter_batches(path, batch_rows: int = 1 << 18, only_accepted: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Stream (index, trajectories) blocks so a file larger than memory can be scored."""
+def iter_batches(path, batch_rows: int = 1 << 18, only_accepted: bool = True,
+                 epochs: list[int] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Stream (index, trajectories) blocks so a file larger than memory can be scored; `epochs`
+    picks recorded epochs by number instead of the accepted ones."""
     pf, md = table_meta(path, KIND)
-    cols = _columns(md, only_accepted)
+    cols = [column(e) for e in epochs] if epochs is not None else _columns(md, only_accepted)
     try:
         for b in pf.iter_batches(batch_size=batch_rows, columns=["index", *cols]):
             yield b.column("index").to_numpy(), _matrix(b, cols)

@@ -3,6 +3,7 @@ rule aggregate:
     input:
         metrics=all_metrics(),
         trajectories=all_trajectories(),
+        teacher=all_teacher_losses(),
     output:
         csv=report(f"{RESULTS}/summary.csv", category="Tables",
                    labels={"table": "summary.csv: one row per cell and attack (download)"}),
@@ -19,4 +20,4 @@ rule aggregate:
     log:
         "logs/aggregate/aggregate.log",
     shell:
-        f"poisongrid aggregate --out {RESULTS} --metrics {{input.metrics}} --trajectories {{input.trajectories}} > {{log}} 2>&1"
+        f"poisongrid aggregate --out {RESULTS} --metrics {{input.metrics}} --trajectories {{input.trajectories}} --teacher-losses {{input.teacher}} > {{log}} 2>&1"

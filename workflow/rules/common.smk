@@ -1,90 +1,96 @@
-# Helpers shared by the rules (functions only; the rules live in the other .smk files).
+# Helpers shared by the rules (functions only; the rules live in the other .smk files). Every
+# rule's inputs and outputs come from poisongrid.paths.STAGES, the declaration the CLI uses too.
+
+CELL_WILDCARDS = ("dataset", "scenario", "seed", "attack", "model", "detector", "defense")
 
 
-def P(kind, **w):
-    """A path of the artifact layout; wildcards not given stay as {wildcards}."""
-    return pgp.pattern(kind, RESULTS).format(**{k: f"{{{k}}}" for k in ("dataset", "scenario", "seed", "attack", "detector", "defense")} | w)
+def _cell(w):
+    return {k: getattr(w, k) for k in CELL_WILDCARDS if hasattr(w, k)}
 
 
-def spec(stage, **extra):
-    """Rule params: the resolved part of the config this stage depends on, shell-quoted JSON."""
+def stage_spec(stage, w):
+    c = _cell(w)
+    seed = int(c.pop("seed")) if "seed" in c else None
+    c.pop("attack", None)
+    return pgc.stage_spec(config, stage, c.pop("dataset"), seed=seed, **c)
+
+
+def outputs(stage):
+    """The stage's output patterns (wildcards left in braces)."""
+    return pgp.outputs(stage, RESULTS)
+
+
+def inputs(stage):
+    """Input function: the files the stage's spec declares for this job."""
 
     def f(w):
-        args = {k: getattr(w, k, None) for k in ("scenario", "defense", "detector")}
-        seed = int(w.seed) if hasattr(w, "seed") else None
-        return shlex.quote(json.dumps(pgc.stage_spec(config, stage, w.dataset, seed=seed, **args, **extra), sort_keys=True))
+        return pgp.inputs(stage, stage_spec(stage, w), RESULTS, **_cell(w))
 
     return f
 
 
-def scenario_triggers(w):
-    """Learned-trigger artifacts the scenario's attacks need (e.g. Narcissus)."""
-    names = pgc.scenario_attacks(config["datasets"][w.dataset], w.scenario)
-    return {a: P("trigger", dataset=w.dataset, attack=a, seed=w.seed) for a in names if ATTACKS.get(a).needs_trigger_file}
+def spec(stage):
+    """Rule params: the resolved part of the config this stage depends on, shell-quoted JSON."""
+
+    def f(w):
+        return shlex.quote(json.dumps(stage_spec(stage, w), sort_keys=True))
+
+    return f
 
 
-def trigger_flags(w, input):
-    return " ".join(f"--trigger {a}={input[a]}" for a in scenario_triggers(w))
+def io_flags(w, input, output):
+    """The CLI's file flags for the job's declared inputs and outputs."""
+    flags = []
+    for name, path in list(input.items()) + list(output.items()):
+        if name.startswith("trigger_"):
+            flags.append(f"--trigger {name[len('trigger_'):]}={shlex.quote(path)}")
+        else:
+            flags.append(f"--{name} {shlex.quote(path)}")
+    return " ".join(flags)
 
 
-def defense_of(w):
-    return config["defenses"][w.defense]
+def stage_shell(stage):
+    return f"poisongrid {stage} --spec {{params.spec}} {{params.io}} 2> {{log}}"
 
 
 def resources_of(stage):
-    """Scheduler resources of a rule, from the config's `cluster` keys; runtime per dataset."""
+    """Scheduler resources of a rule, from the config's `cluster` keys; runtime per dataset (and
+    per defender model for pretrain)."""
     some = next(iter(config["datasets"]))
     keys = pgc.resources(config, stage, some)
-    return {k: (lambda w, k=k: pgc.resources(config, stage, w.dataset if hasattr(w, "dataset") else some)[k]) for k in keys}
+
+    def one(k):
+        def f(w):
+            model = getattr(w, "model", None) if stage == "pretrain" else None
+            return pgc.resources(config, stage, w.dataset if hasattr(w, "dataset") else some, model)[k]
+
+        return f
+
+    return {k: one(k) for k in keys}
 
 
 def all_metrics():
     return [pgp.path("metrics", RESULTS, **c) for c in pgc.cells(config)]
 
 
+def _cell_model_paths(detector_types):
+    out = set()
+    for c in pgc.cells(config):
+        d = config["defenses"][c["defense"]]
+        if d.get("detector") and config["detectors"][d["detector"]]["type"] in detector_types:
+            m = config["detectors"][d["detector"]]["model"]
+            out.add(pgp.path("losses", RESULTS, dataset=c["dataset"], scenario=c["scenario"], seed=c["seed"], model=m))
+    return sorted(out)
+
+
 def all_trajectories():
-    if not any(d.get("detector") and DETECTORS.get(config["detectors"][d["detector"]]["type"]).inputs.count("trajectories")
-               for d in config["defenses"].values()):
-        return []
-    return sorted({pgp.path("trajectories", RESULTS, dataset=c["dataset"], scenario=c["scenario"], seed=c["seed"])
-                   for c in pgc.cells(config)})
+    """Per-epoch loss files some trajectory detector reads: each gets a trajectory figure."""
+    return _cell_model_paths(pgc.trajectory_detector_types(config))
 
 
-def score_inputs(w):
-    det = config["detectors"][w.detector]
-    return {kind: P(kind, dataset=w.dataset, scenario=w.scenario, seed=w.seed) for kind in DETECTORS.get(det["type"]).inputs}
-
-
-def filter_inputs(w):
-    d = defense_of(w)
-    out = {"manifest": P("manifest", dataset=w.dataset, scenario=w.scenario, seed=w.seed)}
-    if d.get("detector"):
-        out["scores"] = P("scores", dataset=w.dataset, scenario=w.scenario, seed=w.seed, detector=d["detector"])
-    return out
-
-
-def evaluate_inputs(w):
-    out = {
-        "manifest": P("manifest", dataset=w.dataset, scenario=w.scenario, seed=w.seed),
-        "keep": P("filter", dataset=w.dataset, scenario=w.scenario, seed=w.seed, defense=w.defense),
-        "model": P("model", dataset=w.dataset, scenario=w.scenario, seed=w.seed, defense=w.defense),
-        **scenario_triggers(w),
-    }
-    det = defense_of(w).get("detector")
-    if det:
-        kinds = DETECTORS.get(config["detectors"][det]["type"]).inputs
-        out["scores"] = P("scores", dataset=w.dataset, scenario=w.scenario, seed=w.seed, detector=det)
-        if "trajectories" in kinds:
-            out["trajectories"] = P("trajectories", dataset=w.dataset, scenario=w.scenario, seed=w.seed)
-    return out
-
-
-def evaluate_flags(w, input):
-    flags = [trigger_flags(w, input)]
-    for k in ("scores", "trajectories"):
-        if k in input.keys():
-            flags.append(f"--{k} {input[k]}")
-    return " ".join(flags)
+def all_teacher_losses():
+    """Loss files of LfD teachers: each gets a loss-distribution figure."""
+    return _cell_model_paths({"teacher_loss"})
 
 
 # Outputs flagged with report() make up `snakemake --report results/report.html` (captions: workflow/report/).
@@ -95,22 +101,9 @@ def report_figures():
     """The figures `poisongrid aggregate` draws, each flagged for the report with the caption of its kind.
 
     Listed from the config rather than declared as one directory(), because a report() flag carries one
-    caption and the three kinds need their own. Which r_reject figures exist is decided by the same
-    swept_detectors() that poisongrid.aggregate.rreject_figure uses.
-    """
-    fig = f"{RESULTS}/figures/fig_{{}}.png"
-    trajectories = set(all_trajectories())
-    out, pairs = [], list(dict.fromkeys((c["dataset"], c["scenario"]) for c in pgc.cells(config)))
-    for ds, sc in pairs:
-        out.append(report(fig.format(f"asr_{ds}_{sc}"), caption=f"{REPORT_CAPTIONS}asr.rst", category="ASR",
-                          subcategory=ds, labels={"figure": f"{ds} — {sc}"}))
-        here = [d for d in config["defenses"].values() if pgc.defense_applies(d, ds, sc)]
-        if pgc.swept_detectors((d.get("detector"), d["remedy"], d.get("r_reject")) for d in here):
-            out.append(report(fig.format(f"rreject_{ds}_{sc}"), caption=f"{REPORT_CAPTIONS}rreject.rst",
-                              category="r_reject", subcategory=ds, labels={"figure": f"{ds} — {sc}"}))
-    for ds, sc, seed in dict.fromkeys((c["dataset"], c["scenario"], c["seed"]) for c in pgc.cells(config)):
-        if pgp.path("trajectories", RESULTS, dataset=ds, scenario=sc, seed=seed) in trajectories:
-            out.append(report(fig.format(f"trajectories_{ds}_{sc}_seed{seed}"),
-                              caption=f"{REPORT_CAPTIONS}trajectories.rst", category="Trajectories", subcategory=ds,
-                              labels={"figure": f"{ds} — {sc}, seed {seed}"}))
+    caption and each kind needs its own; poisongrid.config.figure_names decides them for aggregate too."""
+    out = []
+    for kind, name, label, subcat in pgc.figure_names(config, all_trajectories(), all_teacher_losses()):
+        out.append(report(f"{RESULTS}/figures/{name}", caption=f"{REPORT_CAPTIONS}{kind}.rst", category=kind,
+                          subcategory=subcat, labels={"figure": label}))
     return out

@@ -1,12 +1,12 @@
 rule evaluate:
     """Clean accuracy, ASR per attack (plain and boosted), detection quality -> metrics.json."""
     input:
-        unpack(evaluate_inputs),
+        unpack(inputs("evaluate")),
     output:
-        P("metrics"),
+        **outputs("evaluate"),
     params:
         spec=spec("evaluate"),
-        flags=evaluate_flags,
+        io=io_flags,
     # Short and deterministic: a failure here (e.g. missing data) is real, so it is not retried
     # (the profile's retries are for training jobs killed by the cluster).
     retries: 0
@@ -18,5 +18,4 @@ rule evaluate:
         "logs/evaluate/{dataset}/{scenario}/seed{seed}/{defense}.log",
     threads: config["threads"]
     shell:
-        "poisongrid evaluate --spec {params.spec} --manifest {input.manifest} --keep {input.keep} "
-        "--model {input.model} {params.flags} --out {output} 2> {log}"
+        stage_shell("evaluate")

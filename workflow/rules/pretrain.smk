@@ -1,18 +1,39 @@
 rule pretrain:
-    """Short training run recording every example's loss after each epoch (BaDLoss trajectories)."""
+    """Train one defender model on the cell's poisoned set (BaDLoss pretraining, LfD's teacher, the
+    attacked model, ...), recording per-example losses; shared by every detector that names it."""
     input:
-        manifest=P("manifest"),
-        images=P("poisoned"),
+        unpack(inputs("pretrain")),
     output:
-        P("trajectories"),
+        **outputs("pretrain"),
     params:
         spec=spec("pretrain"),
+        io=io_flags,
     resources:
         **resources_of("pretrain"),
     conda:
         "../../envs/poisongrid.yaml"
     log:
-        "logs/pretrain/{dataset}/{scenario}/seed{seed}.log",
+        "logs/pretrain/{dataset}/{scenario}/seed{seed}/{model}.log",
     threads: config["threads"]
     shell:
-        "poisongrid pretrain --spec {params.spec} --manifest {input.manifest} --images {input.images} --out {output} 2> {log}"
+        stage_shell("pretrain")
+
+
+rule features:
+    """Penultimate-layer features of every training example under one defender model."""
+    input:
+        unpack(inputs("features")),
+    output:
+        **outputs("features"),
+    params:
+        spec=spec("features"),
+        io=io_flags,
+    resources:
+        **resources_of("features"),
+    conda:
+        "../../envs/poisongrid.yaml"
+    log:
+        "logs/features/{dataset}/{scenario}/seed{seed}/{model}.log",
+    threads: config["threads"]
+    shell:
+        stage_shell("features")

@@ -1,13 +1,12 @@
 rule train:
-    """Train the final model from scratch on the examples the defense kept."""
+    """Train the final model from scratch on the plan's weighted examples."""
     input:
-        manifest=P("manifest"),
-        images=P("poisoned"),
-        keep=P("filter"),
+        unpack(inputs("train")),
     output:
-        P("model"),
+        **outputs("train"),
     params:
         spec=spec("train"),
+        io=io_flags,
     resources:
         **resources_of("train"),
     conda:
@@ -16,4 +15,4 @@ rule train:
         "logs/train/{dataset}/{scenario}/seed{seed}/{defense}.log",
     threads: config["threads"]
     shell:
-        "poisongrid train --spec {params.spec} --manifest {input.manifest} --images {input.images} --keep {input.keep} --out {output} 2> {log}"
+        stage_shell("train")

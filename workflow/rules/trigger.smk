@@ -1,9 +1,10 @@
 rule trigger:
     """Optimise a learned trigger (Narcissus) on a surrogate; cached per dataset and seed."""
     output:
-        P("trigger"),
+        **outputs("trigger"),
     params:
         spec=spec("trigger"),
+        io=io_flags,
     resources:
         **resources_of("trigger"),
     conda:
@@ -12,4 +13,4 @@ rule trigger:
         "logs/trigger/{dataset}/{attack}-seed{seed}.log",
     threads: config["threads"]
     shell:
-        "poisongrid trigger --spec {params.spec} --out {output} 2> {log}"
+        stage_shell("trigger")
