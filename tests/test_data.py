@@ -1,6 +1,8 @@
 """Dataset loaders: digits for real, the others against tiny fixtures in each dataset's real on-disk layout."""
+import gzip
 import math
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -69,7 +71,7 @@ def test_bad_names_and_options():
         load_dataset("cifar10", variant="full")
     with pytest.raises(ConfigError, match="image_size"):
         load_dataset("digits", image_size=0)
-    assert DATASETS.names() == ["cifar10", "digits", "gtsrb", "imagenet", "imagenette"]
+    assert DATASETS.names() == ["cifar10", "digits", "fashion_mnist", "folder", "gtsrb", "imagenet", "imagenette", "npz"]
 
 
 # ---- cifar10 ------------------------------------------------------------------------------------
@@ -241,8 +243,10 @@ def test_imagenet_imagefolder(tmp_path):
     ("gtsrb", "gtsrb/GTSRB/Training"),
     ("imagenette", "imagenette2/train"),
     ("imagenet", "train"),
+    ("fashion_mnist", "fashion-mnist/train-images-idx3-ubyte"),
 ])
-def test_missing_dataset_names_path(tmp_path, name, looked_for):
+def test_missing_dataset_names_path(tmp_path, monkeypatch, name, looked_for):
+    monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "no-system-copy")
     with pytest.raises(DatasetError) as e:
         load_dataset(name, data_dir=tmp_path / "nowhere")
     msg = str(e.value)
@@ -262,3 +266,287 @@ def test_torchvision_not_found_becomes_dataset_error(tmp_path, monkeypatch):
     with pytest.raises(DatasetError, match="Dataset not found") as e:
         load_dataset("gtsrb", data_dir=tmp_path)
     assert str(tmp_path / "gtsrb") in str(e.value)
+
+
+# ---- fashion_mnist ------------------------------------------------------------------------------
+
+
+def _write_idx(path, magic, arr, gz):
+    body = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in arr.shape) + arr.astype(np.uint8).tobytes()
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        path.write_bytes(gzip.compress(body))
+    else:
+        path.write_bytes(body)
+    return path
+
+
+def _write_fashion(folder, n_train=5, n_test=3, seed=0):
+    """Tiny Fashion-MNIST: train files gzipped (as Debian ships them), test files not."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    arrays = {}
+    for split, n, gz in (("train", n_train, True), ("t10k", n_test, False)):
+        x = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        y = rng.integers(0, 10, n, dtype=np.uint8)
+        _write_idx(folder / f"{split}-images-idx3-ubyte", 0x803, x, gz)
+        _write_idx(folder / f"{split}-labels-idx1-ubyte", 0x801, y, gz)
+        arrays[split] = (x, y)
+    return arrays
+
+
+@pytest.fixture
+def no_system_fashion(tmp_path, monkeypatch):
+    """Hide a system-wide Fashion-MNIST (Debian's package) so that only the fixtures are seen."""
+    monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "system")
+    return tmp_path / "system"
+
+
+def test_fashion_mnist_round_trip(tmp_path, no_system_fashion):
+    arrays = _write_fashion(tmp_path / "fashion-mnist")
+    ds = load_dataset("fashion_mnist", data_dir=tmp_path)
+    assert ds.classes[0] == "T-shirt/top" and ds.classes[-1] == "Ankle boot" and ds.num_classes == 10
+    assert ds.train.images.dtype == np.uint8 and ds.train.images.shape == (5, 3, 28, 28)
+    assert ds.test.images.shape == (3, 3, 28, 28) and ds.test.labels.dtype == np.int64
+    for split, s in (("train", ds.train), ("t10k", ds.test)):
+        x, y = arrays[split]
+        assert all(np.array_equal(s.images[:, c], x) for c in range(3)) and s.labels.tolist() == y.tolist()
+    padded = load_dataset("fashion_mnist", data_dir=tmp_path, image_size=32)
+    assert padded.image_shape == (3, 32, 32) and np.array_equal(padded.train.images[:, :, 2:30, 2:30], ds.train.images)
+    border = padded.train.images.copy()
+    border[:, :, 2:30, 2:30] = 0
+    assert not border.any()  # the 2 px frame is zeros
+    small = load_dataset("fashion_mnist", data_dir=tmp_path, image_size=14)
+    assert small.image_shape == (3, 14, 14) and small.train.images.dtype == np.uint8
+    assert data.train_size("fashion_mnist", tmp_path, {}) == 5
+
+
+def test_fashion_mnist_search_order(tmp_path, no_system_fashion):
+    system = _write_fashion(no_system_fashion, n_train=4, seed=1)
+    ds = load_dataset("fashion_mnist", data_dir=tmp_path / "empty")  # falls back to the system copy
+    assert np.array_equal(ds.train.images[:, 0], system["train"][0])
+    assert data.train_size("fashion_mnist", tmp_path / "empty", {}) == 4
+    _write_fashion(tmp_path / "fashion-mnist", n_train=6, seed=2)
+    assert len(load_dataset("fashion_mnist", data_dir=tmp_path).train.labels) == 6  # data_dir first
+    _write_fashion(tmp_path / "elsewhere", n_train=2, seed=3)
+    assert len(load_dataset("fashion_mnist", data_dir=tmp_path, path="elsewhere").train.labels) == 2
+    assert data.train_size("fashion_mnist", tmp_path, {"path": str(tmp_path / "elsewhere")}) == 2
+    assert data.train_size("fashion_mnist", tmp_path, {"path": "nowhere"}) is None
+
+
+@pytest.mark.parametrize("damage, match", [
+    ("cut_gz", "unreadable"),          # a gzip stream cut short
+    ("cut_raw", "truncated"),          # fewer pixels than the header declares
+    ("labels_as_images", "magic number 0x00000801"),
+    ("short_header", "truncated IDX header"),
+])
+def test_fashion_mnist_bad_files(tmp_path, no_system_fashion, damage, match):
+    folder = tmp_path / "fashion-mnist"
+    _write_fashion(folder)
+    if damage == "cut_gz":
+        f = folder / "train-images-idx3-ubyte.gz"
+        f.write_bytes(f.read_bytes()[:-40])
+    elif damage == "cut_raw":
+        f = folder / "t10k-images-idx3-ubyte"
+        f.write_bytes(f.read_bytes()[:-100])
+    elif damage == "labels_as_images":
+        f = folder / "t10k-images-idx3-ubyte"
+        f.write_bytes((folder / "t10k-labels-idx1-ubyte").read_bytes())
+    else:
+        f = folder / "t10k-labels-idx1-ubyte"
+        f.write_bytes(b"\x00\x00\x08")
+    with pytest.raises(DatasetError, match=match) as e:
+        load_dataset("fashion_mnist", data_dir=tmp_path)
+    assert str(f) in str(e.value)
+
+
+def test_fashion_mnist_label_count_mismatch(tmp_path, no_system_fashion):
+    folder = tmp_path / "fashion-mnist"
+    _write_fashion(folder)
+    _write_idx(folder / "t10k-labels-idx1-ubyte", 0x801, np.zeros(2, np.uint8), gz=False)
+    with pytest.raises(DatasetError, match="2 labels for the 3 images"):
+        load_dataset("fashion_mnist", data_dir=tmp_path)
+
+
+def test_fashion_mnist_missing_names_both_places(tmp_path, no_system_fashion):
+    with pytest.raises(DatasetError) as e:
+        load_dataset("fashion_mnist", data_dir=tmp_path)
+    msg = str(e.value)
+    assert str(tmp_path / "fashion-mnist" / "train-images-idx3-ubyte") in msg and str(no_system_fashion) in msg
+    assert "apt-get install dataset-fashion-mnist" in msg
+    assert data.train_size("fashion_mnist", tmp_path, {}) is None
+
+
+REAL_FASHION = data.FASHION_MNIST_SYSTEM_DIR
+
+
+@pytest.mark.skipif(not (REAL_FASHION / "train-labels-idx1-ubyte.gz").exists(), reason="dataset-fashion-mnist not installed")
+def test_fashion_mnist_debian_package(tmp_path):
+    assert data.train_size("fashion_mnist", tmp_path, {}) == 60000
+    ds = load_dataset("fashion_mnist", data_dir=tmp_path, image_size=32)
+    assert ds.train.images.shape == (60000, 3, 32, 32) and ds.test.images.shape == (10000, 3, 32, 32)
+    assert np.bincount(ds.train.labels).tolist() == [6000] * 10 and np.bincount(ds.test.labels).tolist() == [1000] * 10
+
+
+# ---- folder -------------------------------------------------------------------------------------
+
+
+def test_folder_loader(tmp_path):
+    base = tmp_path / "mine"
+    _write_folder(base / "train", ["dog", "cat"], [(20, 30), (33, 17)], ext=".png")
+    _write_folder(base / "test", ["dog"], [(10, 12)], ext=".jpg")
+    (base / "train" / "cat" / "notes.txt").write_text("not an image")
+    Image.new("RGB", (5, 5)).save(base / "train" / "cat" / ".hidden.png")
+    (base / "train" / ".ipynb_checkpoints").mkdir()
+    ds = load_dataset("folder", data_dir=tmp_path, image_size=8, root="mine")
+    assert ds.name == "folder" and ds.classes == ["cat", "dog"] and ds.image_shape == (3, 8, 8)
+    assert ds.train.images.dtype == np.uint8 and ds.train.labels.tolist() == [0, 0, 1, 1]
+    assert ds.test.labels.tolist() == [1] and ds.test.labels.dtype == np.int64
+    assert np.all(ds.train.images[0] == 40) and np.all(ds.train.images[3] == 1)  # flat PNGs stay exact
+    assert data.train_size("folder", tmp_path, {"root": "mine"}) == 4
+    assert isinstance(load_dataset("folder", data_dir=tmp_path, image_size=8, root="mine").train.images, np.memmap)
+    # A new image makes a new cache instead of reusing the stale one.
+    Image.new("RGB", (9, 9)).save(base / "train" / "cat" / "extra.png")
+    assert len(load_dataset("folder", data_dir=tmp_path, image_size=8, root="mine").train.labels) == 5
+    assert data.train_size("folder", tmp_path, {"root": "mine"}) == 5
+
+
+def test_folder_image_size(tmp_path):
+    _write_folder(tmp_path / "train", ["a", "b"], [(12, 12)], ext=".png")
+    _write_folder(tmp_path / "test", ["a", "b"], [(12, 12)], ext=".png")
+    ds = load_dataset("folder", data_dir=tmp_path)  # one square size: kept as it is
+    assert ds.image_shape == (3, 12, 12) and ds.train.labels.tolist() == [0, 1]
+    Image.new("RGB", (12, 20)).save(tmp_path / "test" / "b" / "odd.png")
+    with pytest.raises(ConfigError, match="vary in size") as e:
+        load_dataset("folder", data_dir=tmp_path)
+    assert e.value.key == "image_size" and "odd.png" in str(e.value)
+    assert load_dataset("folder", data_dir=tmp_path, image_size=12).test.labels.tolist() == [0, 1, 1]
+
+
+def test_folder_layout_errors(tmp_path):
+    with pytest.raises(DatasetError, match="layout") as e:
+        load_dataset("folder", data_dir=tmp_path, image_size=8)
+    assert str(tmp_path / "train") in str(e.value)
+    assert data.train_size("folder", tmp_path, {}) is None
+    _write_folder(tmp_path / "train", ["a", "b"], [(8, 8)], ext=".png")
+    _write_folder(tmp_path / "test", ["a", "zebra"], [(8, 8)], ext=".png")
+    with pytest.raises(DatasetError, match="zebra"):
+        load_dataset("folder", data_dir=tmp_path, image_size=8)
+    with pytest.raises(ConfigError, match="options.root"):
+        load_dataset("folder", data_dir=tmp_path, root=3)
+    (tmp_path / "train" / "a" / "a_0.png").write_bytes(b"not a png")
+    (tmp_path / "test" / "zebra" / "zebra_0.png").unlink()
+    (tmp_path / "test" / "zebra").rmdir()
+    with pytest.raises(DatasetError, match="a_0.png"):
+        load_dataset("folder", data_dir=tmp_path, image_size=8)
+
+
+# ---- npz ----------------------------------------------------------------------------------------
+
+
+def test_npz_layouts(tmp_path):
+    rng = np.random.default_rng(0)
+    nhwc = rng.integers(0, 256, (6, 10, 10, 3), dtype=np.uint8)
+    nchw1 = rng.integers(0, 256, (2, 1, 10, 10), dtype=np.uint8)
+    np.savez_compressed(tmp_path / "a.npz", x_train=nhwc, y_train=np.array([0, 1, 2, 0, 1, 2]),
+                        x_test=nchw1, y_test=np.array([2, 0], np.int32), classes=np.array(["ant", "bee", "cat"]))
+    ds = load_dataset("npz", data_dir=tmp_path, path="a.npz")
+    assert ds.classes == ["ant", "bee", "cat"] and ds.image_shape == (3, 10, 10)
+    assert np.array_equal(ds.train.images, nhwc.transpose(0, 3, 1, 2)) and ds.train.labels.dtype == np.int64
+    assert np.array_equal(ds.test.images, np.repeat(nchw1, 3, axis=1)) and ds.test.labels.tolist() == [2, 0]
+    assert data.train_size("npz", tmp_path, {"path": "a.npz"}) == 6
+    gray = rng.integers(0, 256, (4, 9, 9), dtype=np.uint8)
+    np.savez(tmp_path / "b.npz", x_train=gray, y_train=np.array([0, 3, 1, 1]), x_test=gray[:1], y_test=np.array([1]))
+    ds = load_dataset("npz", data_dir=tmp_path, path=str(tmp_path / "b.npz"), image_size=16)
+    assert ds.classes == ["0", "1", "2", "3"] and ds.image_shape == (3, 16, 16) and ds.train.images.dtype == np.uint8
+    assert data.train_size("npz", tmp_path, {"path": "b.npz"}) == 4
+    assert data.train_size("npz", tmp_path, {"path": "c.npz"}) is None
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"y_test": None}, r"missing array\(s\) \['y_test'\]"),
+    ({"x_train": np.zeros((3, 8, 8), np.float32)}, "x_train has dtype float32"),
+    ({"x_test": np.zeros((1, 8, 8, 2), np.uint8)}, "x_test has shape"),
+    ({"y_train": np.array([0.0, 1.0, 1.0])}, "y_train has dtype float64"),
+    ({"y_train": np.array([0, 1])}, "y_train has dtype"),
+    ({"y_test": np.array([2])}, "y_test holds label 2 outside 0..1"),
+    ({"y_train": np.array([0, -1, 1])}, "label -1"),
+    ({"classes": np.array(["a", "b"], dtype=object)}, "classes cannot be read without pickle"),
+])
+def test_npz_errors(tmp_path, change, match):
+    arrays = {"x_train": np.zeros((3, 8, 8), np.uint8), "y_train": np.array([0, 1, 1]),
+              "x_test": np.zeros((1, 8, 8), np.uint8), "y_test": np.array([0]), "classes": np.array(["a", "b"])}
+    arrays.update(change)
+    np.savez(tmp_path / "d.npz", **{k: v for k, v in arrays.items() if v is not None}, allow_pickle=True)
+    with pytest.raises(DatasetError, match=match) as e:
+        load_dataset("npz", data_dir=tmp_path, path="d.npz")
+    assert str(tmp_path / "d.npz") in str(e.value)
+
+
+def test_npz_missing_and_options(tmp_path):
+    with pytest.raises(DatasetError, match="layout") as e:
+        load_dataset("npz", data_dir=tmp_path, path="none.npz")
+    assert str(tmp_path / "none.npz") in str(e.value)
+    with pytest.raises(ConfigError, match="options.path"):
+        load_dataset("npz", data_dir=tmp_path)
+    np.savez(tmp_path / "r.npz", x_train=np.zeros((2, 8, 6), np.uint8), y_train=np.array([0, 1]),
+             x_test=np.zeros((1, 8, 6), np.uint8), y_test=np.array([0]))
+    with pytest.raises(ConfigError, match="image_size"):
+        load_dataset("npz", data_dir=tmp_path, path="r.npz")  # not square: needs image_size
+    assert load_dataset("npz", data_dir=tmp_path, path="r.npz", image_size=8).image_shape == (3, 8, 8)
+    (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04garbage")
+    with pytest.raises(DatasetError, match="bad.npz"):
+        load_dataset("npz", data_dir=tmp_path, path="bad.npz")
+    with pytest.raises(DatasetError, match="bad.npz"):
+        data.train_size("npz", tmp_path, {"path": "bad.npz"})
+
+
+# ---- train_size ---------------------------------------------------------------------------------
+
+
+def test_train_size_fixed_and_digits(tmp_path):
+    assert [data.train_size(n, tmp_path, {}) for n in ("cifar10", "gtsrb", "imagenette", "imagenet")] == \
+        [50000, 26640, 9469, 1281167]
+    for opts in ({}, {"test_fraction": 0.5}, {"test_fraction": 0.33, "split_seed": 4}):
+        assert data.train_size("digits", tmp_path, opts) == len(load_dataset("digits", image_size=8, **opts).train.labels)
+    with pytest.raises(ConfigError, match="test_fraction"):
+        data.train_size("digits", tmp_path, {"test_fraction": 2})
+    with pytest.raises(ConfigError, match="only the options"):
+        data.train_size("cifar10", tmp_path, {"root": "x"})
+    with pytest.raises(ConfigError, match="fashion_mnist"):
+        data.train_size("mnist", tmp_path, {})
+
+
+def test_fashion_mnist_config_budget():
+    from poisongrid import config
+
+    cfg = config.load(Path(__file__).resolve().parents[1] / "configs" / "fashion-mnist.yaml")
+    ds = cfg["datasets"]["fashion_mnist"]
+    assert ds["loader"] == "fashion_mnist" and ds["image_size"] == 32
+    n = data.train_size(ds["loader"], cfg["data_dir"], ds["options"]) or 60000  # the set's size when not installed
+    poisoned = sum(max(int(n * a["ratio"]), a["min_count"]) for a in ds["attacks"].values())
+    assert cfg["bona_fide"]["n_clean"] <= n - poisoned
+
+
+def test_fashion_mnist_download(tmp_path, no_system_fashion, monkeypatch):
+    import torchvision.datasets.utils as tvu
+
+    fixture = _write_fashion(tmp_path / "fixture")
+    calls = []
+
+    def fake_download(url, root, filename, md5):  # stands in for the network: serves the fixture as .gz
+        calls.append((url, filename, md5))
+        src = tmp_path / "fixture" / filename
+        body = src.read_bytes() if src.exists() else gzip.compress(src.with_suffix("").read_bytes())
+        Path(root).mkdir(parents=True, exist_ok=True)
+        (Path(root) / filename).write_bytes(body)
+
+    monkeypatch.setattr(tvu, "download_url", fake_download)
+    ds = load_dataset("fashion_mnist", data_dir=tmp_path / "d", download=True)
+    assert sorted(f for _, f, _ in calls) == sorted(f"{s}-{k}-idx{d}-ubyte.gz" for s in ("train", "t10k")
+                                                    for k, d in (("images", 3), ("labels", 1)))
+    assert all(url.endswith(f) and md5 for url, f, md5 in calls)
+    assert np.array_equal(ds.test.images[:, 0], fixture["t10k"][0])
+    calls.clear()
+    load_dataset("fashion_mnist", data_dir=tmp_path / "d", download=True)
+    assert calls == []  # already there: nothing fetched
