@@ -217,7 +217,7 @@ def _check_teachers(cfg: dict) -> None:
 def _check_budgets(cfg: dict) -> None:
     n_clean = cfg["bona_fide"]["n_clean"]
     for name, ds in cfg["datasets"].items():
-        n = train_size(ds)
+        n = train_size(ds, cfg["data_dir"])
         if n is None:
             continue
         poisoned = sum(max(int(n * a["ratio"]), a["min_count"]) for a in ds["attacks"].values())
@@ -226,12 +226,11 @@ def _check_budgets(cfg: dict) -> None:
             raise ConfigError("bona_fide.n_clean", n_clean, f"at most {pool}, the untouched examples of '{name}' ({n} training images, {poisoned} poisoned)")
 
 
-def train_size(ds: dict) -> int | None:
-    if ds["loader"] == "digits":
-        from .data import load_dataset
+def train_size(ds: dict, data_dir: str = "data") -> int | None:
+    """The dataset's training-set size from metadata (headers, file counts), without loading it."""
+    from .data import train_size as size
 
-        return len(load_dataset("digits", image_size=8, **ds["options"]).train.labels)
-    return KNOWN_TRAIN_SIZES.get(ds["loader"])
+    return size(ds["loader"], data_dir, ds["options"])
 
 
 def attack_params(a: dict) -> dict:
