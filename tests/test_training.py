@@ -126,3 +126,84 @@ def test_no_gpu_under_slurm_is_a_config_error(monkeypatch):
     assert resolve_device("cpu").type == "cpu"  # deliberate CPU runs stay possible
     monkeypatch.delenv("SLURM_JOB_ID")
     assert resolve_device("auto").type == "cpu"
+
+
+def _params(model):
+    return [p.detach().clone() for p in model.state_dict().values()]
+
+
+def test_all_ones_weights_take_exactly_the_plain_step():
+    x, y = _data()
+    plain = fit(TR, x, y, 4, seed=5, device=CPU, epochs_to_run=2)
+    ones = fit(TR, x, y, 4, seed=5, device=CPU, epochs_to_run=2, weights=np.ones(len(y)), ascent_clamp=10.0)
+    assert plain.train_loss == ones.train_loss
+    for a, b in zip(_params(plain.model), _params(ones.model)):
+        assert torch.equal(a, b)
+
+
+def test_weighted_step_is_the_weighted_mean_and_ascent_is_clamped():
+    """One step on one batch equals a hand-built step on mean(w * clamp(loss)); ascent examples'
+    loss is clamped at ascent_clamp, so once past it their gradient is zero."""
+    x, y = _data(n=32)
+    w = np.linspace(-0.5, 1.0, 32).astype(np.float32)
+    w[w == 0] = 0.1
+    tr = {**TR, "epochs": 1}
+    res = fit(tr, x, y, 4, seed=2, device=CPU, weights=w, ascent_clamp=0.5)
+    # The same step by hand: same init (seed), same single full batch (order is irrelevant to a mean).
+    from poisongrid.models import build_model
+
+    torch.manual_seed(2)
+    model = build_model("smallcnn", 4, 16)
+    opt = torch.optim.AdamW(model.parameters(), lr=TR["lr"], weight_decay=TR["weight_decay"])
+    model.train()
+    per = F.cross_entropy(model(torch.from_numpy(x).float() / 255), torch.from_numpy(y), reduction="none")
+    wt = torch.from_numpy(w)
+    capped = torch.where(wt < 0, per.clamp(max=0.5), per.clamp(max=100))
+    (capped * wt).mean().backward()
+    opt.step()
+    for a, b in zip(res.model.state_dict().values(), model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_weights_must_be_nonzero_and_ascent_needs_a_clamp():
+    import pytest
+
+    x, y = _data(n=32)
+    with pytest.raises(ValueError, match="nonzero"):
+        fit(TR, x, y, 4, seed=0, device=CPU, weights=np.zeros(32))
+    with pytest.raises(ValueError, match="ascent_clamp"):
+        fit(TR, x, y, 4, seed=0, device=CPU, weights=-np.ones(32))
+
+
+def test_final_record_is_one_eval_pass_after_the_last_epoch():
+    x, y = _data()
+    res = fit(TR, x, y, 4, seed=0, device=CPU, record="final", epochs_to_run=2)
+    ev = fit(TR, x, y, 4, seed=0, device=CPU, record="eval", epochs_to_run=2)
+    assert res.losses.shape == (1, len(y))
+    np.testing.assert_array_equal(res.losses[0], ev.losses[-1])
+
+
+def test_optimizers_and_zero_padded_crop():
+    x, y = _data()
+    for opt in ("adam", "sgd"):
+        res = fit({**TR, "optimizer": opt, "lr": 1e-3 if opt == "adam" else 0.05}, x, y, 4, seed=0, device=CPU)
+        assert res.train_loss[-1] < res.train_loss[0]
+    gen = torch.Generator().manual_seed(0)
+    img = torch.full((64, 3, 8, 8), 200, dtype=torch.uint8)
+    out = AUGMENTS.get("crop_flip_zero")(img, gen, {})
+    # Zero padding shows as black borders on shifted crops; reflect padding never does.
+    assert (out == 0).any() and out.max() == 200
+    assert not (AUGMENTS.get("crop_flip")(img, gen, {}) == 0).any()
+
+
+def test_penultimate_features_are_the_last_linear_input():
+    from poisongrid.training import penultimate_features
+
+    x, y = _data(n=40)
+    res = fit(TR, x, y, 4, seed=0, device=CPU, epochs_to_run=1)
+    f = penultimate_features(res.model, x, CPU, batch_size=16)
+    assert f.shape == (40, 64) and f.dtype == np.float32
+    # The features map to the model's logits through its last layer.
+    last = res.model[-1]
+    logits = res.model.eval()(torch.from_numpy(x).float() / 255).detach()
+    torch.testing.assert_close(last(torch.from_numpy(f)), logits, rtol=1e-4, atol=1e-5)
