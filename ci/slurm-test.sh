@@ -7,7 +7,7 @@
 #
 #   1. ci/slurm-up.sh (idempotent: a running healthy cluster is left alone)
 #   2. one tiny grid (digits, scenario multi, defenses none + badloss, device cpu, no GPUs):
-#      trigger -> poison -> pretrain -> score -> filter -> train -> evaluate -> aggregate,
+#      trigger -> poison -> pretrain -> score -> plan -> train -> evaluate -> aggregate,
 #      run (a) locally with --cores 2 and (b) with --profile ci/slurm-profile (executor slurm)
 #   3. every stage job of (b) went through sbatch: each rule log says "in SLURM job <id>", and
 #      .snakemake/slurm_logs/ holds <id>.log for each of those ids (and each submitted job)
@@ -35,10 +35,10 @@ PROFILE="$REPO/ci/slurm-profile"
 SNAKEFILE="$REPO/Snakefile"
 FAULT_EPOCHS="${SLURM_TEST_FAULT_EPOCHS:-100}"
 PARTS=" ${SLURM_TEST_PARTS:-grid fault badinput} "
-STAGE_RULES=(trigger poison pretrain score filter train evaluate)
+STAGE_RULES=(trigger poison pretrain score plan train evaluate)
 CELL=results/digits/multi/seed0
-TRAJ="$CELL/pretrain/trajectories.parquet"
-PRETRAIN_LOG=logs/pretrain/digits/multi/seed0.log
+TRAJ="$CELL/models/pretrain/trajectories.parquet"
+PRETRAIN_LOG=logs/pretrain/digits/multi/seed0/pretrain.log
 export MPLBACKEND=Agg
 
 T0=$SECONDS
@@ -143,7 +143,8 @@ device: cpu
 threads: 1
 seeds: [0]
 cluster: {gpus_per_job: 0, gpu_mem_mb: 2000, cpu_mem_mb: 1000}
-pretrain: {r_epoch: $3}
+defender_models:
+  pretrain: {r_epoch: $3, augment: none, record: eval}
 bona_fide: {n_clean: 60}
 detectors:
   badloss: {type: badloss, k: 10, log_losses: true}
@@ -291,7 +292,7 @@ fi
 if has_part fault; then
 FD="$WORK/fault"
 PL="$FD/$PRETRAIN_LOG"
-CKPT="$FD/$TRAJ.ckpt"
+CKPT="$FD/$CELL/models/pretrain/model.pt.ckpt"
 [ -f "$FD/$CELL/poison/manifest.parquet" ] || fail "fault test inputs missing"
 log "fault test: pretrain ($FAULT_RUN epochs) through Slurm, retries 0; scancel after its first checkpoint"
 smk_slurm 400 "$FD" "$WORK/fault-run1.out" --retries 0 "$TRAJ" --configfile "$FAULT" &
@@ -315,7 +316,7 @@ wait "$RUN1" || rc=$?
 [ "$rc" -ne 124 ] && [ "$rc" -ne 137 ] || fail "snakemake did not notice the cancelled job $job1 (timed out)"
 log "snakemake failed as it should (rc $rc): $(grep -m 1 -o "SLURM-job '$job1' failed[^.]*" "$WORK/fault-run1.out" || true)"
 killed_epoch="$(sed -n 's/.*epoch \([0-9][0-9]*\)\/[0-9]* .*(checkpoint saved).*/\1/p' "$PL" | tail -n 1)"
-grep -q '^.*pretrain: [0-9]* epochs' "$PL" && fail "the pretrain job finished before it was cancelled; raise SLURM_TEST_FAULT_EPOCHS"
+grep -q '^.*pretrain pretrain ([a-z0-9_]*): [0-9]* epochs' "$PL" && fail "the pretrain job finished before it was cancelled; raise SLURM_TEST_FAULT_EPOCHS"
 [ -f "$CKPT" ] || fail "checkpoint $CKPT missing after the kill"
 [ ! -e "$FD/$TRAJ" ] || fail "$TRAJ exists after the kill"
 cp "$PL" "$WORK/pretrain-killed.log"

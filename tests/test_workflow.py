@@ -56,10 +56,10 @@ def test_tiny_grid_end_to_end(tmp_path):
     assert m["versions"]["torch"] and m["config"]["seed"] == 0
     tables = (res / "tables.md").read_text()
     assert "digits — multi" in tables and f"{100 * m['clean_accuracy']:.2f}" in tables
-    assert list((res / "figures").glob("fig_trajectories_digits_multi_seed0.png"))
+    assert list((res / "figures").glob("fig_trajectories_digits_multi_seed0_pretrain.png"))
 
     # Trajectory file: one row per training example.
-    traj = pd.read_parquet(res / "digits/multi/seed0/pretrain/trajectories.parquet")
+    traj = pd.read_parquet(res / "digits/multi/seed0/models/pretrain/trajectories.parquet")
     assert len(traj) == m["n_train"] and len(traj.columns) == 1 + round(0.3 * 12)
 
     # A rerun does nothing; a new defense variant reuses the poisoned set, trajectories and scores.
@@ -73,6 +73,51 @@ def test_tiny_grid_end_to_end(tmp_path):
     for rule in ("poison", "pretrain", "score", "trigger"):
         assert f"rule {rule}:" not in out, f"{rule} would rerun:\n{out[-3000:]}"
     assert "rule train:" in out
+
+
+def _job_counts(out: str) -> dict[str, int]:
+    """Snakemake's 'Job stats' table as {rule: count}."""
+    counts, inside = {}, False
+    for line in out.splitlines():
+        parts = line.split()
+        if line.startswith("Job stats:"):
+            inside = True
+        elif inside and parts and parts[0] == "total":
+            break
+        elif inside and len(parts) == 2 and parts[1].isdigit() and parts[0] != "all":
+            counts[parts[0]] = int(parts[1])
+    return counts
+
+
+@pytest.mark.slow
+def test_defender_models_are_trained_once_and_remedy_changes_reuse_them(tmp_path):
+    """Dry runs: two detectors naming one defender model train it once per cell; the `none` defense
+    reuses the attacked model; changing a remedy's parameters plans only plan/train/evaluate."""
+    cfg = {**TINY, "seeds": [0], "defender_models": {
+        "pretrain": {"r_epoch": 0.3, "augment": "none", "record": "eval"},
+        "teacher": {"model": "resnet_s", "epochs": 2, "optimizer": "adam", "weight_decay": 0}},
+        "detectors": {"badloss": {"type": "badloss", "k": 10, "log_losses": True}, "badloss_raw": {"type": "badloss", "k": 10},
+                      "lfd": {"type": "teacher_loss"}},
+        "defenses": {"none": {"remedy": "none"}, "badloss": {"detector": "badloss", "remedy": "remove"},
+                     "badloss_raw": {"detector": "badloss_raw", "remedy": "remove"},
+                     "lfd": {"detector": "lfd", "remedy": "reweight"},
+                     "lfd_remove": {"detector": "lfd", "remedy": "remove", "r_reject": 0.1}}}
+    cfgfile = tmp_path / "c.yaml"
+    cfgfile.write_text(yaml.safe_dump(cfg))
+    dry = snakemake(tmp_path, "all", "--configfile", str(cfgfile), "-n")
+    counts = _job_counts(dry.stdout)
+    n_cells = 2  # multi, single-patch
+    # pretrain, teacher, attacked per scenario: the two BaDLoss detectors share one pretraining.
+    assert counts["pretrain"] == 3 * n_cells and counts["score"] == 3 * n_cells
+    assert counts["plan"] == 5 * n_cells and counts["train"] == 4 * n_cells and counts["evaluate"] == 5 * n_cells
+    # A remedy parameter changed on a cell already run plans no poison/pretrain/score job.
+    snakemake(tmp_path, "results/digits/single-patch/seed0/lfd/metrics.json", "--configfile", str(cfgfile),
+              "--omit-from", "plan")  # everything up to the scores
+    cfg["defenses"]["lfd"]["alpha"] = 0.3
+    cfgfile.write_text(yaml.safe_dump(cfg))
+    dry = snakemake(tmp_path, "results/digits/single-patch/seed0/lfd/metrics.json", "--configfile", str(cfgfile), "-n")
+    counts = _job_counts(dry.stdout)
+    assert counts == {"plan": 1, "train": 1, "evaluate": 1}, dry.stdout[-3000:]
 
 
 @pytest.mark.slow

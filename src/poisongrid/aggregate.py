@@ -51,9 +51,11 @@ def _cell_rows(path) -> list[dict]:
     for k in REQUIRED:
         _need(m, k, path)
     # A file copied into the wrong cell directory would silently mislabel a row: check the layout when it is ours.
-    p = Path(path)
-    if len(p.parts) >= 5 and re.fullmatch(r"seed\d+", p.parts[-3]):
-        want = [p.parts[-5], p.parts[-4], int(p.parts[-3][4:]), p.parts[-2]]
+    from . import paths
+
+    w = paths.parse("metrics", Path(path).as_posix())
+    if w is not None:
+        want = [w["dataset"], w["scenario"], w["seed"], w["defense"]]
         got = [m["dataset"], m["scenario"], int(m["seed"]), m["defense"]]
         if [str(x) for x in want] != [str(x) for x in got]:
             raise ArtifactError(f"{path}: metrics say cell {got} but the path says {want}")
@@ -395,7 +397,10 @@ def capacity_figure(df: pd.DataFrame, out_path, title: str) -> Path | None:
 
 
 def _manifest_of(losses_path) -> Path:
-    return Path(losses_path).parents[2] / "poison" / "manifest.parquet"
+    from . import paths
+
+    w = paths.parse("losses", losses_path)
+    return Path(paths.path("manifest", w["results"], **{k: w[k] for k in ("dataset", "scenario", "seed")}))
 
 
 def run(metrics_paths: Iterable, out_dir, trajectory_paths: Iterable = (), teacher_paths: Iterable = ()) -> dict[str, list[Path]]:

@@ -100,7 +100,7 @@ def cmd_aggregate(args) -> None:
     if not metrics:
         import glob
 
-        metrics = sorted(glob.glob(f"{args.results}/*/*/seed*/*/metrics.json"))
+        metrics = sorted(glob.glob(paths.glob("metrics", args.results)))
     if not metrics:
         raise PoisongridError(f"no metrics.json under {args.results}/; run the grid first")
     written = aggregate.run(metrics, args.out or args.results, trajectory_paths=args.trajectories,

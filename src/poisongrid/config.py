@@ -448,13 +448,13 @@ def capacity_swept(rows) -> bool:
 
 
 def model_of_path(path) -> tuple[str, str, int, str]:
-    """(dataset, scenario, seed, model) of a …/{dataset}/{scenario}/seed{seed}/models/{model}/… file."""
-    import re
+    """(dataset, scenario, seed, model) of a defender model's loss file."""
+    from .paths import parse, pattern
 
-    p = Path(path)
-    if len(p.parts) < 6 or p.parts[-3] != "models" or not re.fullmatch(r"seed\d+", p.parts[-4]):
-        raise ConfigError("defender model file", str(p), "…/{dataset}/{scenario}/seed{seed}/models/{model}/trajectories.parquet")
-    return p.parts[-6], p.parts[-5], int(p.parts[-4][4:]), p.parts[-2]
+    w = parse("losses", path)
+    if w is None:
+        raise ConfigError("defender model file", str(path), f"a path like {pattern('losses')}")
+    return w["dataset"], w["scenario"], w["seed"], w["model"]
 
 
 def figure_name(kind: str, dataset: str, scenario: str, seed: int | None = None, model: str | None = None) -> str:

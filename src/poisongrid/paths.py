@@ -30,6 +30,32 @@ RESERVED = ("poison", "models", "scores")
 ATTACKED = "attacked"
 
 
+def glob(kind: str, results: str = "results") -> str:
+    """A glob matching every file of this kind under `results`."""
+    import re
+
+    return re.sub(r"\{[a-z]+\}", "*", PATTERNS[kind].replace("{results}", results))
+
+
+def parse(kind: str, file, results: str | None = None) -> dict | None:
+    """The wildcards of a file of this kind, read back from its path; None if it does not fit."""
+    import re
+
+    pat = re.escape(PATTERNS[kind])
+    pat = pat.replace(re.escape("{results}"), "(?P<results>.+)" if results is None else re.escape(results))
+    for w in WILDCARDS:
+        pat = pat.replace(re.escape("{" + w + "}"), f"(?P<{w}>[^/]+)")
+    m = re.fullmatch(pat, str(file))
+    if not m:
+        return None
+    out = m.groupdict()
+    if "seed" in out:
+        if not out["seed"].isdigit():
+            return None
+        out["seed"] = int(out["seed"])
+    return out
+
+
 def path(kind: str, results: str = "results", **wildcards) -> str:
     return PATTERNS[kind].format(results=results, **wildcards)
 

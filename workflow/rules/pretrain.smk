@@ -18,22 +18,3 @@ rule pretrain:
     shell:
         stage_shell("pretrain")
 
-
-rule features:
-    """Penultimate-layer features of every training example under one defender model."""
-    input:
-        unpack(inputs("features")),
-    output:
-        **outputs("features"),
-    params:
-        spec=spec("features"),
-        io=io_flags,
-    resources:
-        **resources_of("features"),
-    conda:
-        "../../envs/poisongrid.yaml"
-    log:
-        "logs/features/{dataset}/{scenario}/seed{seed}/{model}.log",
-    threads: config["threads"]
-    shell:
-        stage_shell("features")

@@ -1,0 +1,18 @@
+rule features:
+    """Penultimate-layer features of every training example under one defender model."""
+    input:
+        unpack(inputs("features")),
+    output:
+        **outputs("features"),
+    params:
+        spec=spec("features"),
+        io=io_flags,
+    resources:
+        **resources_of("features"),
+    conda:
+        "../../envs/poisongrid.yaml"
+    log:
+        "logs/features/{dataset}/{scenario}/seed{seed}/{model}.log",
+    threads: config["threads"]
+    shell:
+        stage_shell("features")
