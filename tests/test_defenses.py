@@ -11,6 +11,7 @@ import torch
 from poisongrid import config, paths, poisoning, stages, trajectories
 from poisongrid.detectors import DETECTORS, read_scores
 from poisongrid.io import write_table
+from poisongrid.jobs import cell_jobs, run_job
 from poisongrid.remedies import REMEDIES, lfd_weights
 
 RUNTIME = {"device": "cpu", "threads": 1}
@@ -136,13 +137,8 @@ def cell(tmp_path_factory):
                            "detectors": {"badloss": {"type": "badloss", "k": 10}, "lfd": {"type": "teacher_loss"}},
                            "defenses": {"none": {"remedy": "none"}, "badloss": {"detector": "badloss", "remedy": "remove"},
                                         "lfd": {"detector": "lfd", "remedy": "reweight", "alpha": 0.15}}})
-    w = dict(dataset="digits", scenario="multi", seed=0)
-
     def run(stage, **extra):
-        spec = config.stage_spec(cfg, stage, "digits", "multi", 0, **extra)
-        inp = paths.inputs(stage, spec, str(root), **w, **extra)
-        out = paths.outputs(stage, str(root), **w, **extra)
-        return getattr(stages, stage)(spec, inp, out), inp, out
+        return run_job(cfg, stage, str(root), dataset="digits", scenario="multi", seed=0, **extra)
 
     run("poison")
     return cfg, root, run
@@ -217,3 +213,13 @@ def test_every_detector_declares_what_it_reads():
         spec = {"type": name, "model": "x"}
         assert paths.STAGES["score"].inputs(spec)["manifest"] == ("manifest", {})
     json.dumps(paths.outputs("pretrain"))
+
+
+def test_cell_jobs_cover_each_defense_once(cell):
+    cfg, _, _ = cell
+    jobs = cell_jobs(cfg, "digits", "multi", 0, ["none", "badloss", "lfd"])
+    names = [(s, c.get("model") or c.get("detector") or c.get("defense")) for s, c in jobs]
+    assert names[0] == ("poison", None)
+    assert [n for s, n in names if s == "pretrain"] == ["attacked", "pretrain", "teacher"]
+    assert ("train", "none") not in names and ("train", "lfd") in names
+    assert names.index(("score", "lfd")) < names.index(("plan", "lfd")) < names.index(("train", "lfd"))
