@@ -60,7 +60,7 @@ include: "workflow/rules/aggregate.smk"
 
 rule all:
     input:
-        f"{RESULTS}/summary.csv",
+        pgp.path("summary", RESULTS),
         f"{RESULTS}/tables.md",
     default_target: True
 

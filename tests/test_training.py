@@ -207,3 +207,26 @@ def test_penultimate_features_are_the_last_linear_input():
     last = res.model[-1]
     logits = res.model.eval()(torch.from_numpy(x).float() / 255).detach()
     torch.testing.assert_close(last(torch.from_numpy(f)), logits, rtol=1e-4, atol=1e-5)
+
+
+def test_progress_lines_and_epoch_rate_and_eta():
+    import re
+
+    x, y = _data()
+    msgs = []
+    fit(TR, x, y, 4, seed=0, device=CPU, epochs_to_run=3, log=msgs.append, progress_every=0)
+    epochs = [m for m in msgs if re.match(r"epoch \d+/3 train_loss", m)]
+    batches = [m for m in msgs if re.match(r"epoch \d+/3: batch \d+/5, \d+ img/s$", m)]
+    assert len(epochs) == 3 and all(re.search(r" \d+ img/s [\d.hms]+ ETA [\d.hms]+$", m) for m in epochs)
+    assert epochs[-1].endswith("ETA 0.0s")
+    assert len(batches) == 15 and batches[0].startswith("epoch 1/3: batch 1/5") and batches[-1].startswith("epoch 3/3: batch 5/5")
+    # The default interval (60 s) leaves a short run with epoch lines only.
+    quiet = []
+    fit(TR, x, y, 4, seed=0, device=CPU, epochs_to_run=1, log=quiet.append)
+    assert len(quiet) == 1 and "img/s" in quiet[0] and "ETA" in quiet[0]
+
+
+def test_format_duration():
+    from poisongrid.training import format_duration
+
+    assert [format_duration(s) for s in (4.24, 192, 3600 + 5 * 60 + 10, float("nan"))] == ["4.2s", "3m12s", "1h05m", "?"]

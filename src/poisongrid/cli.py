@@ -118,6 +118,18 @@ def cmd_validate(args) -> None:
     print(f"{args.config}: valid; {len(cfg['datasets'])} dataset(s), {n} cell(s)")
 
 
+def cmd_status(args) -> None:
+    from . import config, status
+
+    cfg = config.load(args.configfile, deep=False)  # the deep checks import torch; status only lists files
+    try:
+        print(status.report(cfg, args.results, args.logs, per_job=args.jobs, window=args.window), flush=True)
+    except BrokenPipeError:  # `poisongrid status | head`: the reader left; nothing is wrong
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def cmd_show(args) -> None:
     """Print a trajectory / manifest / scores file's shape, metadata and first rows."""
     import pyarrow.parquet as pq
@@ -163,6 +175,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a config file and count its cells")
     p.add_argument("config")
     p.set_defaults(fn=cmd_validate)
+
+    from . import status
+
+    p = sub.add_parser("status", help="which cells and jobs of a grid are done, running, checkpointed, failed or not started",
+                       description=status.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configfile", nargs="+", default=["config.yaml"], metavar="FILE",
+                   help="the grid's config file(s), merged in order as Snakemake does (default: config.yaml)")
+    p.add_argument("--results", default="results", help="results root (default: results)")
+    p.add_argument("--logs", default="logs", help="the rules' log root (default: logs)")
+    p.add_argument("--jobs", action="store_true", help="one line per job instead of one per cell")
+    p.add_argument("--window", type=float, default=status.RUNNING_WINDOW_S, metavar="SECONDS",
+                   help="a log or temporary file modified this recently marks a job running (default: %(default)g)")
+    p.set_defaults(fn=cmd_status)
 
     p = sub.add_parser("show", help="print a poisongrid Parquet file's metadata and first rows")
     p.add_argument("file"); p.add_argument("--rows", type=int, default=5)

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .paths import ATTACKED
 
 SCHEMA = json.loads(resources.files("poisongrid").joinpath("schemas/config.schema.json").read_text())
 
@@ -60,17 +61,18 @@ def _allowed(err) -> str:
     return err.message
 
 
-def load(path: str | Path | None = None, overrides: dict | None = None) -> dict:
-    """Read a YAML config (optionally deep-merged with overrides), fill defaults, validate."""
+def load(path: str | Path | list | None = None, overrides: dict | None = None, *, deep: bool = True) -> dict:
+    """Read a YAML config (several: deep-merged in order, as Snakemake merges --configfile files;
+    then overrides), fill defaults, validate (`deep=False`: see `validate`)."""
     cfg: dict = {}
-    if path is not None:
-        p = Path(path)
+    for one in ([] if path is None else [path] if isinstance(path, (str, Path)) else path):
+        p = Path(one)
         if not p.exists():
             raise ConfigError("config", str(p), "a path to an existing YAML file")
-        cfg = yaml.safe_load(p.read_text()) or {}
+        cfg = _merge(cfg, yaml.safe_load(p.read_text()) or {})
     if overrides:
         cfg = _merge(cfg, overrides)
-    return validate(cfg)
+    return validate(cfg, deep=deep)
 
 
 def _merge(a: dict, b: dict) -> dict:
@@ -80,8 +82,12 @@ def _merge(a: dict, b: dict) -> dict:
     return out
 
 
-def validate(cfg: dict) -> dict:
-    """Fill defaults in place and check everything that can be checked before a job runs."""
+def validate(cfg: dict, deep: bool = True) -> dict:
+    """Fill defaults in place and check everything that can be checked before a job runs.
+
+    `deep=False` fills the same defaults but skips the checks that import torch or read the data
+    (model, augmentation and optimizer names, attack parameters, teacher sizes, training-set
+    budgets): enough to enumerate the grid's jobs in a fraction of a second."""
     if not isinstance(cfg, dict):
         raise ConfigError("config", cfg, "a mapping of keys")
     errors = sorted(_validator_class()(SCHEMA).iter_errors(cfg), key=lambda e: list(e.absolute_path))
@@ -90,27 +96,31 @@ def validate(cfg: dict) -> dict:
         value = e.instance if not isinstance(e.instance, dict) else "{…}"
         raise ConfigError(_path(e), value, _allowed(e))
     for name, ds in cfg["datasets"].items():
-        _check_dataset(name, ds)
-    _check_defender_models(cfg)
-    _check_detectors_defenses(cfg)
-    _check_budgets(cfg)
+        _check_dataset(name, ds, deep)
+    cfg["defender_models"].setdefault(ATTACKED, {})
+    if deep:
+        _check_defender_models(cfg)
+    _check_detectors_defenses(cfg, deep)
+    if deep:
+        _check_budgets(cfg)
     if cfg["cluster"]["gpus_per_job"] == 0 and cfg["device"] == "cuda":
         raise ConfigError("cluster.gpus_per_job", 0, "at least 1 when device is 'cuda' (or set device: cpu)")
     return cfg
 
 
-def _check_dataset(name: str, ds: dict) -> None:
+def _check_dataset(name: str, ds: dict, deep: bool = True) -> None:
     from .attacks import ATTACKS
     from .data import DATASETS
-    from .models import MODELS
-
-    from .training import AUGMENTS, OPTIMIZERS
 
     ds.setdefault("loader", name)
     DATASETS.get(ds["loader"], f"datasets.{name}.loader")
-    MODELS.get(ds["model"], f"datasets.{name}.model")
-    AUGMENTS.get(ds["augment"], f"datasets.{name}.augment")
-    OPTIMIZERS.get(ds["optimizer"], f"datasets.{name}.optimizer")
+    if deep:
+        from .models import MODELS
+        from .training import AUGMENTS, OPTIMIZERS
+
+        MODELS.get(ds["model"], f"datasets.{name}.model")
+        AUGMENTS.get(ds["augment"], f"datasets.{name}.augment")
+        OPTIMIZERS.get(ds["optimizer"], f"datasets.{name}.optimizer")
     total = 0.0
     for aname, a in ds["attacks"].items():
         key = f"datasets.{name}.attacks.{aname}"
@@ -126,7 +136,7 @@ def _check_dataset(name: str, ds: dict) -> None:
         params = attack_params(a)
         if cls.needs_trigger_file:
             params = {**params, "trigger": None}  # made later by the trigger stage
-        else:
+        elif deep:
             # Building the attack once validates its parameters now, not hours into a run.
             cls((3, ds["image_size"] or 32, ds["image_size"] or 32), 0, **params)
     if total >= 1:
@@ -141,11 +151,10 @@ def _check_dataset(name: str, ds: dict) -> None:
 
 def _check_defender_models(cfg: dict) -> None:
     from .models import MODELS
-    from .paths import ATTACKED
     from .training import AUGMENTS, OPTIMIZERS
 
     models = cfg["defender_models"]
-    att = models.setdefault(ATTACKED, {})
+    att = models[ATTACKED]
     # The attacked model IS the final training on the whole set; only what it records may vary.
     for k in att:
         if k not in ("record", "spike_rule", "spike_factor"):
@@ -165,7 +174,7 @@ def _check_defender_models(cfg: dict) -> None:
             raise ConfigError(f"{key}.crop_scale", m["crop_scale"], "[lo, hi] with 0 < lo <= hi <= 1")
 
 
-def _check_detectors_defenses(cfg: dict) -> None:
+def _check_detectors_defenses(cfg: dict, deep: bool = True) -> None:
     from .detectors import DETECTORS
     from .paths import RESERVED
     from .remedies import REMEDIES
@@ -187,7 +196,8 @@ def _check_detectors_defenses(cfg: dict) -> None:
                     raise ConfigError(f"{key}.{where}", v, f"one of the configured {where} {sorted(allowed)}")
         cls = REMEDIES.get(d["remedy"], f"{key}.remedy")
         d.update(cls.check(d, key, cfg))
-    _check_teachers(cfg)
+    if deep:
+        _check_teachers(cfg)
 
 
 def _check_teachers(cfg: dict) -> None:

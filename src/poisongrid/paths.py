@@ -1,4 +1,4 @@
-"""The artifact layout and each stage's inputs and outputs, declared once.
+"""The artifact layout, the rules' logs and each stage's inputs and outputs, declared once.
 
 The Snakefile's rules and the CLI's default paths both come from `STAGES`: a stage's outputs are
 fixed artifact kinds; its inputs are a function of the stage's spec (the part of the config the
@@ -21,6 +21,20 @@ PATTERNS = {
     "plan": CELL + "/{defense}/plan.parquet",
     "final_model": CELL + "/{defense}/model.pt",
     "metrics": CELL + "/{defense}/metrics.json",
+    "summary": "{results}/summary.csv",
+}
+# Each rule's log (Snakemake's `log:`), under the logs root; `poisongrid status` reads them.
+LOG_CELL = "{logs}/{stage}/{dataset}/{scenario}/seed{seed}"
+LOGS = {
+    "trigger": "{logs}/trigger/{dataset}/{attack}-seed{seed}.log",
+    "poison": LOG_CELL + ".log",
+    "pretrain": LOG_CELL + "/{model}.log",
+    "features": LOG_CELL + "/{model}.log",
+    "score": LOG_CELL + "/{detector}.log",
+    "plan": LOG_CELL + "/{defense}.log",
+    "train": LOG_CELL + "/{defense}.log",
+    "evaluate": LOG_CELL + "/{defense}.log",
+    "aggregate": "{logs}/aggregate/aggregate.log",
 }
 WILDCARDS = ("dataset", "scenario", "seed", "attack", "model", "detector", "defense")
 # Directory names a defense may not take, since they sit beside the defense folders.
@@ -63,6 +77,16 @@ def path(kind: str, results: str = "results", **wildcards) -> str:
 def pattern(kind: str, results: str = "results") -> str:
     """The Snakemake pattern: every wildcard but the results root left in braces."""
     return PATTERNS[kind].replace("{results}", results)
+
+
+def log_pattern(stage: str, logs: str = "logs") -> str:
+    """The rule's `log:` pattern: every wildcard but the logs root and the stage left in braces."""
+    return LOGS[stage].replace("{logs}", logs).replace("{stage}", stage)
+
+
+def log(stage: str, logs: str = "logs", **cell) -> str:
+    """The log file of one job."""
+    return log_pattern(stage, logs).format(**cell)
 
 
 # An input: (artifact kind, wildcards it sets beyond the job's own).

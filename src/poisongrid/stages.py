@@ -63,7 +63,7 @@ def trigger(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
     eps = float(atk.get("eps", 16 / 255))
     target_imgs = ds.train.images[labels == target]
     trig = optimize_trigger(res.model, target_imgs, target, eps=eps, steps=sur["steps"], lr=sur["lr"],
-                            batch_size=spec["training"]["batch_size"], seed=seed, device=device)
+                            batch_size=spec["training"]["batch_size"], seed=seed, device=device, log=log)
     meta = {"target": target, "eps": eps, "surrogate_pool": int(len(pool)), "wall_time_s": time.perf_counter() - t0}
     save_npz(out["out"], trigger=trig.astype(np.float32), target=np.int64(target))
     log(f"trigger done: l-inf {np.abs(trig).max() * 255:.1f}/255 in {meta['wall_time_s']:.1f}s")

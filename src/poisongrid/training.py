@@ -199,7 +199,8 @@ def as_tensor_data(images, device: torch.device, max_bytes: int = 8 << 30):
 def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: int, device: torch.device,
         epochs_to_run: int | None = None, record: str | None = None, weights: np.ndarray | None = None,
         ascent_clamp: float | None = None, checkpoint: str | None = None,
-        fingerprint: str = "", log: Callable[[str], None] | None = None) -> TrainResult:
+        fingerprint: str = "", log: Callable[[str], None] | None = None,
+        progress_every: float | None = 60.0) -> TrainResult:
     """Train a fresh model from `training` (model, epochs, batch_size, optimizer, lr, weight_decay,
     loss_clamp, augment). The cosine schedule spans `training['epochs']`; `epochs_to_run` stops early
     (BaDLoss pretraining). `record`: None, 'eval' (extra eval-mode pass after every epoch, paper),
@@ -215,7 +216,11 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
     atomically after every epoch, and a run restarted with the same `fingerprint` (a digest of
     everything the result depends on) resumes after the last saved epoch, ending with the same
     result as an uninterrupted run (bit-equal on CPU). A checkpoint with another fingerprint is
-    ignored. The caller deletes the checkpoint once its own output is written."""
+    ignored. The caller deletes the checkpoint once its own output is written.
+
+    With `log`, every epoch logs its loss, images/s, wall time and an ETA for the rest of the run;
+    an epoch running longer than `progress_every` seconds also logs the batches done and images/s
+    every `progress_every` seconds (None: never), so a long job's log shows it is alive."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     n = len(labels)
@@ -261,7 +266,13 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
         if log:
             log(f"resumed from checkpoint {checkpoint}: epochs 1-{start} done, continuing at epoch {start + 1}/{run}")
     t0 = time.perf_counter()
+    n_batches = -(-n // bs)
+    epoch_times: list[float] = []
     for epoch in range(start, run):
+        t_ep = time.perf_counter()
+        # One clock read per batch; on CUDA it measures the host's progress (kernels run
+        # asynchronously), which is close enough for a heartbeat and costs no device sync.
+        next_report = t_ep + progress_every if (log and progress_every is not None) else math.inf
         model.train()
         perm = torch.randperm(n, generator=gen)
         # One host-to-device copy of the order per epoch, not one per batch.
@@ -287,9 +298,15 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
             loss.backward()
             opt.step()
             ep_sum += loss.detach() * len(idx)
+            now = time.perf_counter()
+            if now >= next_report:
+                done = min(s + bs, n)
+                log(f"epoch {epoch + 1}/{run}: batch {s // bs + 1}/{n_batches}, {done / (now - t_ep):.0f} img/s")
+                next_report = now + progress_every
         sched.step()
         seen += n
-        train_loss.append(float(ep_sum) / n)
+        train_loss.append(float(ep_sum) / n)  # syncs the device: the pass's time is real from here
+        t_pass = time.perf_counter() - t_ep
         if record == "eval":
             losses[epoch] = per_example_loss(model, data, y, device, amp=amp).numpy()
         elif record == "train":
@@ -302,14 +319,30 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
                 "model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                 "gen": gen.get_state(), "torch_rng": torch.get_rng_state(), "train_loss": train_loss,
                 "losses": torch.from_numpy(losses[:epoch + 1].copy()) if record in ("eval", "train") else torch.zeros(0)})
+        epoch_times.append(time.perf_counter() - t_ep)
         if log:
-            log(f"epoch {epoch + 1}/{run} train_loss {train_loss[-1]:.4f} lr {sched.get_last_lr()[0]:.2e}"
-                + (" (checkpoint saved)" if checkpoint else ""))
+            eta = (run - epoch - 1) * sum(epoch_times) / len(epoch_times)
+            log(f"epoch {epoch + 1}/{run} train_loss {train_loss[-1]:.4f} lr {sched.get_last_lr()[0]:.2e} "
+                f"{n / t_pass if t_pass > 0 else float('nan'):.0f} img/s {format_duration(epoch_times[-1])} "
+                f"ETA {format_duration(eta)}" + (" (checkpoint saved)" if checkpoint else ""))
     if device.type == "cuda":
         torch.cuda.synchronize()
     wall = before + time.perf_counter() - t0
     return TrainResult(model=model, losses=losses, train_loss=train_loss, wall_time_s=wall,
                        images_per_s=seen / wall if wall > 0 else float("nan"), epochs_run=run)
+
+
+def format_duration(seconds: float) -> str:
+    """12.3s, 3m12s, 2h05m: short enough for a log line."""
+    if not math.isfinite(seconds):
+        return "?"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    m, s = divmod(int(round(seconds)), 60)
+    if m < 60:
+        return f"{m}m{s:02d}s"
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m"
 
 
 def _save_checkpoint(path: str, state: dict) -> None:

@@ -5,7 +5,7 @@ rule aggregate:
         trajectories=all_trajectories(),
         teacher=all_teacher_losses(),
     output:
-        csv=report(f"{RESULTS}/summary.csv", category="Tables",
+        csv=report(pgp.path("summary", RESULTS), category="Tables",
                    labels={"table": "summary.csv: one row per cell and attack (download)"}),
         parquet=f"{RESULTS}/summary.parquet",
         tables=f"{RESULTS}/tables.md",
@@ -18,6 +18,6 @@ rule aggregate:
     conda:
         "../../envs/poisongrid.yaml"
     log:
-        "logs/aggregate/aggregate.log",
+        pgp.log_pattern("aggregate"),
     shell:
         f"poisongrid aggregate --out {RESULTS} --metrics {{input.metrics}} --trajectories {{input.trajectories}} --teacher-losses {{input.teacher}} > {{log}} 2>&1"

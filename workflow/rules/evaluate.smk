@@ -15,7 +15,7 @@ rule evaluate:
     conda:
         "../../envs/poisongrid.yaml"
     log:
-        "logs/evaluate/{dataset}/{scenario}/seed{seed}/{defense}.log",
+        pgp.log_pattern("evaluate"),
     threads: config["threads"]
     shell:
         stage_shell("evaluate")

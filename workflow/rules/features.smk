@@ -12,7 +12,7 @@ rule features:
     conda:
         "../../envs/poisongrid.yaml"
     log:
-        "logs/features/{dataset}/{scenario}/seed{seed}/{model}.log",
+        pgp.log_pattern("features"),
     threads: config["threads"]
     shell:
         stage_shell("features")

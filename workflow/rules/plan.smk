@@ -15,6 +15,6 @@ rule plan:
     conda:
         "../../envs/poisongrid.yaml"
     log:
-        "logs/plan/{dataset}/{scenario}/seed{seed}/{defense}.log",
+        pgp.log_pattern("plan"),
     shell:
         stage_shell("plan")

@@ -15,6 +15,6 @@ rule poison:
     conda:
         "../../envs/poisongrid.yaml"
     log:
-        "logs/poison/{dataset}/{scenario}/seed{seed}.log",
+        pgp.log_pattern("poison"),
     shell:
         stage_shell("poison")

@@ -13,7 +13,7 @@ rule pretrain:
     conda:
         "../../envs/poisongrid.yaml"
     log:
-        "logs/pretrain/{dataset}/{scenario}/seed{seed}/{model}.log",
+        pgp.log_pattern("pretrain"),
     threads: config["threads"]
     shell:
         stage_shell("pretrain")

@@ -15,6 +15,6 @@ rule score:
     conda:
         "../../envs/poisongrid.yaml"
     log:
-        "logs/score/{dataset}/{scenario}/seed{seed}/{detector}.log",
+        pgp.log_pattern("score"),
     shell:
         stage_shell("score")

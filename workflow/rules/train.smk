@@ -12,7 +12,7 @@ rule train:
     conda:
         "../../envs/poisongrid.yaml"
     log:
-        "logs/train/{dataset}/{scenario}/seed{seed}/{defense}.log",
+        pgp.log_pattern("train"),
     threads: config["threads"]
     shell:
         stage_shell("train")

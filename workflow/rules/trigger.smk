@@ -10,7 +10,7 @@ rule trigger:
     conda:
         "../../envs/poisongrid.yaml"
     log:
-        "logs/trigger/{dataset}/{attack}-seed{seed}.log",
+        pgp.log_pattern("trigger"),
     threads: config["threads"]
     shell:
         stage_shell("trigger")

@@ -1,7 +1,7 @@
 """Narcissus (Zeng et al. 2022): a clean-label additive trigger optimised on a surrogate model."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -45,7 +45,8 @@ class Narcissus(Attack):
 
 def optimize_trigger(surrogate: torch.nn.Module, images: np.ndarray, target: int, *, eps: float = 16 / 255,
                      steps: int = 1000, lr: float = 0.01, batch_size: int = 128, seed: int = 0,
-                     device: str | torch.device = "cpu", augment: bool = True) -> np.ndarray:
+                     device: str | torch.device = "cpu", augment: bool = True,
+                     log: Callable[[str], None] | None = None) -> np.ndarray:
     """Optimise a Narcissus trigger: delta (C, H, W) in [0,1] units, |delta| <= eps.
 
     Each round draws a minibatch of the target-class `images` (uint8, (N, C, H, W)), applies
@@ -54,7 +55,10 @@ def optimize_trigger(surrogate: torch.nn.Module, images: np.ndarray, target: int
     takes an Adam step that lowers the surrogate's cross-entropy toward `target`; delta is then
     projected back to [-eps, eps]. `surrogate` maps [0,1] images to logits; it is used in eval
     mode with frozen parameters and restored afterwards. Starts from delta = 0; all randomness
-    comes from a generator seeded with `seed`, so CPU runs are deterministic."""
+    comes from a generator seeded with `seed`, so CPU runs are deterministic. With `log`, about
+    every 10% of the steps logs the step, the batch loss and the time so far."""
+    import time
+
     import torch
     import torch.nn.functional as F
 
@@ -77,8 +81,10 @@ def optimize_trigger(surrogate: torch.nn.Module, images: np.ndarray, target: int
     for p in surrogate.parameters():
         p.requires_grad_(False)
     try:
+        t0 = time.perf_counter()
+        every = max(1, steps // 10)
         with torch.enable_grad():
-            for _ in range(steps):
+            for step in range(steps):
                 idx = torch.randint(0, n, (min(batch_size, n),), generator=gen)
                 x = data[idx.to(device)].float().div_(255)
                 x = (x + delta).clamp(0, 1)
@@ -94,6 +100,12 @@ def optimize_trigger(surrogate: torch.nn.Module, images: np.ndarray, target: int
                 opt.step()
                 with torch.no_grad():
                     delta.clamp_(-eps, eps)  # project onto the l-inf ball after every step
+                if log and ((step + 1) % every == 0 or step + 1 == steps):
+                    from ..training import format_duration
+
+                    # .item() syncs the device, so only on the ~10 logged steps.
+                    log(f"narcissus step {step + 1}/{steps} loss {loss.item():.4f} "
+                        f"elapsed {format_duration(time.perf_counter() - t0)}")
     finally:
         for p, f in zip(surrogate.parameters(), flags):
             p.requires_grad_(f)
