@@ -1,12 +1,12 @@
 # poisongrid: datasets x scenarios x defenses x seeds.
 #   snakemake --cores 2 --configfile configs/demo.yaml all
-#   snakemake --cores 2 results/digits/multi/seed0/badloss/metrics.json   (one cell)
+#   snakemake --cores 2 results/demo/digits/multi/seed0/badloss/metrics.json --configfile configs/demo.yaml   (one cell)
 import json
 import os
 import shlex
 import sys
 
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version, update_config
 
 from poisongrid import config as pgc
 from poisongrid import paths as pgp
@@ -14,19 +14,22 @@ from poisongrid.errors import PoisongridError
 
 min_version("8.0")
 
-# --configfile replaces the paper grid rather than being merged into it.
-if not config:
+# --configfile replaces the paper grid rather than being merged into it; --config KEY=YAML
+# overrides merge into whichever file is used (nested values as YAML flow mappings, typed).
+if not workflow.overwrite_configfiles:
 
-    configfile: "config.yaml"
+    configfile: os.path.join(workflow.basedir, "config.yaml")
 
 
-validate(config, "workflow/schemas/config.schema.json")
+update_config(config, pgc.typed_overrides(workflow.config_settings.config))
 try:
     pgc.validate(config)
 except PoisongridError as e:
     sys.exit(f"poisongrid: invalid configuration: {e}")
 
-RESULTS = "results"
+# Each config writes under its own results folder (its `results` key, else results/<file name>),
+# so two grids never share aggregate files.
+RESULTS = pgc.results_dir(config, workflow.overwrite_configfiles)
 # envs/poisongrid.yaml installs the package from here when --sdm conda builds the environment.
 os.environ.setdefault("POISONGRID_ROOT", workflow.basedir)
 
@@ -59,7 +62,9 @@ include: "workflow/rules/aggregate.smk"
 
 
 rule all:
+    """Every cell's metrics (a deleted one is made again) and the aggregate tables and figures."""
     input:
+        all_metrics(),
         pgp.path("summary", RESULTS),
         f"{RESULTS}/tables.md",
     default_target: True

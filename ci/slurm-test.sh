@@ -139,6 +139,7 @@ log "work dir $WORK"
 # rejected by sbatch: "Requested node configuration is not available").
 write_config() {  # file epochs r_epoch
     cat >"$1" <<EOF
+results: results
 device: cpu
 threads: 1
 seeds: [0]

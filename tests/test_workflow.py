@@ -12,6 +12,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY = {
+    "results": "results",
     "device": "cpu",
     "threads": 1,
     "seeds": [0],
@@ -61,6 +62,12 @@ def test_tiny_grid_end_to_end(tmp_path):
     # Trajectory file: one row per training example.
     traj = pd.read_parquet(res / "digits/multi/seed0/models/pretrain/trajectories.parquet")
     assert len(traj) == m["n_train"] and len(traj.columns) == 1 + round(0.3 * 12)
+
+    # A deleted cell comes back with `all`.
+    (res / "digits/single-patch/seed0/badloss/metrics.json").unlink()
+    dry = snakemake(tmp_path, "all", "--configfile", str(cfgfile), "-n")
+    assert _job_counts(dry.stdout) == {"evaluate": 1, "aggregate": 1}, dry.stdout[-2000:]
+    snakemake(tmp_path, "all", "--configfile", str(cfgfile))
 
     # A rerun does nothing; a new defense variant reuses the poisoned set, trajectories and scores.
     assert "Nothing to be done" in snakemake(tmp_path, "all", "--configfile", str(cfgfile)).stdout + \
@@ -145,3 +152,33 @@ def test_missing_dataset_fails_once_with_path(tmp_path):
     assert "Trying to restart" not in out  # a real failure is not retried
     log = (tmp_path / "logs/poison/cifar10/single-patch/seed0.log").read_text()
     assert "cifar-10-batches-py" in log and str(tmp_path / "nodata") in log
+
+
+@pytest.mark.slow
+def test_each_config_writes_its_own_results_and_overrides_are_typed(tmp_path):
+    """Dry runs: two configs without a `results` key plan under results/<file name>; --config
+    KEY=YAML overrides reach nested keys as the right types, also without --configfile."""
+    base = {k: v for k, v in TINY.items() if k != "results"}
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(base))
+        out = snakemake(tmp_path, "all", "--configfile", str(tmp_path / f"{name}.yaml"), "-n").stdout
+        assert f"results/{name}/summary.csv" in out and f"results/{name}/digits/multi/seed0/none/metrics.json" in out
+        assert f"results/{'b' if name == 'a' else 'a'}/" not in out
+    dry = snakemake(tmp_path, "all", "--configfile", str(tmp_path / "a.yaml"), "-n", "-p", "--config",
+                    "datasets={digits: {epochs: 5}}", "seeds=[0,1]", "cluster={gpus_per_job: 0}", "download=false")
+    out = dry.stdout
+    assert "results/a/digits/multi/seed1/none/metrics.json" in out  # seeds became [0, 1]
+    assert '"epochs": 5,' in out and '"epochs": "5"' not in out  # an integer, merged into the dataset
+    assert '"model": "smallcnn"' in out  # the rest of the dataset entry is kept
+    # Without --configfile the paper grid (config.yaml) is the base the overrides merge into.
+    dry = snakemake(tmp_path, "all", "-n", "--config", "device=cpu", "cluster={gpus_per_job: 0}")
+    assert "results/paper/cifar10/multi/seed0/badloss/metrics.json" in dry.stdout
+
+
+def test_typed_overrides():
+    from poisongrid.config import typed_overrides
+
+    got = typed_overrides({"cluster": {"gpus_per_job": "0"}, "seeds": ["0", "1"], "lr": 0.001, "device": "cpu",
+                           "datasets": {"digits": {"epochs": "5", "crop_scale": ["0.5", "1.0"]}}, "download": "true"})
+    assert got == {"cluster": {"gpus_per_job": 0}, "seeds": [0, 1], "lr": 0.001, "device": "cpu",
+                   "datasets": {"digits": {"epochs": 5, "crop_scale": [0.5, 1.0]}}, "download": True}

@@ -26,7 +26,8 @@ FILE_FLAGS = ("manifest", "images", "weights", "trajectories", "features", "scor
 def _add_cell(p: argparse.ArgumentParser, stage: str) -> None:
     p.add_argument("--config", help="grid config YAML (alternative to --spec)")
     p.add_argument("--spec", help="the stage's resolved settings as JSON, or @file")
-    p.add_argument("--results", default="results", help="results root for default paths (default: results)")
+    p.add_argument("--results", help="results root for default paths (default: the config's results folder, "
+                   "else results); give another one to run a stage by hand without touching the workflow's files")
     for w in paths.STAGES[stage].cell:
         p.add_argument(f"--{w}", type=int if w == "seed" else str)
     for f in FILE_FLAGS:
@@ -43,6 +44,8 @@ def _spec(args, stage: str) -> dict:
     from . import config
 
     cfg = config.load(args.config)
+    if args.results is None:
+        args.results = config.results_dir(cfg, [args.config])
     cell = {k: getattr(args, k, None) for k in ("scenario", "defense", "detector", "model")}
     return config.stage_spec(cfg, stage, args.dataset, seed=args.seed, **cell)
 
@@ -71,6 +74,7 @@ def run_stage(stage: str, args) -> dict:
     from . import stages
 
     spec = _spec(args, stage)
+    args.results = args.results or "results"
     known = _from_spec(spec)
     cell = {w: getattr(args, w, None) if getattr(args, w, None) is not None else known.get(w) for w in paths.STAGES[stage].cell}
     given = {f: getattr(args, f) for f in FILE_FLAGS if getattr(args, f, None)}
@@ -122,8 +126,9 @@ def cmd_status(args) -> None:
     from . import config, status
 
     cfg = config.load(args.configfile, deep=False)  # the deep checks import torch; status only lists files
+    results = args.results or config.results_dir(cfg, args.configfile)
     try:
-        print(status.report(cfg, args.results, args.logs, per_job=args.jobs, window=args.window), flush=True)
+        print(status.report(cfg, results, args.logs, per_job=args.jobs, window=args.window), flush=True)
     except BrokenPipeError:  # `poisongrid status | head`: the reader left; nothing is wrong
         import os
 
@@ -182,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description=status.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configfile", nargs="+", default=["config.yaml"], metavar="FILE",
                    help="the grid's config file(s), merged in order as Snakemake does (default: config.yaml)")
-    p.add_argument("--results", default="results", help="results root (default: results)")
+    p.add_argument("--results", help="results root (default: the config's results folder)")
     p.add_argument("--logs", default="logs", help="the rules' log root (default: logs)")
     p.add_argument("--jobs", action="store_true", help="one line per job instead of one per cell")
     p.add_argument("--window", type=float, default=status.RUNNING_WINDOW_S, metavar="SECONDS",

@@ -75,6 +75,33 @@ def load(path: str | Path | list | None = None, overrides: dict | None = None, *
     return validate(cfg, deep=deep)
 
 
+def typed_overrides(entries) -> dict:
+    """`--config KEY=VALUE` entries as Snakemake parses them (nested YAML with every leaf a
+    string), with each string leaf read again as YAML: `cluster={gpus_per_job: 0}` gives the
+    integer 0, `seeds=[0,1]` a list of integers, `download=true` a boolean."""
+    def retype(v):
+        if isinstance(v, dict):
+            return {k: retype(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [retype(x) for x in v]
+        if isinstance(v, str):
+            try:
+                return yaml.safe_load(v) if v.strip() else v
+            except yaml.YAMLError:
+                return v
+        return v
+
+    return {k: retype(v) for k, v in dict(entries or {}).items()}
+
+
+def results_dir(cfg: dict, configfiles=()) -> str:
+    """Where a grid writes: its `results` key, else results/<name of its last config file>, else results."""
+    if cfg.get("results"):
+        return str(cfg["results"])
+    files = list(configfiles or ())
+    return f"results/{Path(files[-1]).stem}" if files else "results"
+
+
 def _merge(a: dict, b: dict) -> dict:
     out = dict(a)
     for k, v in b.items():
