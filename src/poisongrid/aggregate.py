@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import html
+import json
 import math
 import re
 from pathlib import Path
@@ -24,7 +25,7 @@ ATTACK_NAMES = {"patch": "Patch", "single_pixel": "Single-Pix", "blend_random": 
 CELL = ["dataset", "scenario", "seed", "defense"]
 CELL_COLUMNS = ["clean_accuracy", "mean_asr", "mean_asr_boosted", "auroc", "recall_removed", "precision_removed",
                 "n_train", "n_poisoned", "n_removed", "n_ascent", "wall_time_total_s"]
-COLUMNS = [*CELL, "detector", "detector_type", "defender_model", "defender_arch", "remedy", "r_reject", "alpha", "attack", "target", "asr", "asr_boosted", "asr_paper",
+COLUMNS = [*CELL, "detector", "detector_type", "defender_model", "defender_arch", "remedy", "defense_params", "r_reject", "alpha", "attack", "target", "asr", "asr_boosted", "asr_paper",
            "auroc_attack", "recall_attack", *CELL_COLUMNS]
 REQUIRED = ("dataset", "scenario", "seed", "defense", "detector", "remedy", "attacks", "targets",
             "clean_accuracy", "asr", "mean_asr", "mean_asr_boosted", "n_train", "n_poisoned", "n_removed")
@@ -73,6 +74,8 @@ def _cell_rows(path) -> list[dict]:
             "n_ascent": int(m.get("n_ascent") or 0),
             "r_reject": _num((m.get("defense_params") or {}).get("r_reject")),
             "alpha": _num((m.get("defense_params") or {}).get("alpha")),
+            "defense_params": json.dumps({k: v for k, v in sorted((m.get("defense_params") or {}).items())
+                                          if k not in ("scenarios", "datasets")}, default=str),
             "clean_accuracy": _num(m["clean_accuracy"]), "mean_asr": _num(m["mean_asr"]),
             "mean_asr_boosted": _num(m["mean_asr_boosted"]), "auroc": _num(det.get("auroc")),
             "recall_removed": _num(det.get("recall_removed")), "precision_removed": _num(det.get("precision_removed")),
@@ -336,8 +339,6 @@ def trajectory_figure(trajectories_path, manifest_path, out_path, title: str) ->
     return _save(fig, out_path)
 
 
-# ---------------------------------------------------------------- driver
-
 def teacher_figure(losses_path, manifest_path, out_path, title: str, gamma_alpha: float | None = None) -> Path:
     """Distribution of each example's final loss on a teacher, clean vs each attack (LfD Fig. 1-2
     idea), log-x histograms; with gamma_alpha, the threshold gamma (Eq. 4) as a dashed line."""
@@ -350,26 +351,30 @@ def teacher_figure(losses_path, manifest_path, out_path, title: str, gamma_alpha
         raise ArtifactError(f"{losses_path}: examples differ from {manifest_path}; the two come from different runs")
     attacks = attack_order(df["attack"].dropna())
     v = np.maximum(df[col].to_numpy(np.float64), 1e-8)
-    bins = np.logspace(np.log10(v.min()), np.log10(max(v.max(), v.min() * 10)), 50)
+    bins = np.logspace(np.log10(v.min()), np.log10(max(v.max(), v.min() * 10)), 40)
     fig = Figure(figsize=(7.5, 4.2))
     ax = fig.add_subplot()
     groups = [("clean", df["attack"].isna().to_numpy())] + [(a, (df["attack"] == a).fillna(False).to_numpy(bool)) for a in attacks]
     for i, (name, m) in enumerate(groups):
         if m.any():
-            st = dict(color="0.35", lw=2.2) if i == 0 else dict(color=ATTACK_LINE_COLORS[(i - 1) % len(ATTACK_LINE_COLORS)], lw=1.4)
-            ax.hist(v[m], bins=bins, density=True, histtype="step", label=f"{_label(name)} (n={int(m.sum())})", **st)
+            st = dict(color="0.2", lw=2.5) if i == 0 else dict(color=ATTACK_LINE_COLORS[(i - 1) % len(ATTACK_LINE_COLORS)], lw=1.4)
+            # Each group sums to 1, so a group of 43 examples and the 1,100 clean ones compare.
+            ax.hist(v[m], bins=bins, weights=np.full(int(m.sum()), 1.0 / m.sum()), histtype="step",
+                    label=f"{_label(name)} (n={int(m.sum())})", **st)
     if gamma_alpha is not None:
         g = np.sort(v)[min(int(len(v) * gamma_alpha), len(v) - 1)]
         ax.axvline(g, ls="--", color="k", lw=1, label=f"γ (α = {gamma_alpha:g})")
-    ax.set(xscale="log", xlabel=f"teacher loss after epoch {meta['epochs_recorded']} ({meta.get('model', '?')})",
-           ylabel="density", title=title)
+    epochs = meta.get("epochs_run", meta["epochs_recorded"])
+    ax.set(xscale="log", xlabel=f"teacher loss after epoch {epochs} ({meta.get('model', '?')})",
+           ylabel="fraction of the group", title=title)
     ax.legend(fontsize="small", bbox_to_anchor=(1.01, 1), loc="upper left")
     return _save(fig, out_path)
 
 
 def capacity_figure(df: pd.DataFrame, out_path, title: str) -> Path | None:
     """Clean accuracy and Avg. ASR of reweighting defenses against the teacher architecture,
-    ordered by parameter count (LfD Fig. 4a); None if fewer than two teachers."""
+    ordered by parameter count (LfD Fig. 4a): one line per remedy setting that >= 2 teachers
+    share, so a sweep of alpha on one teacher is not averaged into its point; None if none."""
     cells = _cells(df)
     rows = cells[["remedy", "detector_type", "defender_arch"]].itertuples(index=False)
     if not capacity_swept(rows):
@@ -377,16 +382,21 @@ def capacity_figure(df: pd.DataFrame, out_path, title: str) -> Path | None:
     from .models import parameter_count
 
     sweep = cells[(cells["remedy"] == "reweight") & (cells["detector_type"] == "teacher_loss")]
-    size = {a: parameter_count(a) for a in sweep["defender_arch"].unique()}
+    lines = [(p, g) for p, g in sweep.groupby("defense_params", sort=False) if g["defender_arch"].nunique() >= 2]
+    if not lines:
+        return None
+    size = {a: parameter_count(a) for a in pd.concat([g for _, g in lines])["defender_arch"].unique()}
     order = sorted(size, key=size.get)
     base = cells[cells["remedy"] == "none"]
-    fig = Figure(figsize=(9, 3.8))
+    fig = Figure(figsize=(9.5, 4))
     for ax, col, name in zip(fig.subplots(1, 2), ["clean_accuracy", "mean_asr_boosted"], ["Clean accuracy", "Avg. ASR"]):
-        g = sweep.groupby("defender_arch")[col].agg(["mean", "std"]).reindex(order) * 100
-        ax.errorbar(range(len(order)), g["mean"], yerr=g["std"].fillna(0), marker="o", capsize=3)
+        for params, g in lines:
+            s = g.groupby("defender_arch")[col].agg(["mean", "std"]).reindex(order) * 100
+            label = ", ".join(f"{k} {v}" for k, v in json.loads(params).items() if k in ("alpha", "beta", "mode"))
+            ax.errorbar(range(len(order)), s["mean"], yerr=s["std"].fillna(0), marker="o", capsize=3, label=label)
         if not base.empty:
             ax.axhline(base[col].mean() * 100, ls="--", color="0.4", label="no defense")
-            ax.legend(fontsize="small")
+        ax.legend(fontsize="small")
         ax.set_xticks(range(len(order)), [f"{a}\n{size[a]:,}" for a in order], fontsize="small")
         ax.set(xlabel="teacher (parameters)", ylabel=f"{name} (%)", ylim=(0, 102))
     fig.suptitle(title)
