@@ -1,5 +1,7 @@
 rule aggregate:
     """Tidy summary of every cell, the paper-shaped tables and the figures."""
+    message:
+        "aggregate: summary, tables and figures of every cell"
     input:
         metrics=all_metrics(),
         trajectories=all_trajectories(),

@@ -1,5 +1,7 @@
 rule evaluate:
     """Clean accuracy, ASR per attack (plain and boosted), detection quality -> metrics.json."""
+    message:
+        "{wildcards.dataset}/{wildcards.scenario}/seed{wildcards.seed} {wildcards.defense}: evaluate"
     input:
         unpack(inputs("evaluate")),
     output:

@@ -1,5 +1,7 @@
 rule features:
     """Penultimate-layer features of every training example under one defender model."""
+    message:
+        "{wildcards.dataset}/{wildcards.scenario}/seed{wildcards.seed}: features of defender model {wildcards.model}"
     input:
         unpack(inputs("features")),
     output:

@@ -1,5 +1,7 @@
 rule plan:
     """Per-example weights of a defense: 1 train as usual, 0 drop, < 0 gradient ascent."""
+    message:
+        "{wildcards.dataset}/{wildcards.scenario}/seed{wildcards.seed} {wildcards.defense}: plan"
     input:
         unpack(inputs("plan")),
     output:

@@ -1,5 +1,7 @@
 rule poison:
     """Apply the scenario's attacks to the training set; write the manifest and the changed images."""
+    message:
+        "{wildcards.dataset}/{wildcards.scenario}/seed{wildcards.seed}: poison the training set"
     input:
         unpack(inputs("poison")),
     output:

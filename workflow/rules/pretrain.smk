@@ -1,6 +1,8 @@
 rule pretrain:
     """Train one defender model on the cell's poisoned set (BaDLoss pretraining, LfD's teacher, the
     attacked model, ...), recording per-example losses; shared by every detector that names it."""
+    message:
+        "{wildcards.dataset}/{wildcards.scenario}/seed{wildcards.seed}: train defender model {wildcards.model}"
     input:
         unpack(inputs("pretrain")),
     output:

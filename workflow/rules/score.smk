@@ -1,5 +1,7 @@
 rule score:
     """Anomaly score of every training example by one configured detector."""
+    message:
+        "{wildcards.dataset}/{wildcards.scenario}/seed{wildcards.seed}: scores of detector {wildcards.detector}"
     input:
         unpack(inputs("score")),
     output:

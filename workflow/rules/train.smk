@@ -1,5 +1,7 @@
 rule train:
     """Train the final model from scratch on the plan's weighted examples."""
+    message:
+        "{wildcards.dataset}/{wildcards.scenario}/seed{wildcards.seed} {wildcards.defense}: final training"
     input:
         unpack(inputs("train")),
     output:

@@ -1,5 +1,7 @@
 rule trigger:
     """Optimise a learned trigger (Narcissus) on a surrogate; cached per dataset and seed."""
+    message:
+        "{wildcards.dataset} seed {wildcards.seed}: learn the {wildcards.attack} trigger"
     output:
         **outputs("trigger"),
     params:
