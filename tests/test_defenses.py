@@ -223,3 +223,23 @@ def test_cell_jobs_cover_each_defense_once(cell):
     assert [n for s, n in names if s == "pretrain"] == ["attacked", "pretrain", "teacher"]
     assert ("train", "none") not in names and ("train", "lfd") in names
     assert names.index(("score", "lfd")) < names.index(("plan", "lfd")) < names.index(("train", "lfd"))
+
+
+def test_cli_errors_are_one_line_and_the_traceback_is_on_request(tmp_path, capsys, monkeypatch):
+    from poisongrid.cli import main
+
+    monkeypatch.delenv("POISONGRID_DEBUG", raising=False)
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"PAR1 not really")
+    assert main(["show", str(bad)]) != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and "poisongrid show: error:" in err
+    with pytest.raises(Exception):
+        main(["--debug", "show", str(bad)])
+    # A file that cannot be written names its path (here a folder that is a file; root writes anywhere else).
+    (tmp_path / "afile").write_text("x")
+    spec = json.dumps({"defense": "oracle", "remedy": "oracle"})
+    _write_manifest(tmp_path / "m.parquet", _manifest())
+    code = main(["plan", "--spec", spec, "--manifest", str(tmp_path / "m.parquet"), "--out", str(tmp_path / "afile" / "p.parquet")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and str(tmp_path / "afile") in err and "Traceback" not in err

@@ -150,6 +150,7 @@ def cmd_show(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="poisongrid", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error (also POISONGRID_DEBUG=1)")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     helps = {
@@ -207,11 +208,29 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("SLURM_JOB_ID"):
         # Names the scheduler job in the rule's log, so a failed cell points at `sacct -j`/`seff`.
         _log(f"poisongrid {args.cmd} in SLURM job {os.environ['SLURM_JOB_ID']} on {os.uname().nodename}")
+    debug = args.debug or os.environ.get("POISONGRID_DEBUG", "") not in ("", "0")
     try:
         args.fn(args)
     except PoisongridError as e:
+        if debug:
+            raise
         print(f"poisongrid {args.cmd}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `poisongrid show … | head`: the reader left; nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as e:  # disk full, permissions, a missing file: say which path
+        if debug:
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        print(f"poisongrid {args.cmd}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - one line for the user; the traceback on request
+        if debug:
+            raise
+        print(f"poisongrid {args.cmd}: error: {type(e).__name__}: {e} (POISONGRID_DEBUG=1 or --debug shows the traceback)",
+              file=sys.stderr)
+        return 1
     return 0
 
 
