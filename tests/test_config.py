@@ -156,3 +156,26 @@ def test_trigger_spec_ignores_the_final_runs_model_and_epochs():
     b = config.stage_spec(config.validate(cfg(datasets__digits__attacks=narc, datasets__digits__epochs=50,
                                               datasets__digits__model="resnet18")), "trigger", "digits", seed=0)
     assert a == b
+
+
+@pytest.mark.parametrize("patch, key, allowed", [
+    ({"seeds": [0, 0]}, "seeds", "without repeated"),
+    ({"datasets__digits__lr": "1e-3"}, "datasets.digits.lr", "write it with a dot"),
+    ({"detectors__bad-loss": {"type": "badloss"}}, "detectors", "letters, digits and _"),
+    ({"datasets__digits__epochs": True}, "datasets.digits.epochs", "integer"),
+])
+def test_yaml_traps_and_names_that_break_the_workflow(patch, key, allowed):
+    with pytest.raises(ConfigError) as e:
+        config.validate(cfg(**patch))
+    assert key in str(e.value) and allowed in str(e.value)
+
+
+def test_all_schema_problems_are_listed_and_yaml_errors_name_the_line(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        config.validate(cfg(seeds=[0, 0], device="tpu", datasets__digits__epochs=0))
+    msg = str(e.value)
+    assert msg.startswith("3 problems") and "seeds" in msg and "device" in msg and "datasets.digits.epochs" in msg
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("datasets:\n  digits: {model: smallcnn\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:3:1"):
+        config.load(bad)

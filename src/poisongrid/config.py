@@ -52,6 +52,16 @@ def _path(err) -> str:
 
 def _allowed(err) -> str:
     s = err.schema if isinstance(err.schema, dict) else {}
+    if err.validator == "type" and isinstance(err.instance, str) and "number" in str(err.validator_value):
+        try:
+            float(err.instance)
+            return f"{err.validator_value} (YAML reads {err.instance} as text: write it with a dot, e.g. 1.0e-3)"
+        except ValueError:
+            pass
+    if err.validator == "uniqueItems":
+        return "a list without repeated values"
+    if err.validator == "pattern" or (err.validator == "propertyNames"):
+        return f"names of letters, digits and _ (they become folder names and workflow wildcards): {err.message}"
     if err.validator == "enum":
         return f"one of {err.validator_value}"
     if err.validator == "additionalProperties":
@@ -69,7 +79,12 @@ def load(path: str | Path | list | None = None, overrides: dict | None = None, *
         p = Path(one)
         if not p.exists():
             raise ConfigError("config", str(p), "a path to an existing YAML file")
-        cfg = _merge(cfg, yaml.safe_load(p.read_text()) or {})
+        try:
+            cfg = _merge(cfg, yaml.safe_load(p.read_text()) or {})
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark else str(p)
+            raise ConfigError("config", where, f"valid YAML ({getattr(e, 'problem', None) or e})") from None
     if overrides:
         cfg = _merge(cfg, overrides)
     return validate(cfg, deep=deep)
@@ -117,11 +132,18 @@ def validate(cfg: dict, deep: bool = True) -> dict:
     budgets): enough to enumerate the grid's jobs in a fraction of a second."""
     if not isinstance(cfg, dict):
         raise ConfigError("config", cfg, "a mapping of keys")
-    errors = sorted(_validator_class()(SCHEMA).iter_errors(cfg), key=lambda e: list(e.absolute_path))
+    errors = sorted(_validator_class()(SCHEMA).iter_errors(cfg), key=lambda e: [str(p) for p in e.absolute_path])
     if errors:
+        # Every schema problem, one line each, so a config is fixed in one round.
+        msgs = []
+        for e in errors:
+            value = e.instance if not isinstance(e.instance, dict) else "{…}"
+            msgs.append(str(ConfigError(_path(e), value, _allowed(e))))
         e = errors[0]
-        value = e.instance if not isinstance(e.instance, dict) else "{…}"
-        raise ConfigError(_path(e), value, _allowed(e))
+        err = ConfigError(_path(e), e.instance if not isinstance(e.instance, dict) else "{…}", _allowed(e))
+        if len(msgs) > 1:
+            err.args = (f"{len(msgs)} problems:\n  " + "\n  ".join(msgs),)
+        raise err
     for name, ds in cfg["datasets"].items():
         _check_dataset(name, ds, deep)
     cfg["defender_models"].setdefault(ATTACKED, {})
