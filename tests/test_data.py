@@ -77,7 +77,16 @@ def test_bad_names_and_options():
 # ---- cifar10 ------------------------------------------------------------------------------------
 
 
-def _write_cifar(root, per_batch=4):
+@pytest.fixture(autouse=True)
+def _fixture_checksums(monkeypatch):
+    """The fixtures are not the real batches: accept the md5 of whatever _write_cifar wrote."""
+    real = dict(data.CIFAR_MD5)
+    written = {}
+    monkeypatch.setattr(data, "CIFAR_MD5", written)
+    yield real, written
+
+
+def _write_cifar(root, per_batch=4, checksums=True):
     rng = np.random.default_rng(0)
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
@@ -93,6 +102,9 @@ def _write_cifar(root, per_batch=4):
     names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
     with open(folder / "batches.meta", "wb") as fh:
         pickle.dump({b"label_names": names, b"num_vis": 3072}, fh, protocol=2)
+    if checksums:
+        for f in folder.iterdir():
+            data.CIFAR_MD5[f.name] = data._md5(f)
     return batches
 
 
@@ -118,6 +130,18 @@ def test_cifar10_corrupt_batch(tmp_path):
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"\x80\x02}q\x00")  # truncated pickle
     with pytest.raises(DatasetError, match="data_batch_3"):
         load_dataset("cifar10", data_dir=tmp_path)
+
+
+def test_cifar10_is_unpickled_only_after_its_published_checksum(tmp_path, monkeypatch, _fixture_checksums):
+    real, _ = _fixture_checksums
+    _write_cifar(tmp_path, checksums=False)
+    monkeypatch.setattr(data, "CIFAR_MD5", real)  # the published md5s: the fixture matches none
+    loaded = []
+    monkeypatch.setattr(data.pickle, "load", lambda *a, **k: loaded.append(a) or {})
+    with pytest.raises(DatasetError, match=r"not the published .*\(a pickle can run code\)"):
+        load_dataset("cifar10", data_dir=tmp_path)
+    assert not loaded  # nothing was unpickled
+    assert real["data_batch_1"] == "c99cafc152244af753f735de768cd75f" and len(real) == 7
 
 
 def test_resize_is_shorter_side_then_centre_crop():

@@ -213,8 +213,34 @@ def _digits(data_dir: Path, image_size: int | None, download: bool, cache_dir: P
 _CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
 
 
+# The published md5 of each file of cifar-10-python.tar.gz: a batch is unpickled only if it
+# matches, since a pickle from an untrusted data folder could run code.
+CIFAR_MD5 = {
+    "data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
+    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e",
+    "batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
+}
+
+
+def _md5(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.md5()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _unpickle(path: Path) -> dict:
-    """An official CIFAR python batch; keys decoded to str whether the pickle stored bytes or str."""
+    """An official CIFAR python batch, after its checksum matched; keys decoded to str whether the
+    pickle stored bytes or str."""
+    want = CIFAR_MD5.get(path.name)
+    got = _md5(path) if path.is_file() else None
+    if want is None or got != want:
+        raise DatasetError(f"{path}: md5 {got} is not the published {want} of CIFAR-10's {path.name}; it is not read "
+                           "(a pickle can run code). Fetch cifar-10-python.tar.gz again and extract it")
     try:
         with open(path, "rb") as fh:
             d = pickle.load(fh, encoding="latin1")
