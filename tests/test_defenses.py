@@ -1,6 +1,8 @@
 """The defense contract: remedies turn scores into per-example weights; detectors and remedies
 never read the ground truth; the final training follows the plan."""
+import copy
 import json
+import os
 
 import numpy as np
 import pandas as pd
@@ -45,9 +47,12 @@ def _manifest(n=200, seed=0):
                          "target": np.where(pd.isna(attack), -1, 2).astype(np.int64), "bona_fide": bona})
 
 
+CELL = {"dataset": "digits", "scenario": "single-patch", "seed": 0}
+
+
 def _write_manifest(path, man):
     write_table(path, pa.Table.from_pandas(man, preserve_index=False), "manifest",
-                {"scenario": "single-patch", "attacks": {}, "seed": 0})
+                {"scenario": "single-patch", "attacks": {}, "seed": 0, "cell": CELL})
 
 
 def _write_losses(path, n, epochs, poisoned, seed=0):
@@ -56,6 +61,7 @@ def _write_losses(path, n, epochs, poisoned, seed=0):
     curve[:, poisoned] *= 0.02  # planted: learned far faster
     trajectories.write(path, curve.astype(np.float32), {"epochs_recorded": epochs, "accepted_epochs": list(range(epochs)),
                                                         "skipped_epochs": [], "n_examples": n, "model_name": "m",
+                                                        "cell": {**CELL, "model": "m"},
                                                         "model": "resnet_s", "wall_time_s": 1.0})
 
 
@@ -130,7 +136,7 @@ DIGITS = {"image_size": 16, "model": "smallcnn", "epochs": 3, "batch_size": 64, 
 def cell(tmp_path_factory):
     """A poisoned digits cell with the config that drives it."""
     root = tmp_path_factory.mktemp("cell")
-    cfg = config.validate({"device": "cpu", "bona_fide": {"n_clean": 60}, "datasets": {"digits": DIGITS},
+    cfg = config.validate({"device": "cpu", "bona_fide": {"n_clean": 60}, "datasets": {"digits": copy.deepcopy(DIGITS)},
                            "defender_models": {"pretrain": {"r_epoch": 0.5, "augment": "none", "record": "eval"},
                                                "teacher": {"model": "resnet_s", "epochs": 2, "optimizer": "adam",
                                                            "lr": 0.01, "weight_decay": 0}},
@@ -243,3 +249,44 @@ def test_cli_errors_are_one_line_and_the_traceback_is_on_request(tmp_path, capsy
     code = main(["plan", "--spec", spec, "--manifest", str(tmp_path / "m.parquet"), "--out", str(tmp_path / "afile" / "p.parquet")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and str(tmp_path / "afile") in err and "Traceback" not in err
+
+
+def test_mixed_up_artifacts_are_refused_with_the_file_named(cell, tmp_path):
+    """A final model copied from another defense, a manifest from another seed, a trigger made
+    for another seed: each stops the stage with a message naming the file, never a wrong number."""
+    import shutil
+
+    from poisongrid.errors import ArtifactError
+
+    cfg, root, run = cell
+    for stage, kw in [("pretrain", {"model": "attacked"}), ("pretrain", {"model": "teacher"}), ("score", {"detector": "lfd"}),
+                      ("plan", {"defense": "lfd"}), ("train", {"defense": "lfd"}), ("plan", {"defense": "none"})]:
+        if not all(os.path.exists(p) for p in paths.outputs(stage, str(root), dataset="digits",
+                                                                                 scenario="multi", seed=0, **kw).values()):
+            run(stage, **kw)
+    r = tmp_path / "r"
+    shutil.copytree(root, r)
+    w = dict(dataset="digits", scenario="multi", seed=0)
+    lfd_model = paths.path("final_model", str(r), defense="lfd", **w)
+    shutil.copy(paths.path("defender_model", str(r), model="attacked", **w), lfd_model)
+    with pytest.raises(ArtifactError, match=r"model.pt: was made for .*model attacked.*this job is for .*defense lfd"):
+        run_job(cfg, "evaluate", str(r), defense="lfd", **w)
+    run_job(cfg, "poison", str(tmp_path / "s1"), dataset="digits", scenario="multi", seed=1)
+    shutil.copy(paths.path("manifest", str(tmp_path / "s1"), dataset="digits", scenario="multi", seed=1),
+                paths.path("manifest", str(r), **w))
+    with pytest.raises(ArtifactError, match=r"manifest.parquet: was made for .*seed 1.*this job is for .*seed 0"):
+        run_job(cfg, "evaluate", str(r), defense="none", **w)
+
+
+def test_a_trigger_made_for_another_seed_is_refused_before_poisoning(tmp_path):
+    from poisongrid.errors import ArtifactError
+    from poisongrid.io import save_npz
+
+    c = config.validate({"device": "cpu", "bona_fide": {"n_clean": 60},
+                         "datasets": {"digits": {**copy.deepcopy(DIGITS), "attacks": {"narcissus": {"ratio": 0.02}}}}})
+    trig = paths.path("trigger", str(tmp_path), dataset="digits", attack="narcissus", seed=0)
+    save_npz(trig, trigger=np.zeros((3, 16, 16), np.float32), target=np.int64(0), dataset=np.array("digits"),
+             seed=np.int64(1), attack=np.array("narcissus"))
+    with pytest.raises(ArtifactError, match=r"narcissus-seed0.npz: a trigger made for .*'seed': 1"):
+        run_job(c, "poison", str(tmp_path), dataset="digits", scenario="single-narcissus", seed=0)
+    assert not os.path.exists(paths.path("manifest", str(tmp_path), dataset="digits", scenario="single-narcissus", seed=0))

@@ -133,6 +133,7 @@ def test_oracle_drops_exactly_the_poisoned(ds, tmp_path):
     import pandas as pd
 
     ps = poisoning.poison(ds, ATTACKS, list(ATTACKS), seed=0, bona_fide=BONA)
+    ps.meta["cell"] = {"dataset": "digits", "scenario": "multi", "seed": 0}
     poisoning.write(ps, tmp_path / "m.parquet", tmp_path / "p.npz")
     from poisongrid.cli import main
 

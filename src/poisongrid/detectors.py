@@ -38,6 +38,7 @@ class Detector:
     # (LfD's Eq. 6) can use them exactly.
     negated_loss: ClassVar[bool] = False
     per_epoch: ClassVar[bool] = False
+    cell: dict | None = None  # what the scores are for, recorded in their metadata
 
     def __init__(self, **params):
         self.p = {**self.params, **params}
@@ -190,7 +191,7 @@ class BaDLoss(Detector):
         # Pass 1 collects the few bona fide trajectories; pass 2 streams every row against them.
         ref = np.concatenate([t[np.isin(i, list(bona))] for i, t in trajectories.iter_batches(paths["trajectories"], rows)])
         ref = self._transform(ref)
-        meta = {"detector": self.type, "params": self.p, "epochs_used": tmeta["accepted_epochs"], "n_bona_fide": len(ref),
+        meta = {"cell": self.cell, "detector": self.type, "params": self.p, "epochs_used": tmeta["accepted_epochs"], "n_bona_fide": len(ref),
                 "defender_model": _model_meta(tmeta)}
         with ScoreWriter(out_path, meta) as w:
             for idx, t in trajectories.iter_batches(paths["trajectories"], rows):
@@ -214,7 +215,7 @@ class TeacherLoss(Detector):
         tmeta = trajectories.meta(paths["trajectories"])
         _check_rows(paths, tmeta, len(man))
         last = tmeta["epochs_recorded"] - 1
-        meta = {"detector": self.type, "params": self.p, "epoch_used": last, "negated_loss": True,
+        meta = {"cell": self.cell, "detector": self.type, "params": self.p, "epoch_used": last, "negated_loss": True,
                 "defender_model": _model_meta(tmeta)}
         with ScoreWriter(out_path, meta) as w:
             for idx, t in trajectories.iter_batches(paths["trajectories"], self.p.get("chunk_rows", 1 << 18), epochs=[last]):

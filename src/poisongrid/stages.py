@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from . import __version__, poisoning, trajectories
+from . import __version__, poisoning, provenance, trajectories
 from .attacks import ATTACKS
 from .data import Dataset, load_dataset
 from .detectors import DETECTORS, defender_manifest, read_scores
@@ -65,7 +65,8 @@ def trigger(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
     trig = optimize_trigger(res.model, target_imgs, target, eps=eps, steps=sur["steps"], lr=sur["lr"],
                             batch_size=spec["training"]["batch_size"], seed=seed, device=device, log=log)
     meta = {"target": target, "eps": eps, "surrogate_pool": int(len(pool)), "wall_time_s": time.perf_counter() - t0}
-    save_npz(out["out"], trigger=trig.astype(np.float32), target=np.int64(target))
+    save_npz(out["out"], trigger=trig.astype(np.float32), target=np.int64(target),
+             dataset=np.array(spec["dataset"]["name"]), seed=np.int64(seed), attack=np.array("narcissus"))
     log(f"trigger done: l-inf {np.abs(trig).max() * 255:.1f}/255 in {meta['wall_time_s']:.1f}s")
     return meta
 
@@ -78,20 +79,36 @@ def poison(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
     trigger_paths = {k[len("trigger_"):]: v for k, v in inp.items() if k.startswith("trigger_")}
     trig = _triggers(trigger_paths)
     for name, path in trigger_paths.items():
-        want = poisoning.draw_target(name, spec["attacks"][name], ds.train.labels, ds.num_classes, spec["seed"])
-        got = int(load_npz(path)["target"])
-        if got != want:
-            raise ArtifactError(f"{path}: trigger was optimised for class {got}, but this seed's {name} target is {want}")
+        z = load_npz(path)
+        made = {"dataset": str(z.get("dataset", "?")), "seed": int(z["seed"]) if "seed" in z else None,
+                "attack": str(z.get("attack", "?")), "image shape": tuple(z["trigger"].shape)}
+        want = {"dataset": spec["dataset"]["name"], "seed": spec["seed"], "attack": name, "image shape": tuple(ds.image_shape)}
+        if made != want:
+            raise ArtifactError(f"{path}: a trigger made for {made}, but this job needs one for {want}; delete it and "
+                                "rerun the trigger stage")
+        want_t = poisoning.draw_target(name, spec["attacks"][name], ds.train.labels, ds.num_classes, spec["seed"])
+        got = int(z["target"])
+        if got != want_t:
+            raise ArtifactError(f"{path}: trigger was optimised for class {got}, but this seed's {name} target is {want_t}")
     ps = poisoning.poison(ds, spec["attacks"], spec["all_attacks"], spec["seed"], spec["bona_fide"], trig)
     ps.meta["scenario"] = spec["scenario"]
+    ps.meta["cell"] = provenance.cell(spec["dataset"]["name"], spec["scenario"], spec["seed"])
     poisoning.write(ps, out["manifest"], out["images"])
     log("poisoned " + ", ".join(f"{a}: {i['count']} -> class {i['target']}" for a, i in ps.meta["attacks"].items()))
     return ps.meta
 
 
+def _manifest(spec: dict, manifest_path, ground_truth: bool = True):
+    """The cell's manifest (the defender's columns only unless ground_truth), checked against the
+    dataset and seed of the job reading it."""
+    man, meta = poisoning.read_manifest(manifest_path) if ground_truth else defender_manifest(manifest_path)
+    provenance.check(manifest_path, meta, dataset=(spec.get("dataset") or {}).get("name"), seed=spec.get("seed"))
+    return man, meta
+
+
 def _poisoned_training_set(spec: dict, manifest_path, images_path):
     ds = get_dataset(spec)
-    man, meta = poisoning.read_manifest(manifest_path)
+    man, meta = _manifest(spec, manifest_path)
     return ds, man, meta, poisoning.training_images(ds, images_path, man)
 
 
@@ -113,7 +130,8 @@ def pretrain(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
               fingerprint=fingerprint(spec, inp["manifest"], inp["images"]), log=log)
     recorded = res.losses.shape[0]
     kept = trajectories.accepted_epochs(res.train_loss, m["spike_factor"], m["spike_rule"]) if recorded == run else [0]
-    meta = {"model_name": m["name"], "model": tr["model"], "epochs_run": run, "epochs_recorded": recorded,
+    cell = {**provenance.of(pmeta, inp["manifest"]), "model": m["name"]}
+    meta = {"cell": cell, "model_name": m["name"], "model": tr["model"], "epochs_run": run, "epochs_recorded": recorded,
             "accepted_epochs": kept, "skipped_epochs": sorted(set(range(recorded)) - set(kept)),
             "spike_rule": m["spike_rule"], "spike_series": "train_loss", "spike_factor": m["spike_factor"],
             "epoch_mean_loss": res.losses.mean(axis=1).astype(float).tolist(), "train_loss": res.train_loss,
@@ -123,7 +141,7 @@ def pretrain(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
                                            "image_size": int(ds.image_shape[-1]), "n_trained_on": len(man),
                                            "train_loss": res.train_loss, "wall_time_s": res.wall_time_s,
                                            "images_per_s": res.images_per_s, "device": str(device), "epochs": run,
-                                           "defender_model": m["name"]})
+                                           "defender_model": m["name"], "cell": cell})
     trajectories.write(out["trajectories"], res.losses, meta)
     remove_checkpoint(ckpt)
     log(f"pretrain {m['name']} ({tr['model']}): {run} epochs, recorded {recorded}, skipped spike epochs "
@@ -136,8 +154,9 @@ def features(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
     from .training import load_model, penultimate_features, setup_runtime
 
     device = setup_runtime(spec["runtime"])
-    ds, man, _, x = _poisoned_training_set(spec, inp["manifest"], inp["images"])
+    ds, man, pmeta, x = _poisoned_training_set(spec, inp["manifest"], inp["images"])
     model, mmeta = load_model(inp["weights"], device)
+    provenance.same_cell(inp["weights"], mmeta, provenance.of(pmeta, inp["manifest"]), model=spec["model"])
     f = penultimate_features(model, x, device)
     if len(f) != len(man):
         raise ArtifactError(f"{inp['weights']}: gave {len(f)} feature rows for {len(man)} examples")
@@ -156,7 +175,12 @@ def features(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
 def score(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
     det_cls = DETECTORS.get(spec["type"], "detector type")
     params = {k: v for k, v in spec.items() if k not in ("type", "detector", "model")}
-    meta = det_cls(**params).score(inp, out["out"])
+    ref = provenance.of(defender_manifest(inp["manifest"])[1], inp["manifest"])
+    if "trajectories" in inp:
+        provenance.same_cell(inp["trajectories"], trajectories.meta(inp["trajectories"]), ref, model=spec.get("model"))
+    det = det_cls(**params)
+    det.cell = {**{k: ref[k] for k in ("dataset", "scenario", "seed")}, "detector": spec.get("detector")}
+    meta = det.score(inp, out["out"])
     log(f"scores written to {out['out']} ({meta['wall_time_s']:.2f}s)")
     return meta
 
@@ -170,16 +194,19 @@ def plan(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
     """Per-example weights of a defense: 1 train as usual, 0 drop, < 0 gradient ascent."""
     cls = REMEDIES.get(spec["remedy"], "remedy")
     remedy = cls(**{k: v for k, v in spec.items() if k in cls.params})
-    man = poisoning.read_manifest(inp["manifest"])[0] if cls.ground_truth else defender_manifest(inp["manifest"])[0]
+    man, mmeta = _manifest({}, inp["manifest"], ground_truth=cls.ground_truth)
+    ref = provenance.of(mmeta, inp["manifest"])
     n = len(man)
     sc, smeta = np.full(n, np.nan), {}
     if "scores" in inp:
         sdf, smeta = read_scores(inp["scores"])
+        provenance.same_cell(inp["scores"], smeta, ref, detector=spec.get("detector"))
         if len(sdf) != n or not np.array_equal(np.sort(sdf["index"].to_numpy()), man["index"].to_numpy()):
             raise ArtifactError(f"{inp['scores']}: scores cover {len(sdf)} examples, the manifest {n}; rerun the score stage")
         sc = sdf.sort_values("index")["score"].to_numpy()
     w = remedy.weights(sc, man, smeta).astype(np.float32)
-    meta = {"defense": spec["defense"], "remedy": spec["remedy"], "params": remedy.p, "n_train": n,
+    cell = {**{k: ref[k] for k in ("dataset", "scenario", "seed")}, "defense": spec["defense"]}
+    meta = {"cell": cell, "defense": spec["defense"], "remedy": spec["remedy"], "params": remedy.p, "n_train": n,
             "n_removed": int((w == 0).sum()), "n_ascent": int((w < 0).sum()), "weight_min": float(w.min()),
             "weight_max": float(w.max()), **remedy.plan_meta()}
     write_table(out["out"], pa.table({"index": man["index"].to_numpy(), "score": sc, "weight": w}), PLAN_KIND, meta)
@@ -203,8 +230,9 @@ def train(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
     from .training import fit, remove_checkpoint, save_model, setup_runtime
 
     device = setup_runtime(spec["runtime"])
-    ds, man, _, x = _poisoned_training_set(spec, inp["manifest"], inp["images"])
+    ds, man, mmeta, x = _poisoned_training_set(spec, inp["manifest"], inp["images"])
     pl, pmeta = read_plan(inp["plan"], len(man))
+    cell = provenance.same_cell(inp["plan"], pmeta, provenance.of(mmeta, inp["manifest"]))
     w = pl["weight"].to_numpy(dtype=np.float32)
     keep = w != 0
     labels = man["label"].to_numpy()
@@ -212,7 +240,7 @@ def train(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
     res = fit(spec["training"], x.subset(keep), labels[keep], ds.num_classes, seed=spec["seed"], device=device,
               weights=w[keep], ascent_clamp=pmeta.get("ascent_clamp"), checkpoint=ckpt,
               fingerprint=fingerprint(spec, inp["manifest"], inp["images"], inp["plan"]), log=log)
-    meta = {"model": spec["training"]["model"], "num_classes": ds.num_classes, "image_size": int(ds.image_shape[-1]),
+    meta = {"cell": cell, "model": spec["training"]["model"], "num_classes": ds.num_classes, "image_size": int(ds.image_shape[-1]),
             "n_trained_on": int(keep.sum()), "n_ascent": int((w < 0).sum()), "train_loss": res.train_loss,
             "wall_time_s": res.wall_time_s, "images_per_s": res.images_per_s, "device": str(device), "epochs": res.epochs_run}
     save_model(out["out"], res.model, meta)
@@ -272,21 +300,29 @@ def evaluate(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
     t0 = time.perf_counter()
     device = setup_runtime(spec["runtime"])
     ds = get_dataset(spec)
-    man, pmeta = poisoning.read_manifest(inp["manifest"])
+    man, pmeta = _manifest(spec, inp["manifest"])
+    ref = provenance.of(pmeta, inp["manifest"])
     model, mmeta = load_model(inp["weights"], device)
+    d = spec["defense"]
+    # The none defense evaluates the attacked defender model; every other one its own final model.
+    from .paths import ATTACKED, trains_nothing
+
+    role = {"model": ATTACKED} if trains_nothing(d) else {"defense": d["name"]}
+    provenance.same_cell(inp["weights"], mmeta, ref, **role)
     trig = {k[len("trigger_"):]: v for k, v in inp.items() if k.startswith("trigger_")}
     attacks = poisoning.test_attacks(pmeta, ds.image_shape, _triggers(trig))
     clean_acc = float((predict(model, ds.test.images, device) == ds.test.labels).mean())
     asr, boosted = attack_success(model, attacks, ds.test.images, ds.test.labels, device)
     paper = {a: boosted.get(a, asr[a]) for a in asr}
     pl, plmeta = read_plan(inp["plan"], len(man))
+    provenance.same_cell(inp["plan"], plmeta, ref, defense=d["name"])
     w = pl["weight"].to_numpy()
     scores = pl["score"].to_numpy().astype(float)
-    d = spec["defense"]
     wall = {"train": mmeta["wall_time_s"]}
     smeta: dict = {}
     if "scores" in inp:
         smeta = read_scores(inp["scores"])[1]
+        provenance.same_cell(inp["scores"], smeta, ref, detector=d.get("detector"))
         wall["score"] = smeta.get("wall_time_s")
         wall["pretrain"] = (smeta.get("defender_model") or {}).get("wall_time_s")
     wall["evaluate"] = time.perf_counter() - t0
