@@ -214,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     except PoisongridError as e:
         if debug:
             raise
+        # One line, unless the message itself is a list (every problem of a config).
         print(f"poisongrid {args.cmd}: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `poisongrid show … | head`: the reader left; nothing is wrong
@@ -228,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - one line for the user; the traceback on request
         if debug:
             raise
-        print(f"poisongrid {args.cmd}: error: {type(e).__name__}: {e} (POISONGRID_DEBUG=1 or --debug shows the traceback)",
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        print(f"poisongrid {args.cmd}: error: {type(e).__name__}: {first} (POISONGRID_DEBUG=1 or --debug shows the traceback)",
               file=sys.stderr)
         return 1
     return 0

@@ -183,11 +183,15 @@ def _check_dataset(name: str, ds: dict, deep: bool = True) -> None:
         if tgt is not None and (isinstance(tgt, bool) or not isinstance(tgt, int) or tgt < 0 or (n_cls and tgt >= n_cls)):
             raise ConfigError(f"{key}.target", tgt, f"a class index in [0, {n_cls - 1}]" if n_cls else "a class index >= 0")
         params = attack_params(a)
-        if cls.needs_trigger_file:
-            params = {**params, "trigger": None}  # made later by the trigger stage
-        elif deep:
-            # Building the attack once validates its parameters now, not hours into a run.
-            cls((3, ds["image_size"] or 32, ds["image_size"] or 32), 0, **params)
+        if deep:
+            # Building the attack once validates its parameters now, not hours into a run; a
+            # learned trigger (made later by the trigger stage) stands in as zeros.
+            shape = (3, ds["image_size"] or 32, ds["image_size"] or 32)
+            if cls.needs_trigger_file:
+                import numpy as np
+
+                params = {**params, "trigger": np.zeros(shape, np.float32)}
+            cls(shape, 0, **params)
     if total >= 1:
         raise ConfigError(f"datasets.{name}.attacks", f"ratios summing to {total:g}", "ratios summing to less than 1")
     ds.setdefault("scenarios", ["multi"] + [f"single-{a}" for a in ds["attacks"]])

@@ -137,7 +137,7 @@ class ScoreWriter:
 
 
 def read_scores(path):
-    table, meta = read_table(path, SCORES_KIND)
+    table, meta = read_table(path, SCORES_KIND, require=("index", "score"))
     return table.to_pandas(), meta
 
 
@@ -147,8 +147,12 @@ def _model_meta(tmeta: dict) -> dict:
 
 
 def _check_rows(paths: dict, tmeta: dict, n: int) -> None:
-    if tmeta.get("n_examples") != n:
-        raise ArtifactError(f"{paths['trajectories']} has {tmeta.get('n_examples')} rows but the manifest has {n}")
+    from .io import table_meta
+
+    rows = table_meta(paths["trajectories"], trajectories.KIND)[0].metadata.num_rows
+    if tmeta.get("n_examples") != n or rows != n:
+        raise ArtifactError(f"{paths['trajectories']}: has {rows} rows but the manifest has {n}; the two come from "
+                            "different runs: delete it and rerun pretrain")
 
 
 @DETECTORS.register("badloss")

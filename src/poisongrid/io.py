@@ -98,8 +98,11 @@ def table_meta(path, kind: str) -> tuple[pq.ParquetFile, dict]:
     return pf, meta
 
 
-def read_table(path, kind: str, columns: list[str] | None = None) -> tuple[pa.Table, dict]:
+def read_table(path, kind: str, columns: list[str] | None = None, require: tuple[str, ...] = ()) -> tuple[pa.Table, dict]:
     pf, meta = table_meta(path, kind)
+    missing = [c for c in (*require, *(columns or ())) if c not in pf.schema_arrow.names]
+    if missing:
+        raise ArtifactError(f"{path}: lacks the columns {missing} of a {kind} file; delete it and rerun the stage that makes it")
     try:
         table = pf.read(columns=columns)
     except (pa.ArrowInvalid, OSError) as e:
@@ -113,15 +116,23 @@ def save_npz(path, **arrays) -> None:
             np.savez(fh, **arrays)
 
 
-def load_npz(path) -> dict[str, np.ndarray]:
+def load_npz(path, keys: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """The arrays of an .npz (never unpickling anything); `keys` must be among them."""
+    import zipfile
+
     path = Path(path)
     if not path.exists():
         raise ArtifactError(f"{path}: file not found")
     try:
         with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except (ValueError, OSError, EOFError) as e:
+            out = {k: z[k] for k in z.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
         raise ArtifactError(f"{path}: not a readable .npz file ({e}); delete it and rerun the stage that makes it") from None
+    missing = [k for k in keys if k not in out]
+    if missing:
+        raise ArtifactError(f"{path}: lacks the arrays {missing} (has {sorted(out)}); not a file of this stage, "
+                            "delete it and rerun the stage that makes it")
+    return out
 
 
 def fingerprint(spec: dict, *files) -> str:

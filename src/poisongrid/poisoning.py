@@ -145,8 +145,11 @@ def write(ps: PoisonedSet, manifest_path, images_path) -> None:
     write_table(manifest_path, pa.Table.from_pandas(ps.manifest, preserve_index=False), MANIFEST_KIND, ps.meta)
 
 
+MANIFEST_COLUMNS = ("index", "label", "orig_label", "attack", "target", "bona_fide")
+
+
 def read_manifest(path) -> tuple[pd.DataFrame, dict]:
-    table, meta = read_table(path, MANIFEST_KIND)
+    table, meta = read_table(path, MANIFEST_KIND, require=MANIFEST_COLUMNS)
     return table.to_pandas(), meta
 
 
@@ -186,7 +189,7 @@ class TrainingImages:
 
 def training_images(ds: Dataset, images_path, manifest: pd.DataFrame) -> TrainingImages:
     """The poisoned training images: the clean set with the poisoned rows swapped in."""
-    z = load_npz(images_path)
+    z = load_npz(images_path, keys=("index", "images"))
     if len(manifest) != len(ds.train.labels):
         raise ArtifactError(f"manifest has {len(manifest)} rows but dataset '{ds.name}' has {len(ds.train.labels)} training images")
     if z["images"].shape[1:] != ds.train.images.shape[1:]:

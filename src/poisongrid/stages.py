@@ -215,7 +215,7 @@ def plan(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
 
 
 def read_plan(path, n: int) -> tuple[pd.DataFrame, dict]:
-    table, meta = read_table(path, PLAN_KIND)
+    table, meta = read_table(path, PLAN_KIND, require=("index", "score", "weight"))
     df = table.to_pandas()
     if len(df) != n:
         raise ArtifactError(f"{path}: has {len(df)} rows, the manifest {n}; rerun the plan stage")

@@ -346,10 +346,20 @@ def format_duration(seconds: float) -> str:
 
 
 def _save_checkpoint(path: str, state: dict) -> None:
+    """Written beside and renamed over the previous checkpoint, so a failed write (a full disk)
+    leaves that one usable; the error names the path."""
+    import errno
+
     from .io import atomic_path
 
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+    except (RuntimeError, OSError) as e:
+        text = str(e)
+        full = getattr(e, "errno", None) == errno.ENOSPC or "No space left" in text or "file write failed" in text
+        code = errno.ENOSPC if full else (getattr(e, "errno", None) or errno.EIO)
+        raise OSError(code, f"{os.strerror(code)} (writing the training checkpoint)", path) from None
 
 
 def _load_checkpoint(path: str, ident: dict, log) -> dict | None:
@@ -393,6 +403,7 @@ def load_model(path, device: torch.device) -> tuple[nn.Module, dict]:
         meta = blob["meta"]
         model = build_model(meta["model"], meta["num_classes"], meta["image_size"])
         model.load_state_dict(blob["state_dict"])
-    except (RuntimeError, KeyError, EOFError, ValueError) as e:
-        raise ArtifactError(f"{path}: not a poisongrid model file or truncated ({e}); delete it and rerun the train stage") from None
+    except Exception as e:  # noqa: BLE001 - whatever fails to load is not a usable model file
+        raise ArtifactError(f"{path}: not a poisongrid model file or truncated ({str(e).splitlines()[0][:200]}); "
+                            "delete it and rerun the stage that makes it") from None
     return model.to(device), meta

@@ -1,0 +1,268 @@
+"""Careless and hostile input: bad configs stop before any job with one line naming the key;
+corrupted or mixed-up artifacts stop the stage reading them with one line naming the file."""
+import copy
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+import yaml
+
+from poisongrid import paths
+from poisongrid.cli import main
+from poisongrid.io import read_table, write_table
+
+GOOD = {
+    "device": "cpu", "bona_fide": {"n_clean": 40},
+    "defender_models": {"pretrain": {"r_epoch": 0.5, "augment": "none", "record": "eval"},
+                        "teacher": {"model": "resnet_s", "epochs": 2, "optimizer": "adam", "lr": 0.01, "weight_decay": 0}},
+    "detectors": {"badloss": {"type": "badloss", "k": 10}, "lfd": {"type": "teacher_loss"}},
+    "defenses": {"none": {"remedy": "none"}, "badloss": {"detector": "badloss", "remedy": "remove"},
+                 "lfd": {"detector": "lfd", "remedy": "reweight", "alpha": 0.15}},
+    "datasets": {"digits": {"image_size": 16, "model": "smallcnn", "epochs": 2, "batch_size": 64, "lr": 0.003,
+                            "scenarios": ["multi"],
+                            "attacks": {"patch": {"ratio": 0.05}, "blend_random": {"ratio": 0.04, "alpha": 0.1}}}},
+}
+
+
+def _set(cfg, path, value):
+    node = cfg
+    keys = path.split(".")
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+    if value is DELETE:
+        node.pop(keys[-1], None)
+    else:
+        node[keys[-1]] = value
+    return cfg
+
+
+DELETE = object()
+D = "datasets.digits"
+BAD_CONFIGS = [  # (path, value, text the one-line error must contain)
+    ("datasets", DELETE, "datasets"),
+    ("colour", "red", "only the keys"),
+    ("device", "tpu", "device"),
+    ("device", "cuda", None),  # no GPU here: valid config, but see cluster below
+    ("threads", 0, "threads"),
+    ("threads", "two", "threads"),
+    ("seeds", [], "seeds"),
+    ("seeds", [0, 0], "without repeated"),
+    ("seeds", [-1], "seeds"),
+    ("seeds", 0, "seeds"),
+    ("download", "no", "download"),
+    ("bona_fide.n_clean", 0, "bona_fide.n_clean"),
+    ("bona_fide.n_clean", 100000, "at most"),
+    ("bona_fide.stratified", "yes", "bona_fide.stratified"),
+    ("cluster.gpus_per_job", -1, "cluster.gpus_per_job"),
+    ("cluster.runtime_margin", 0.5, "cluster.runtime_margin"),
+    (f"{D}.model", "vit", "smallcnn"),
+    (f"{D}.loader", "mnist", "digits"),
+    (f"{D}.epochs", 0, f"{D}.epochs"),
+    (f"{D}.epochs", 2.5, f"{D}.epochs"),
+    (f"{D}.epochs", True, f"{D}.epochs"),
+    (f"{D}.lr", "1e-3", "with a dot"),
+    (f"{D}.lr", 0, f"{D}.lr"),
+    (f"{D}.batch_size", 0, f"{D}.batch_size"),
+    (f"{D}.augment", "mixup", "crop_flip"),
+    (f"{D}.optimizer", "lion", "adamw"),
+    (f"{D}.precision", "fp8", "bf16"),
+    (f"{D}.crop_scale", [0.9, 0.1], "crop_scale"),
+    (f"{D}.image_size", 4, f"{D}.image_size"),
+    (f"{D}.options", {"variant": "full"}, "options"),
+    (f"{D}.scenarios", ["single-frequency"], "single-patch"),
+    (f"{D}.scenarios", [], f"{D}.scenarios"),
+    (f"{D}.attacks", {}, f"{D}.attacks"),
+    (f"{D}.attacks.trojan", {"ratio": 0.1}, "patch"),
+    (f"{D}.attacks.patch.ratio", 1.5, "(0, 1)"),
+    (f"{D}.attacks.patch.ratio", 0, "(0, 1)"),
+    (f"{D}.attacks.patch.ratio", DELETE, "ratio"),
+    (f"{D}.attacks.patch.colour", 3, "patch.colour"),
+    (f"{D}.attacks.patch.target", 10, "target"),
+    (f"{D}.attacks.patch.target", "one", "target"),
+    (f"{D}.attacks.blend_random.alpha", 2.0, "alpha"),
+    (f"{D}.attacks.narcissus", {"ratio": 0.02, "eps": 2.0}, "eps"),
+    (f"{D}.attacks.blend_random.ratio", 0.97, "less than 1"),
+    ("detectors.badloss.k", 41, "n_clean = 40"),
+    ("detectors.badloss.k", True, "detectors.badloss.k"),
+    ("detectors.badloss.epsilon", "tiny", "detectors.badloss.epsilon"),
+    ("detectors.badloss.log_losses", "no", "true or false"),
+    ("detectors.badloss.chunk_rows", 0, "chunk_rows"),
+    ("detectors.badloss.type", "magic", "badloss"),
+    ("detectors.badloss.type", DELETE, "type"),
+    ("detectors.badloss.model", "tutor", "defender models"),
+    ("detectors.badloss.model", "teacher", "loss per epoch"),
+    ("detectors.bad-loss", {"type": "badloss"}, "letters, digits and _"),
+    ("defenses.badloss.r_reject", 1.0, "[0, 1)"),
+    ("defenses.badloss.r_reject", "0.4", "[0, 1)"),
+    ("defenses.badloss.detector", "strip", "badloss"),
+    ("defenses.badloss.remedy", "pray", "reweight"),
+    ("defenses.badloss.alpha", 0.1, "for remedy 'remove'"),
+    ("defenses.lfd.alpha", 1.0, "(0, 1)"),
+    ("defenses.lfd.beta", 0, "(0, 1]"),
+    ("defenses.lfd.mode", "both", "Eq. 6"),
+    ("defenses.none.detector", "badloss", "remedy 'none'"),
+    ("defenses.scores", {"remedy": "none"}, "artifact folders"),
+    ("defenses.x", {"remedy": "none", "scenarios": ["single-blend"]}, "defenses.x.scenarios"),
+    ("defenses.x", {"remedy": "none", "datasets": ["cifar"]}, "defenses.x.datasets"),
+    ("defenses.bad.name", {"remedy": "none"}, "defenses"),
+    ("defender_models.teacher.model", "resnet18", "no larger than the student"),
+    ("defender_models.teacher.model", "resnet_xs", "resnet_s"),
+    ("defender_models.teacher.r_epoch", 0.5, "not both"),
+    ("defender_models.teacher.record", "never", "record"),
+    ("defender_models.attacked", {"epochs": 3}, "dataset's own settings"),
+    ("defender_models.teacher.spike_rule", "median", "spike_rule"),
+]
+BAD_CONFIGS = [c for c in BAD_CONFIGS if c[2] is not None]
+
+
+def test_there_are_at_least_fifty_bad_configs():
+    assert len(BAD_CONFIGS) >= 50
+
+
+@pytest.mark.parametrize("path, value, text", BAD_CONFIGS, ids=[f"{p}={v!r}"[:60] for p, v, _ in BAD_CONFIGS])
+def test_bad_config_stops_with_one_line(tmp_path, capsys, monkeypatch, path, value, text):
+    monkeypatch.delenv("POISONGRID_DEBUG", raising=False)
+    cfg = _set(copy.deepcopy(GOOD), path, value)
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump(cfg))
+    assert main(["validate", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("poisongrid validate: error: ") and text in err, err
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path, capsys):
+    f = tmp_path / "c.yaml"
+    f.write_text("datasets:\n  digits: [model: smallcnn\n")
+    assert main(["validate", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{f}:" in err and "valid YAML" in err
+
+
+# ---- corrupted and mixed-up artifacts -----------------------------------------------------------
+
+W = dict(dataset="digits", scenario="multi", seed=0)
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    """One cell with every artifact the corruptions below touch, made through the CLI."""
+    root = tmp_path_factory.mktemp("pristine")
+    cfgfile = root / "c.yaml"
+    cfgfile.write_text(yaml.safe_dump(GOOD))
+    res = root / "results"
+    jobs = [("poison", {}), ("pretrain", {"model": "attacked"}), ("pretrain", {"model": "pretrain"}),
+            ("pretrain", {"model": "teacher"}), ("score", {"detector": "badloss"}), ("score", {"detector": "lfd"}),
+            ("plan", {"defense": "none"}), ("plan", {"defense": "badloss"}), ("plan", {"defense": "lfd"}),
+            ("train", {"defense": "badloss"}), ("evaluate", {"defense": "none"}), ("evaluate", {"defense": "badloss"})]
+    for stage, kw in jobs:
+        assert main(_args(stage, cfgfile, res, **kw)) == 0, (stage, kw)
+    (res / "digits/triggers").mkdir(parents=True, exist_ok=True)
+    return cfgfile, res
+
+
+def _args(stage, cfgfile, res, **kw):
+    out = [stage, "--config", str(cfgfile), "--results", str(res), "--dataset", "digits", "--scenario", "multi", "--seed", "0"]
+    for k, v in kw.items():
+        out += [f"--{k}", v]
+    return out
+
+
+def P(res, kind, **kw):
+    return paths.path(kind, str(res), **W, **kw)
+
+
+def _truncate(p):
+    b = open(p, "rb").read()
+    open(p, "wb").write(b[: len(b) // 2])
+
+
+def _garbage(p):
+    open(p, "wb").write(b"\x00not this kind of file" * 10)
+
+
+def _copy(src_kind, **src_kw):
+    def f(p, res):
+        shutil.copy(P(res, src_kind, **src_kw), p)
+    return f
+
+
+def _drop_column(col):
+    def f(p):
+        table, meta = read_table(p, json.loads(pa.parquet.ParquetFile(p).metadata.metadata[b"poisongrid"])["kind"])
+        write_table(p, table.drop_columns([col]), meta.pop("kind"), meta)
+    return f
+
+
+def _other_seed(p, res):
+    other = res.parent / "seed1"
+    main(["poison", "--config", str(res.parent / "c.yaml"), "--results", str(other), "--dataset", "digits",
+          "--scenario", "multi", "--seed", "1"])
+    shutil.copy(paths.path("manifest", str(other), dataset="digits", scenario="multi", seed=1), p)
+
+
+def _npz_without_images(p):
+    np.savez(open(p, "wb"), something=np.zeros(3))
+
+
+def _fewer_rows(p):
+    table, meta = read_table(p, "trajectories")
+    write_table(p, table.slice(0, 100), "trajectories", {k: v for k, v in meta.items() if k != "kind"})
+
+
+import pyarrow.parquet  # noqa: E402  (pa.parquet above)
+
+CORRUPTIONS = [  # (what is corrupted, how, the stage that reads it)
+    (("manifest", {}), _truncate, ("evaluate", {"defense": "none"})),
+    (("manifest", {}), _garbage, ("pretrain", {"model": "attacked"})),
+    (("manifest", {}), _drop_column("bona_fide"), ("score", {"detector": "badloss"})),
+    (("manifest", {}), _other_seed, ("evaluate", {"defense": "none"})),
+    (("manifest", {}), _copy("plan", defense="none"), ("plan", {"defense": "badloss"})),
+    (("poisoned", {}), _truncate, ("pretrain", {"model": "attacked"})),
+    (("poisoned", {}), _npz_without_images, ("train", {"defense": "badloss"})),
+    (("poisoned", {}), _garbage, ("train", {"defense": "badloss"})),
+    (("losses", {"model": "pretrain"}), _truncate, ("score", {"detector": "badloss"})),
+    (("losses", {"model": "pretrain"}), _copy("losses", model="teacher"), ("score", {"detector": "badloss"})),
+    (("losses", {"model": "pretrain"}), _copy("manifest"), ("score", {"detector": "badloss"})),
+    (("losses", {"model": "pretrain"}), _fewer_rows, ("score", {"detector": "badloss"})),
+    (("losses", {"model": "teacher"}), _garbage, ("score", {"detector": "lfd"})),
+    (("scores", {"detector": "badloss"}), _drop_column("score"), ("plan", {"defense": "badloss"})),
+    (("scores", {"detector": "badloss"}), _copy("scores", detector="lfd"), ("plan", {"defense": "badloss"})),
+    (("scores", {"detector": "lfd"}), _truncate, ("plan", {"defense": "lfd"})),
+    (("plan", {"defense": "badloss"}), _truncate, ("train", {"defense": "badloss"})),
+    (("plan", {"defense": "badloss"}), _drop_column("weight"), ("train", {"defense": "badloss"})),
+    (("plan", {"defense": "badloss"}), _copy("plan", defense="none"), ("evaluate", {"defense": "badloss"})),
+    (("final_model", {"defense": "badloss"}), _truncate, ("evaluate", {"defense": "badloss"})),
+    (("final_model", {"defense": "badloss"}), _garbage, ("evaluate", {"defense": "badloss"})),
+    (("final_model", {"defense": "badloss"}), _copy("defender_model", model="attacked"), ("evaluate", {"defense": "badloss"})),
+    (("defender_model", {"model": "attacked"}), _truncate, ("evaluate", {"defense": "none"})),
+    (("defender_model", {"model": "attacked"}), _copy("final_model", defense="badloss"), ("evaluate", {"defense": "none"})),
+]
+
+
+def test_there_are_at_least_twenty_corruptions():
+    assert len(CORRUPTIONS) >= 20
+
+
+@pytest.mark.parametrize("target, corrupt, reader", CORRUPTIONS,
+                         ids=[f"{t[0]}{list(t[1].values())}-{getattr(c, '__name__', 'f')}-{r[0]}" for t, c, r in CORRUPTIONS])
+def test_corrupted_artifact_is_refused_naming_the_file(pristine, tmp_path, capsys, monkeypatch, target, corrupt, reader):
+    monkeypatch.delenv("POISONGRID_DEBUG", raising=False)
+    cfgfile, src = pristine
+    res = tmp_path / "results"
+    shutil.copytree(src, res)
+    shutil.copy(cfgfile, tmp_path / "c.yaml")
+    victim = P(res, target[0], **target[1])
+    try:
+        corrupt(victim, res)
+    except TypeError:
+        corrupt(victim)
+    capsys.readouterr()
+    code = main(_args(reader[0], tmp_path / "c.yaml", res, **reader[1]))
+    err = capsys.readouterr().err
+    assert code != 0, f"{reader} accepted a corrupted {target}"
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert victim in err, err
