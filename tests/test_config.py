@@ -179,3 +179,11 @@ def test_all_schema_problems_are_listed_and_yaml_errors_name_the_line(tmp_path):
     bad.write_text("datasets:\n  digits: {model: smallcnn\n")
     with pytest.raises(ConfigError, match=r"bad.yaml:3:1"):
         config.load(bad)
+
+
+def test_problems_in_several_parts_are_reported_together():
+    c = cfg(datasets__digits__model="vit", device="cuda", cluster={"gpus_per_job": 0})
+    with pytest.raises(ConfigError) as e:
+        config.validate(c)
+    msg = str(e.value)
+    assert msg.startswith("2 problems") and "datasets.digits.model" in msg and "cluster.gpus_per_job" in msg

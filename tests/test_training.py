@@ -230,3 +230,34 @@ def test_format_duration():
     from poisongrid.training import format_duration
 
     assert [format_duration(s) for s in (4.24, 192, 3600 + 5 * 60 + 10, float("nan"))] == ["4.2s", "3m12s", "1h05m", "?"]
+
+
+def test_a_full_disk_during_a_checkpoint_names_the_path_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    import errno
+
+    import pytest
+
+    from poisongrid import training
+
+    x, y = _data()
+    ckpt = str(tmp_path / "run.ckpt")
+    real_save, calls = torch.save, []
+
+    def full_disk(obj, f, *a, **k):
+        calls.append(f)
+        if len(calls) == 2:  # the second epoch's checkpoint: the disk fills mid-write
+            open(f, "wb").write(b"\x80partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
+                               "data/3: file write failed")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(training.torch, "save", full_disk)
+    with pytest.raises(OSError) as e:
+        fit(TR, x, y, 4, seed=1, device=CPU, record="eval", checkpoint=ckpt, fingerprint="f")
+    assert e.value.errno == errno.ENOSPC and e.value.filename == ckpt and "No space left" in str(e.value)
+    assert not [p for p in tmp_path.iterdir() if p.name != "run.ckpt"]  # no temporary file left behind
+    monkeypatch.setattr(training.torch, "save", real_save)
+    msgs = []
+    res = fit(TR, x, y, 4, seed=1, device=CPU, record="eval", checkpoint=ckpt, fingerprint="f", log=msgs.append)
+    assert any("resumed" in m and "continuing at epoch 2/4" in m for m in msgs)  # epoch 1's checkpoint was usable
+    np.testing.assert_array_equal(res.losses, fit(TR, x, y, 4, seed=1, device=CPU, record="eval").losses)

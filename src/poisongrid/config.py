@@ -144,16 +144,32 @@ def validate(cfg: dict, deep: bool = True) -> dict:
         if len(msgs) > 1:
             err.args = (f"{len(msgs)} problems:\n  " + "\n  ".join(msgs),)
         raise err
-    for name, ds in cfg["datasets"].items():
-        _check_dataset(name, ds, deep)
+    # Each part is checked even when an earlier one failed, so every problem is reported at once.
+    problems: list[ConfigError] = []
+
+    def attempt(fn, *a) -> bool:
+        try:
+            fn(*a)
+            return True
+        except ConfigError as e:
+            problems.append(e)
+            return False
+
+    datasets_ok = all([attempt(_check_dataset, name, ds, deep) for name, ds in cfg["datasets"].items()])
     cfg["defender_models"].setdefault(ATTACKED, {})
-    if deep:
-        _check_defender_models(cfg)
-    _check_detectors_defenses(cfg, deep)
-    if deep:
-        _check_budgets(cfg)
+    models_ok = attempt(_check_defender_models, cfg) if deep else True
+    if datasets_ok and models_ok:
+        attempt(_check_detectors_defenses, cfg, deep)
+    if deep and datasets_ok:
+        attempt(_check_budgets, cfg)
     if cfg["cluster"]["gpus_per_job"] == 0 and cfg["device"] == "cuda":
-        raise ConfigError("cluster.gpus_per_job", 0, "at least 1 when device is 'cuda' (or set device: cpu)")
+        problems.append(ConfigError("cluster.gpus_per_job", 0, "at least 1 when device is 'cuda' (or set device: cpu)"))
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        err = problems[0]
+        err.args = (f"{len(problems)} problems:\n  " + "\n  ".join(str(p) for p in problems),)
+        raise err
     return cfg
 
 
