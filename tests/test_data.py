@@ -1,4 +1,5 @@
 """Dataset loaders: digits for real, the others against tiny fixtures in each dataset's real on-disk layout."""
+import copy
 import gzip
 import math
 import pickle
@@ -574,3 +575,25 @@ def test_fashion_mnist_download(tmp_path, no_system_fashion, monkeypatch):
     calls.clear()
     load_dataset("fashion_mnist", data_dir=tmp_path / "d", download=True)
     assert calls == []  # already there: nothing fetched
+
+
+@pytest.mark.parametrize("loader", ["folder", "npz"])
+def test_own_data_budget_check_uses_the_real_size(tmp_path, loader):
+    """The config's poisoning budget is checked against the user's own set, before any job."""
+    from poisongrid import config
+
+    if loader == "folder":
+        for split in ("train", "test"):
+            _write_folder(tmp_path / "mine" / split, ["a", "b"], [(12, 12)] * 15, ext=".png")
+        options = {"root": "mine"}
+    else:
+        x = np.zeros((30, 12, 12), np.uint8)
+        np.savez(tmp_path / "mine.npz", x_train=x, y_train=np.arange(30) % 2, x_test=x[:4], y_test=np.arange(4) % 2)
+        options = {"path": "mine.npz"}
+    cfg = {"data_dir": str(tmp_path), "bona_fide": {"n_clean": 30}, "detectors": {"badloss": {"type": "badloss", "k": 5}},
+           "datasets": {"mine": {"loader": loader, "options": options, "image_size": 12, "model": "smallcnn",
+                                 "attacks": {"patch": {"ratio": 0.2}}}}}
+    with pytest.raises(ConfigError, match=r"bona_fide.n_clean.*at most 24, the untouched examples of 'mine' \(30 training"):
+        config.validate(copy.deepcopy(cfg))
+    cfg["bona_fide"]["n_clean"] = 24
+    assert config.validate(cfg)["datasets"]["mine"]["loader"] == loader
