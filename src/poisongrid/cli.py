@@ -83,9 +83,9 @@ def run_stage(stage: str, args) -> dict:
     full = {k: v for k, v in cell.items() if v is not None}
     out = {n: given.get(n) or paths.outputs(stage, args.results, **full).get(n) for n in out_names}
     declared = paths.STAGES[stage].inputs(spec)
-    inp = {}
-    for n in declared:
-        inp[n] = given.get(n) or paths.inputs(stage, spec, args.results, **full)[n]
+    # Default paths only for inputs no flag gave (a cell coordinate may be missing then).
+    defaults = paths.inputs(stage, spec, args.results, **full) if set(declared) - set(given) else {}
+    inp = {n: given.get(n) or defaults[n] for n in declared}
     unused = set(given) - out_names - set(declared)
     if unused:
         raise PoisongridError(f"`poisongrid {stage}` does not use {', '.join('--' + u.replace('trigger_', 'trigger ') for u in sorted(unused))} here")

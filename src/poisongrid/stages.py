@@ -18,7 +18,7 @@ from .attacks import ATTACKS
 from .data import Dataset, load_dataset
 from .detectors import DETECTORS, defender_manifest, read_scores
 from .errors import ArtifactError
-from .io import fingerprint, load_npz, read_table, save_npz, write_json, write_table
+from .io import fingerprint, load_npz, read_table, save_npz, table_meta, write_json, write_table
 from .remedies import REMEDIES
 
 Log = Callable[[str], None]
@@ -175,7 +175,7 @@ def features(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
 def score(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
     det_cls = DETECTORS.get(spec["type"], "detector type")
     params = {k: v for k, v in spec.items() if k not in ("type", "detector", "model")}
-    ref = provenance.of(defender_manifest(inp["manifest"])[1], inp["manifest"])
+    ref = provenance.of(table_meta(inp["manifest"], poisoning.MANIFEST_KIND)[1], inp["manifest"])  # metadata only
     if "trajectories" in inp:
         provenance.same_cell(inp["trajectories"], trajectories.meta(inp["trajectories"]), ref, model=spec.get("model"))
     det = det_cls(**params)
