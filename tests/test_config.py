@@ -105,7 +105,10 @@ def test_defender_models_take_the_datasets_settings_unless_overridden():
     t = config.defender_model_spec(c, "digits", "teacher")
     assert t["training"]["model"] == "resnet_s" and t["training"]["optimizer"] == "adam" and t["run"] == 4
     assert t["training"]["epochs"] == 4  # its own schedule; r_epoch models keep the dataset's
-    assert config.cell_models(c, "digits", "multi") == ["pretrain", "teacher"]
+    from poisongrid.jobs import cell_jobs
+
+    models = [j["model"] for s, j in cell_jobs(c, "digits", "multi", 0, list(c["defenses"])) if s == "pretrain"]
+    assert models == ["attacked", "pretrain", "teacher"]
 
 
 def test_defense_restricted_to_scenarios():

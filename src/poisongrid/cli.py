@@ -65,7 +65,7 @@ def _trigger_flags(items: list[str] | None) -> dict[str, str]:
         name, _, path = it.partition("=")
         if not path:
             raise PoisongridError(f"--trigger takes ATTACK=PATH, got {it!r}")
-        out[f"trigger_{name}"] = path
+        out[paths.TRIGGER + name] = path
     return out
 
 
@@ -81,14 +81,15 @@ def run_stage(stage: str, args) -> dict:
     given.update(_trigger_flags(args.trigger))
     out_names = set(paths.STAGES[stage].outputs)
     full = {k: v for k, v in cell.items() if v is not None}
-    out = {n: given.get(n) or paths.outputs(stage, args.results, **full).get(n) for n in out_names}
+    default_out = paths.outputs(stage, args.results, **full)
+    out = {n: given.get(n) or default_out[n] for n in out_names}
     declared = paths.STAGES[stage].inputs(spec)
     # Default paths only for inputs no flag gave (a cell coordinate may be missing then).
     defaults = paths.inputs(stage, spec, args.results, **full) if set(declared) - set(given) else {}
     inp = {n: given.get(n) or defaults[n] for n in declared}
     unused = set(given) - out_names - set(declared)
     if unused:
-        raise PoisongridError(f"`poisongrid {stage}` does not use {', '.join('--' + u.replace('trigger_', 'trigger ') for u in sorted(unused))} here")
+        raise PoisongridError(f"`poisongrid {stage}` does not use {', '.join('--' + u.replace(paths.TRIGGER, 'trigger ') for u in sorted(unused))} here")
     for n, v in out.items():
         if "{" in v:
             missing = sorted(w for w in paths.STAGES[stage].cell if cell.get(w) is None)

@@ -135,15 +135,8 @@ def validate(cfg: dict, deep: bool = True) -> dict:
     errors = sorted(_validator_class()(SCHEMA).iter_errors(cfg), key=lambda e: [str(p) for p in e.absolute_path])
     if errors:
         # Every schema problem, one line each, so a config is fixed in one round.
-        msgs = []
-        for e in errors:
-            value = e.instance if not isinstance(e.instance, dict) else "{…}"
-            msgs.append(str(ConfigError(_path(e), value, _allowed(e))))
-        e = errors[0]
-        err = ConfigError(_path(e), e.instance if not isinstance(e.instance, dict) else "{…}", _allowed(e))
-        if len(msgs) > 1:
-            err.args = (f"{len(msgs)} problems:\n  " + "\n  ".join(msgs),)
-        raise err
+        _raise_all([ConfigError(_path(e), e.instance if not isinstance(e.instance, dict) else "{…}", _allowed(e))
+                    for e in errors])
     # Each part is checked even when an earlier one failed, so every problem is reported at once.
     problems: list[ConfigError] = []
 
@@ -164,13 +157,17 @@ def validate(cfg: dict, deep: bool = True) -> dict:
         attempt(_check_budgets, cfg)
     if cfg["cluster"]["gpus_per_job"] == 0 and cfg["device"] == "cuda":
         problems.append(ConfigError("cluster.gpus_per_job", 0, "at least 1 when device is 'cuda' (or set device: cpu)"))
-    if len(problems) == 1:
-        raise problems[0]
     if problems:
-        err = problems[0]
-        err.args = (f"{len(problems)} problems:\n  " + "\n  ".join(str(p) for p in problems),)
-        raise err
+        _raise_all(problems)
     return cfg
+
+
+def _raise_all(problems: list[ConfigError]) -> None:
+    """Raise the first problem, its message listing all of them when there are several."""
+    err = problems[0]
+    if len(problems) > 1:
+        err.args = (f"{len(problems)} problems:\n  " + "\n  ".join(str(p) for p in problems),)
+    raise err
 
 
 def _check_dataset(name: str, ds: dict, deep: bool = True) -> None:
@@ -353,8 +350,6 @@ def training_spec(cfg: dict, dataset: str) -> dict:
 def defender_model_spec(cfg: dict, dataset: str, name: str) -> dict:
     """How one defender model of a dataset is trained: its training settings (the dataset's,
     overridden by the model's entry), how many epochs run, and what it records."""
-    from .paths import ATTACKED
-
     ds = _dataset(cfg, dataset)
     if name not in cfg["defender_models"]:
         raise ConfigError("model", name, f"one of the defender models {sorted(cfg['defender_models'])}")
@@ -367,8 +362,7 @@ def defender_model_spec(cfg: dict, dataset: str, name: str) -> dict:
     else:
         run = int(training["epochs"])
     return {"name": name, "training": training, "run": run, "record": m.get("record", "final"),
-            "spike_rule": m.get("spike_rule", "paper"), "spike_factor": m.get("spike_factor", 2.0),
-            "attacked": name == ATTACKED}
+            "spike_rule": m.get("spike_rule", "paper"), "spike_factor": m.get("spike_factor", 2.0)}
 
 
 def stage_spec(cfg: dict, stage: str, dataset: str, scenario: str | None = None, seed: int | None = None,
@@ -414,15 +408,6 @@ def stage_spec(cfg: dict, stage: str, dataset: str, scenario: str | None = None,
     else:
         raise ConfigError("stage", stage, "one of trigger, poison, pretrain, features, score, plan, train, evaluate")
     return spec
-
-
-def cell_models(cfg: dict, dataset: str, scenario: str) -> list[str]:
-    """Defender models some detector of a defense run in this cell reads (trained once each)."""
-    out = []
-    for d in cfg["defenses"].values():
-        if defense_applies(d, dataset, scenario) and d.get("detector"):
-            out.append(cfg["detectors"][d["detector"]]["model"])
-    return list(dict.fromkeys(out))
 
 
 # Keys of a defense that say where it runs, not what it computes (kept out of stage specs).

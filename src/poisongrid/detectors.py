@@ -146,13 +146,18 @@ def _model_meta(tmeta: dict) -> dict:
     return {k: tmeta.get(k) for k in ("model_name", "model", "wall_time_s", "record", "epochs_recorded")}
 
 
-def _check_rows(paths: dict, tmeta: dict, n: int) -> None:
+def _manifest_and_trajectories(paths: dict) -> tuple:
+    """The defender's manifest and the trajectory file's metadata, after checking the file has one
+    row per example (its own row count, not only what its metadata claims)."""
     from .io import table_meta
 
-    rows = table_meta(paths["trajectories"], trajectories.KIND)[0].metadata.num_rows
+    man, _ = defender_manifest(paths["manifest"])
+    pf, tmeta = table_meta(paths["trajectories"], trajectories.KIND)
+    n, rows = len(man), pf.metadata.num_rows
     if tmeta.get("n_examples") != n or rows != n:
         raise ArtifactError(f"{paths['trajectories']}: has {rows} rows but the manifest has {n}; the two come from "
                             "different runs: delete it and rerun pretrain")
+    return man, tmeta
 
 
 @DETECTORS.register("badloss")
@@ -184,9 +189,7 @@ class BaDLoss(Detector):
         return np.log(np.maximum(t, 1e-6)) if self.p["log_losses"] else t
 
     def score(self, paths: dict, out_path) -> dict:
-        man, _ = defender_manifest(paths["manifest"])
-        tmeta = trajectories.meta(paths["trajectories"])
-        _check_rows(paths, tmeta, len(man))
+        man, tmeta = _manifest_and_trajectories(paths)
         bona = set(man["index"][man["bona_fide"]].tolist())
         k = int(self.p["k"])
         if k > len(bona):
@@ -215,9 +218,7 @@ class TeacherLoss(Detector):
     negated_loss = True
 
     def score(self, paths: dict, out_path) -> dict:
-        man, _ = defender_manifest(paths["manifest"])
-        tmeta = trajectories.meta(paths["trajectories"])
-        _check_rows(paths, tmeta, len(man))
+        man, tmeta = _manifest_and_trajectories(paths)
         last = tmeta["epochs_recorded"] - 1
         meta = {"cell": self.cell, "detector": self.type, "params": self.p, "epoch_used": last, "negated_loss": True,
                 "defender_model": _model_meta(tmeta)}

@@ -100,10 +100,19 @@ class Stage:
     inputs: Callable[[dict], dict[str, Input]]  # spec -> I/O name -> input
 
 
+# A stage's learned-trigger inputs are named TRIGGER + attack (the CLI's --trigger ATTACK=PATH).
+TRIGGER = "trigger_"
+
+
 def _triggers(attacks) -> dict[str, Input]:
     from .attacks import ATTACKS
 
-    return {f"trigger_{a}": ("trigger", {"attack": a}) for a in attacks if ATTACKS.get(a).needs_trigger_file}
+    return {TRIGGER + a: ("trigger", {"attack": a}) for a in attacks if ATTACKS.get(a).needs_trigger_file}
+
+
+def trigger_inputs(inp: dict) -> dict[str, str]:
+    """attack -> path of the learned-trigger inputs among a job's inputs."""
+    return {k[len(TRIGGER):]: v for k, v in inp.items() if k.startswith(TRIGGER)}
 
 
 def _poisoned(spec: dict) -> dict[str, Input]:

@@ -14,6 +14,11 @@ def cell(dataset: str, scenario: str | None, seed: int | None, **role) -> dict:
     return out
 
 
+def of_role(ref: dict, **role) -> dict:
+    """The cell of an artifact derived from `ref`'s (dataset, scenario, seed) with its own role."""
+    return cell(ref["dataset"], ref["scenario"], ref["seed"], **role)
+
+
 def of(meta: dict, path) -> dict:
     c = (meta or {}).get("cell")
     if not isinstance(c, dict):

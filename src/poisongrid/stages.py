@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from . import __version__, poisoning, provenance, trajectories
+from . import __version__, paths, poisoning, provenance, trajectories
 from .attacks import ATTACKS
 from .data import Dataset, load_dataset
 from .detectors import DETECTORS, defender_manifest, read_scores
@@ -33,8 +33,8 @@ def get_dataset(spec: dict) -> Dataset:
     return load_dataset(d["loader"], data_dir=d["data_dir"], image_size=d["image_size"], download=d["download"], **d["options"])
 
 
-def _triggers(paths: dict[str, str] | None) -> dict[str, np.ndarray]:
-    return {name: load_npz(p)["trigger"] for name, p in (paths or {}).items()}
+def _triggers(files: dict[str, str] | None) -> dict[str, np.ndarray]:
+    return {name: load_npz(p)["trigger"] for name, p in (files or {}).items()}
 
 
 # ---- trigger (Narcissus) ----------------------------------------------------------------------
@@ -76,7 +76,7 @@ def trigger(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
 
 def poison(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
     ds = get_dataset(spec)
-    trigger_paths = {k[len("trigger_"):]: v for k, v in inp.items() if k.startswith("trigger_")}
+    trigger_paths = paths.trigger_inputs(inp)
     trig = _triggers(trigger_paths)
     for name, path in trigger_paths.items():
         z = load_npz(path)
@@ -130,7 +130,7 @@ def pretrain(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
               fingerprint=fingerprint(spec, inp["manifest"], inp["images"]), log=log)
     recorded = res.losses.shape[0]
     kept = trajectories.accepted_epochs(res.train_loss, m["spike_factor"], m["spike_rule"]) if recorded == run else [0]
-    cell = {**provenance.of(pmeta, inp["manifest"]), "model": m["name"]}
+    cell = provenance.of_role(provenance.of(pmeta, inp["manifest"]), model=m["name"])
     meta = {"cell": cell, "model_name": m["name"], "model": tr["model"], "epochs_run": run, "epochs_recorded": recorded,
             "accepted_epochs": kept, "skipped_epochs": sorted(set(range(recorded)) - set(kept)),
             "spike_rule": m["spike_rule"], "spike_series": "train_loss", "spike_factor": m["spike_factor"],
@@ -179,7 +179,7 @@ def score(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
     if "trajectories" in inp:
         provenance.same_cell(inp["trajectories"], trajectories.meta(inp["trajectories"]), ref, model=spec.get("model"))
     det = det_cls(**params)
-    det.cell = {**{k: ref[k] for k in ("dataset", "scenario", "seed")}, "detector": spec.get("detector")}
+    det.cell = provenance.of_role(ref, detector=spec.get("detector"))
     meta = det.score(inp, out["out"])
     log(f"scores written to {out['out']} ({meta['wall_time_s']:.2f}s)")
     return meta
@@ -205,7 +205,7 @@ def plan(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
             raise ArtifactError(f"{inp['scores']}: scores cover {len(sdf)} examples, the manifest {n}; rerun the score stage")
         sc = sdf.sort_values("index")["score"].to_numpy()
     w = remedy.weights(sc, man, smeta).astype(np.float32)
-    cell = {**{k: ref[k] for k in ("dataset", "scenario", "seed")}, "defense": spec["defense"]}
+    cell = provenance.of_role(ref, defense=spec["defense"])
     meta = {"cell": cell, "defense": spec["defense"], "remedy": spec["remedy"], "params": remedy.p, "n_train": n,
             "n_removed": int((w == 0).sum()), "n_ascent": int((w < 0).sum()), "weight_min": float(w.min()),
             "weight_max": float(w.max()), **remedy.plan_meta()}
@@ -305,11 +305,9 @@ def evaluate(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
     model, mmeta = load_model(inp["weights"], device)
     d = spec["defense"]
     # The none defense evaluates the attacked defender model; every other one its own final model.
-    from .paths import ATTACKED, trains_nothing
-
-    role = {"model": ATTACKED} if trains_nothing(d) else {"defense": d["name"]}
+    role = {"model": paths.ATTACKED} if paths.trains_nothing(d) else {"defense": d["name"]}
     provenance.same_cell(inp["weights"], mmeta, ref, **role)
-    trig = {k[len("trigger_"):]: v for k, v in inp.items() if k.startswith("trigger_")}
+    trig = paths.trigger_inputs(inp)
     attacks = poisoning.test_attacks(pmeta, ds.image_shape, _triggers(trig))
     clean_acc = float((predict(model, ds.test.images, device) == ds.test.labels).mean())
     asr, boosted = attack_success(model, attacks, ds.test.images, ds.test.labels, device)

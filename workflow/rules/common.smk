@@ -40,12 +40,10 @@ def spec(stage):
 
 def io_flags(w, input, output):
     """The CLI's file flags for the job's declared inputs and outputs."""
-    flags = []
-    for name, path in list(input.items()) + list(output.items()):
-        if name.startswith("trigger_"):
-            flags.append(f"--trigger {name[len('trigger_'):]}={shlex.quote(path)}")
-        else:
-            flags.append(f"--{name} {shlex.quote(path)}")
+    files = dict(list(input.items()) + list(output.items()))
+    triggers = pgp.trigger_inputs(files)
+    flags = [f"--trigger {a}={shlex.quote(p)}" for a, p in triggers.items()]
+    flags += [f"--{name} {shlex.quote(p)}" for name, p in files.items() if not name.startswith(pgp.TRIGGER)]
     return " ".join(flags)
 
 
