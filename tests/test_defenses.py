@@ -48,6 +48,7 @@ def _manifest(n=200, seed=0):
 
 
 CELL = {"dataset": "digits", "scenario": "single-patch", "seed": 0}
+CELL_MULTI = {"dataset": "digits", "scenario": "multi", "seed": 0}
 
 
 def _write_manifest(path, man):
@@ -195,7 +196,10 @@ def test_features_stage_matches_direct_computation(cell):
     cfg, root, run = cell
     run("pretrain", model="pretrain")
     _, inp, out = run("features", model="pretrain")
-    f = np.load(out["out"])
+    from poisongrid.io import load_features
+
+    f, meta = load_features(out["out"])
+    assert meta["cell"] == {**CELL_MULTI, "model": "pretrain"}
     spec = config.stage_spec(cfg, "features", "digits", "multi", 0, model="pretrain")
     _, man, _, x = stages._poisoned_training_set(spec, inp["manifest"], inp["images"])
     model, _ = load_model(inp["weights"], torch.device("cpu"))
@@ -215,7 +219,8 @@ def test_paper_labelled_badloss_records_in_eval_mode():
 def test_every_detector_declares_what_it_reads():
     for name in DETECTORS.names():
         cls = DETECTORS.get(name)
-        assert set(cls.needs) <= {"trajectories", "features", "weights"} and cls.default_model
+        assert set(cls.needs) <= {"trajectories", "features", "weights", "images"}
+        assert bool(cls.default_model) == bool(set(cls.needs) - {"images"})
         spec = {"type": name, "model": "x"}
         assert paths.STAGES["score"].inputs(spec)["manifest"] == ("manifest", {})
     json.dumps(paths.outputs("pretrain"))

@@ -4,7 +4,8 @@ import pyarrow as pa
 import pytest
 
 from poisongrid import trajectories
-from poisongrid.detectors import BaDLoss, knn_log_distance, read_scores
+from poisongrid.detectors import knn_log_distance, read_scores
+from poisongrid.detectors.badloss import BaDLoss
 from poisongrid.errors import ArtifactError, ConfigError
 from poisongrid.io import write_table
 from poisongrid.remedies import select_removed

@@ -248,7 +248,8 @@ def _check_detectors_defenses(cfg: dict, deep: bool = True) -> None:
     for dname, det in cfg["detectors"].items():
         cls = DETECTORS.get(det["type"], f"detectors.{dname}.type")
         cls.check(det, f"detectors.{dname}", cfg)
-        det.setdefault("model", cls.default_model)
+        if cls.default_model:
+            det.setdefault("model", cls.default_model)
     for fname in cfg["defenses"]:
         if fname in RESERVED:
             raise ConfigError("defenses", fname, f"a name other than {list(RESERVED)} (artifact folders)")
@@ -361,6 +362,9 @@ def defender_model_spec(cfg: dict, dataset: str, name: str) -> dict:
         run = max(1, round(m["r_epoch"] * ds["epochs"]))
     else:
         run = int(training["epochs"])
+    for k in ("objective", "objective_level"):
+        if k in m:
+            training[k] = m[k]
     return {"name": name, "training": training, "run": run, "record": m.get("record", "final"),
             "spike_rule": m.get("spike_rule", "paper"), "spike_factor": m.get("spike_factor", 2.0)}
 
@@ -395,10 +399,19 @@ def stage_spec(cfg: dict, stage: str, dataset: str, scenario: str | None = None,
     elif stage == "score":
         if detector not in cfg["detectors"]:
             raise ConfigError("detector", detector, f"one of {sorted(cfg['detectors'])}")
-        spec = {"detector": detector, **cfg["detectors"][detector]}
+        from .detectors import DETECTORS
+
+        det = cfg["detectors"][detector]
+        if DETECTORS.get(det["type"], "detector type").reads_data():
+            spec["seed"] = spec.get("seed", 0)
+            spec.update(training=training_spec(cfg, dataset), runtime=runtime_spec(cfg))
+        else:
+            spec = {}
+        spec = {**spec, "detector": detector, **det}
     elif stage == "plan":
         spec = {"defense": defense, **_defense(cfg, defense)}
     elif stage == "train":
+        spec["defense"] = {"name": defense, **_defense(cfg, defense)}
         spec["training"] = training_spec(cfg, dataset)
         spec["runtime"] = runtime_spec(cfg)
     elif stage == "evaluate":
@@ -469,21 +482,35 @@ def estimated_minutes(cfg: dict, stage: str, dataset: str, model: str | None = N
         return 0.5 * mpe + 2
     if stage == "trigger":
         return ds["narcissus_surrogate"]["epochs"] * mpe + 5
+    if stage == "score":
+        from .detectors import DETECTORS
+
+        return max([DETECTORS.get(d["type"]).cost_epochs * mpe for d in cfg["detectors"].values()] + [0.0])
     return 0.0
+
+
+def on_gpu(cfg: dict, stage: str) -> bool:
+    """Whether the stage's jobs train or optimise models (the score stage when a detector does)."""
+    if stage == "score":
+        from .detectors import DETECTORS
+
+        return any(DETECTORS.get(d["type"]).gpu for d in cfg["detectors"].values())
+    return stage in GPU_STAGES
 
 
 def resources(cfg: dict, stage: str, dataset: str, model: str | None = None) -> dict:
     """What one job of `stage` asks the scheduler for (Snakemake resources)."""
     cl = cfg["cluster"]
-    gpu = stage in GPU_STAGES and cl["gpus_per_job"] > 0
+    heavy = on_gpu(cfg, stage)
+    gpu = heavy and cl["gpus_per_job"] > 0
     res = {}
     # Only what the config knows better than the profile's default-resources is set here.
-    if stage in GPU_STAGES:
+    if heavy:
         res["runtime"] = int(10 + cl["runtime_margin"] * estimated_minutes(cfg, stage, dataset, model))
-    mem = cl["gpu_mem_mb"] if stage in GPU_STAGES else cl["cpu_mem_mb"]
+    mem = cl["gpu_mem_mb"] if heavy else cl["cpu_mem_mb"]
     if mem:
         res["mem_mb"] = mem
-    part = cl["partition"] if stage in GPU_STAGES else (cl["cpu_partition"] or cl["partition"])
+    part = cl["partition"] if heavy else (cl["cpu_partition"] or cl["partition"])
     if part:
         res["slurm_partition"] = part
     if cl["account"]:

@@ -147,3 +147,20 @@ def fingerprint(spec: dict, *files) -> str:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()
+
+
+FEATURES_KIND = "features"
+
+
+def save_features(path, features: np.ndarray, meta: dict) -> None:
+    """Penultimate features (float32 N x D) with their metadata (kind, cell) as JSON beside them."""
+    save_npz(path, features=features.astype(np.float32),
+             meta=np.array(json.dumps({"kind": FEATURES_KIND, **meta}, default=_json_default)))
+
+
+def load_features(path) -> tuple[np.ndarray, dict]:
+    z = load_npz(path, keys=("features", "meta"))
+    meta = json.loads(str(z["meta"]))
+    if meta.get("kind") != FEATURES_KIND:
+        raise ArtifactError(f"{path}: a {meta.get('kind')!r} file, expected a {FEATURES_KIND} file")
+    return z["features"], meta

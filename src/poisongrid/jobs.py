@@ -30,15 +30,26 @@ def cell_jobs(cfg: dict, dataset: str, scenario: str, seed: int, defenses: list[
             jobs.append(("trigger", {**c, "attack": a}))
     c["scenario"] = scenario
     jobs.append(("poison", dict(c)))
-    models, detectors = [], []
+    from .detectors import DETECTORS
+
+    models, feats, detectors = [], [], []
     for d in defenses:
         dd = cfg["defenses"][d]
         if paths.trains_nothing(dd):
             models.append(paths.ATTACKED)
         if dd.get("detector"):
-            models.append(cfg["detectors"][dd["detector"]]["model"])
+            det = cfg["detectors"][dd["detector"]]
+            needs = DETECTORS.get(det["type"]).needs
+            if det.get("model"):
+                models.append(det["model"])
+                if "features" in needs:
+                    feats.append(det["model"])
             detectors.append(dd["detector"])
+        read = paths.STAGES["train"].inputs({"defense": dd}).get("weights")
+        if read:
+            models.append(read[1]["model"])
     jobs += [("pretrain", {**c, "model": m}) for m in dict.fromkeys(models)]
+    jobs += [("features", {**c, "model": m}) for m in dict.fromkeys(feats)]
     jobs += [("score", {**c, "detector": d}) for d in dict.fromkeys(detectors)]
     for d in defenses:
         jobs.append(("plan", {**c, "defense": d}))

@@ -16,7 +16,7 @@ PATTERNS = {
     "poisoned": CELL + "/poison/poisoned.npz",
     "defender_model": CELL + "/models/{model}/model.pt",
     "losses": CELL + "/models/{model}/trajectories.parquet",
-    "features": CELL + "/models/{model}/features.npy",
+    "features": CELL + "/models/{model}/features.npz",
     "scores": CELL + "/scores/{detector}.parquet",
     "plan": CELL + "/{defense}/plan.parquet",
     "final_model": CELL + "/{defense}/model.pt",
@@ -125,7 +125,10 @@ def _score_inputs(spec: dict) -> dict[str, Input]:
     needs = DETECTORS.get(spec["type"], "detector type").needs
     out: dict[str, Input] = {"manifest": ("manifest", {})}
     for name in needs:
-        out[name] = ({"trajectories": "losses", "weights": "defender_model"}.get(name, name), {"model": spec["model"]})
+        if name == "images":
+            out[name] = ("poisoned", {})
+        else:
+            out[name] = ({"trajectories": "losses", "weights": "defender_model"}.get(name, name), {"model": spec["model"]})
     return out
 
 
@@ -146,6 +149,17 @@ def _evaluate_inputs(spec: dict) -> dict[str, Input]:
     return out
 
 
+def _train_inputs(spec: dict) -> dict[str, Input]:
+    from .remedies import REMEDIES
+
+    out = {**_poisoned(spec), "plan": ("plan", {})}
+    d = spec.get("defense") or {}
+    model = REMEDIES.get(d["remedy"], "remedy").reads_model(d) if d else None
+    if model:
+        out["weights"] = ("defender_model", {"model": model})
+    return out
+
+
 def trains_nothing(defense: dict) -> bool:
     """A defense whose plan keeps every example as is: its model is the attacked model."""
     return defense["remedy"] == "none"
@@ -160,8 +174,7 @@ STAGES: dict[str, Stage] = {
                       lambda spec: {**_poisoned(spec), "weights": ("defender_model", {})}),
     "score": Stage(CELL_W + ("detector",), {"out": "scores"}, _score_inputs),
     "plan": Stage(CELL_W + ("defense",), {"out": "plan"}, _plan_inputs),
-    "train": Stage(CELL_W + ("defense",), {"out": "final_model"},
-                   lambda spec: {**_poisoned(spec), "plan": ("plan", {})}),
+    "train": Stage(CELL_W + ("defense",), {"out": "final_model"}, _train_inputs),
     "evaluate": Stage(CELL_W + ("defense",), {"out": "metrics"}, _evaluate_inputs),
 }
 

@@ -8,7 +8,8 @@ exactly the poisoned examples: it is no defense but the floor any filtering defe
 backdoor)."""
 from __future__ import annotations
 
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 
@@ -39,14 +40,60 @@ def _number(key: str, v, lo: float, hi: float, lo_open: bool, hi_open: bool) -> 
     return float(v)
 
 
+@dataclass
+class FinalTraining:
+    """What a remedy's final training may use: the dataset's training settings, the poisoned
+    training set as the defender sees it (images, labels as trained on, bona fide mask), the plan's
+    weights and metadata, and the defender model the remedy names (`model()`), if any."""
+
+    training: dict
+    images: Any
+    labels: np.ndarray
+    weights: np.ndarray
+    bona_fide: np.ndarray
+    num_classes: int
+    seed: int
+    device: Any
+    plan_meta: dict
+    checkpoint: str | None = None
+    fingerprint: str = ""
+    log: Callable[[str], None] | None = None
+    load_model: Callable[[], Any] | None = None
+    phases: list = field(default_factory=list)
+
+    def fit(self, images, labels, phase: str = "train", training: dict | None = None, **kw):
+        """One run of the training loop with the dataset's settings (overridden by `training`);
+        each phase of a remedy checkpoints on its own."""
+        from .training import fit
+
+        res = fit({**self.training, **(training or {})}, images, labels, self.num_classes, seed=self.seed,
+                  device=self.device, checkpoint=f"{self.checkpoint}.{phase}" if self.checkpoint else None,
+                  fingerprint=f"{self.fingerprint}:{phase}", log=self.log, **kw)
+        self.phases.append((phase, res))
+        return res
+
+    def model(self):
+        if self.load_model is None:
+            raise ValueError("this remedy names no defender model")
+        return self.load_model()
+
+
 class Remedy:
     """`params`: name -> default; `needs_detector`: reads a detector's scores; `ground_truth`: a
-    reference that reads the manifest's ground truth (never a real defense)."""
+    reference that reads the manifest's ground truth (never a real defense). `model_param`: the
+    parameter naming the defender model the final training reads (None: it reads none).
+    `cost_epochs`: what the final training costs beyond the dataset's epochs, in epochs."""
 
     name: ClassVar[str]
     params: ClassVar[dict] = {}
     needs_detector: ClassVar[bool] = True
     ground_truth: ClassVar[bool] = False
+    model_param: ClassVar[str | None] = None
+
+    @classmethod
+    def reads_model(cls, d: dict) -> str | None:
+        """The defender model a defense entry's final training reads."""
+        return d.get(cls.model_param, cls.params.get(cls.model_param)) if cls.model_param else None
 
     def __init__(self, **params):
         self.p = {**self.params, **params}
@@ -64,6 +111,9 @@ class Remedy:
             dets = sorted(cfg["detectors"])
             if d.get("detector") not in cfg["detectors"]:
                 raise ConfigError(f"{key}.detector", d.get("detector"), f"one of the configured detectors {dets}")
+        model = cls.reads_model(d)
+        if cls.model_param and model not in cfg["defender_models"]:
+            raise ConfigError(f"{key}.{cls.model_param}", model, f"one of the defender models {sorted(cfg['defender_models'])}")
         return {**cls.params, **{k: v for k, v in d.items() if k in cls.params}}
 
     def weights(self, scores: np.ndarray, manifest, score_meta: dict) -> np.ndarray:
@@ -72,6 +122,13 @@ class Remedy:
     def plan_meta(self) -> dict:
         """What the final training must know besides the weights."""
         return {}
+
+    def train(self, job: FinalTraining):
+        """The final model: by default trained from scratch on the weighted loss, weight-0
+        examples left out. Returns the training loop's result (its model is the final model)."""
+        keep = job.weights != 0
+        return job.fit(job.images.subset(keep), job.labels[keep], weights=job.weights[keep],
+                       ascent_clamp=job.plan_meta.get("ascent_clamp"))
 
 
 @REMEDIES.register("none")

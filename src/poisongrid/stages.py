@@ -160,26 +160,32 @@ def features(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
     f = penultimate_features(model, x, device)
     if len(f) != len(man):
         raise ArtifactError(f"{inp['weights']}: gave {len(f)} feature rows for {len(man)} examples")
-    from .io import atomic_path
+    from .io import save_features
 
-    with atomic_path(out["out"]) as tmp:
-        with open(tmp, "wb") as fh:
-            np.save(fh, f.astype(np.float32), allow_pickle=False)
+    meta = {"cell": provenance.of_role(provenance.of(pmeta, inp["manifest"]), model=spec["model"]), "shape": list(f.shape),
+            "model": mmeta.get("model")}
+    save_features(out["out"], f, meta)
     log(f"features of {spec['model']}: {f.shape}")
-    return {"shape": list(f.shape)}
+    return meta
 
 
 # ---- score ------------------------------------------------------------------------------------
 
 
+SCORE_CONTEXT_KEYS = ("type", "detector", "model", "dataset", "seed", "runtime", "training")
+
+
 def score(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
+    from .detectors import Context
+
     det_cls = DETECTORS.get(spec["type"], "detector type")
-    params = {k: v for k, v in spec.items() if k not in ("type", "detector", "model")}
+    params = {k: v for k, v in spec.items() if k not in SCORE_CONTEXT_KEYS}
     ref = provenance.of(table_meta(inp["manifest"], poisoning.MANIFEST_KIND)[1], inp["manifest"])  # metadata only
     if "trajectories" in inp:
         provenance.same_cell(inp["trajectories"], trajectories.meta(inp["trajectories"]), ref, model=spec.get("model"))
     det = det_cls(**params)
     det.cell = provenance.of_role(ref, detector=spec.get("detector"))
+    det.ctx = Context(spec, inp, log)
     meta = det.score(inp, out["out"])
     log(f"scores written to {out['out']} ({meta['wall_time_s']:.2f}s)")
     return meta
@@ -226,27 +232,45 @@ def read_plan(path, n: int) -> tuple[pd.DataFrame, dict]:
 
 
 def train(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
-    """The final model, from scratch, minimising the plan's weighted loss (weight-0 examples dropped)."""
-    from .training import fit, remove_checkpoint, save_model, setup_runtime
+    """The final model: the defense's remedy trains it from the plan (by default from scratch on
+    the weighted loss, weight-0 examples dropped)."""
+    from .remedies import FinalTraining
+    from .training import load_model, remove_checkpoint, save_model, setup_runtime
 
     device = setup_runtime(spec["runtime"])
     ds, man, mmeta, x = _poisoned_training_set(spec, inp["manifest"], inp["images"])
     pl, pmeta = read_plan(inp["plan"], len(man))
-    cell = provenance.same_cell(inp["plan"], pmeta, provenance.of(mmeta, inp["manifest"]))
+    ref = provenance.of(mmeta, inp["manifest"])
+    d = spec["defense"]
+    cell = provenance.same_cell(inp["plan"], pmeta, ref, defense=d["name"])
+    cls = REMEDIES.get(d["remedy"], "remedy")
+    remedy = cls(**{k: v for k, v in d.items() if k in cls.params})
     w = pl["weight"].to_numpy(dtype=np.float32)
-    keep = w != 0
-    labels = man["label"].to_numpy()
+
+    def reference_model():
+        model, meta = load_model(inp["weights"], device)
+        provenance.same_cell(inp["weights"], meta, ref, model=cls.reads_model(d))
+        return model
+
     ckpt = str(out["out"]) + ".ckpt"
-    res = fit(spec["training"], x.subset(keep), labels[keep], ds.num_classes, seed=spec["seed"], device=device,
-              weights=w[keep], ascent_clamp=pmeta.get("ascent_clamp"), checkpoint=ckpt,
-              fingerprint=fingerprint(spec, inp["manifest"], inp["images"], inp["plan"]), log=log)
+    job = FinalTraining(training=spec["training"], images=x, labels=man["label"].to_numpy(), weights=w,
+                        bona_fide=man["bona_fide"].to_numpy(), num_classes=ds.num_classes, seed=spec["seed"],
+                        device=device, plan_meta=pmeta, checkpoint=ckpt,
+                        fingerprint=fingerprint(spec, *[inp[k] for k in ("manifest", "images", "plan", "weights") if k in inp]),
+                        log=log, load_model=reference_model if "weights" in inp else None)
+    res = remedy.train(job)
+    wall = sum(r.wall_time_s for _, r in job.phases)
+    seen = sum(r.images_per_s * r.wall_time_s for _, r in job.phases if r.wall_time_s > 0)
     meta = {"cell": cell, "model": spec["training"]["model"], "num_classes": ds.num_classes, "image_size": int(ds.image_shape[-1]),
-            "n_trained_on": int(keep.sum()), "n_ascent": int((w < 0).sum()), "train_loss": res.train_loss,
-            "wall_time_s": res.wall_time_s, "images_per_s": res.images_per_s, "device": str(device), "epochs": res.epochs_run}
+            "n_trained_on": int((w != 0).sum()), "n_ascent": int((w < 0).sum()), "train_loss": res.train_loss,
+            "wall_time_s": wall, "images_per_s": seen / wall if wall > 0 else float("nan"), "device": str(device),
+            "epochs": sum(r.epochs_run for _, r in job.phases),
+            "phases": [{"phase": p, "epochs": r.epochs_run, "wall_time_s": r.wall_time_s} for p, r in job.phases]}
     save_model(out["out"], res.model, meta)
-    remove_checkpoint(ckpt)
-    log(f"train: {keep.sum()} examples ({meta['n_ascent']} with gradient ascent), {res.epochs_run} epochs, "
-        f"{res.wall_time_s:.1f}s, final loss {res.train_loss[-1]:.4f}")
+    for p, _ in job.phases:
+        remove_checkpoint(f"{ckpt}.{p}")
+    log(f"train ({d['remedy']}): {meta['n_trained_on']} examples ({meta['n_ascent']} with gradient ascent), "
+        f"{meta['epochs']} epochs, {wall:.1f}s, final loss {res.train_loss[-1]:.4f}")
     return meta
 
 

@@ -196,9 +196,24 @@ def as_tensor_data(images, device: torch.device, max_bytes: int = 8 << 30):
     return images
 
 
+def batch_objective(name: str, level: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The loss of a batch from its mean cross-entropy l: ce l; flooding |l - b| + b (Ishida et al.
+    2020, ABL's isolation as the BaDLoss paper runs it); lga sign(l - g) * l (ABL's local gradient
+    ascent: once the batch loss falls below g it is pushed back up, so easy examples stay easy and
+    the backdoored ones, learned fastest, end with the lowest losses)."""
+    if name == "ce":
+        return lambda m: m
+    if name == "flooding":
+        return lambda m: (m - level).abs() + level
+    if name == "lga":
+        return lambda m: torch.sign(m - level) * m
+    raise ConfigError("objective", name, "ce, flooding or lga")
+
+
 def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: int, device: torch.device,
         epochs_to_run: int | None = None, record: str | None = None, weights: np.ndarray | None = None,
-        ascent_clamp: float | None = None, checkpoint: str | None = None,
+        ascent_clamp: float | None = None, checkpoint: str | None = None, init_model: nn.Module | None = None,
+        step_loss: Callable | None = None,
         fingerprint: str = "", log: Callable[[str], None] | None = None,
         progress_every: float | None = 60.0) -> TrainResult:
     """Train a fresh model from `training` (model, epochs, batch_size, optimizer, lr, weight_decay,
@@ -220,7 +235,14 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
 
     With `log`, every epoch logs its loss, images/s, wall time and an ETA for the rest of the run;
     an epoch running longer than `progress_every` seconds also logs the batches done and images/s
-    every `progress_every` seconds (None: never), so a long job's log shows it is alive."""
+    every `progress_every` seconds (None: never), so a long job's log shows it is alive.
+
+    `init_model`: start from a copy of these weights (fine-tuning) instead of a fresh model.
+    `training['objective']` (ce, flooding, lga; level `objective_level`) maps the batch's mean loss
+    to what is minimised. `step_loss(model, x, y, per_example_ce, idx)` (x: the float batch in [0, 1]) replaces the whole batch
+    loss (a remedy's own objective, e.g. CBD's); `idx` indexes `images`. It may hold its own
+    parameters and optimiser; it is not checkpointed, so a remedy using one resumes its epoch-level
+    state itself or runs without a checkpoint."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     n = len(labels)
@@ -232,7 +254,13 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
     cl = device.type == "cuda"
     amp = cl and training.get("precision", "bf16") == "bf16"
 
-    model = build_model(training["model"], num_classes, images.shape[-1]).to(device)
+    if init_model is not None:
+        import copy
+
+        model = copy.deepcopy(init_model).to(device)
+    else:
+        model = build_model(training["model"], num_classes, images.shape[-1]).to(device)
+    objective = batch_objective(training.get("objective", "ce"), float(training.get("objective_level", 0.5)))
     if cl:
         model = model.to(memory_format=torch.channels_last)
     opt = OPTIMIZERS.get(training.get("optimizer", "adamw"), "optimizer")(model.parameters(), training)
@@ -283,13 +311,16 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
             idx = perm_dev[s:s + bs]
             xb = augment(_batch(data, idx, device), gen, training)
             yb = y_dev[idx.to(device)]
+            xf = _to_float(xb, cl)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = model(_to_float(xb, cl))
+                logits = model(xf)
             per = F.cross_entropy(logits.float(), yb, reduction="none")
             if rec is not None:
                 rec[idx.to(device)] = per.detach()
-            if w_dev is None:
-                loss = per.clamp(max=clamp).mean()
+            if step_loss is not None:
+                loss = step_loss(model, xf, yb, per, idx)
+            elif w_dev is None:
+                loss = objective(per.clamp(max=clamp).mean())
             else:
                 wb = w_dev[idx.to(device)]
                 capped = per.clamp(max=clamp) if ascent_clamp is None else torch.where(wb < 0, per.clamp(max=ascent_clamp), per.clamp(max=clamp))

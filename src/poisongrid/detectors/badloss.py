@@ -1,0 +1,54 @@
+"""BaDLoss: anomaly of each example's loss trajectory against the bona fide clean ones."""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import trajectories
+from ..errors import ConfigError
+from .base import DETECTORS, Detector, ScoreWriter, _manifest_and_trajectories, _model_meta, knn_log_distance
+
+
+@DETECTORS.register("badloss")
+class BaDLoss(Detector):
+    """BaDLoss (Alex et al., ICLR 2025): distance of each loss trajectory to its k nearest
+    bona fide clean trajectories, s = log(mean distance + eps)."""
+
+    type = "badloss"
+    needs = ("trajectories",)
+    default_model = "pretrain"
+    per_epoch = True
+    params = {"k": 50, "epsilon": 1e-8, "log_losses": False, "chunk_rows": 262144}
+
+    @classmethod
+    def check(cls, det: dict, key: str, cfg: dict) -> None:
+        super().check(det, key, cfg)
+        k = det.get("k", cls.params["k"])
+        n_clean = cfg["bona_fide"]["n_clean"]
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k > n_clean:
+            raise ConfigError(f"{key}.k", k, f"an integer in [1, bona_fide.n_clean = {n_clean}]")
+        if det.get("epsilon", 1e-8) <= 0:
+            raise ConfigError(f"{key}.epsilon", det["epsilon"], "a positive number")
+        rows = det.get("chunk_rows", cls.params["chunk_rows"])
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+            raise ConfigError(f"{key}.chunk_rows", rows, "a positive integer")
+
+    def _transform(self, t: np.ndarray) -> np.ndarray:
+        # Optional: compare log-losses, so low-loss attacks are not squashed against zero.
+        return np.log(np.maximum(t, 1e-6)) if self.p["log_losses"] else t
+
+    def score(self, paths: dict, out_path) -> dict:
+        man, tmeta = _manifest_and_trajectories(paths)
+        bona = set(man["index"][man["bona_fide"]].tolist())
+        k = int(self.p["k"])
+        if k > len(bona):
+            raise ConfigError("k", k, f"at most the number of bona fide examples ({len(bona)})")
+        rows = self.p["chunk_rows"]
+        # Pass 1 collects the few bona fide trajectories; pass 2 streams every row against them.
+        ref = np.concatenate([t[np.isin(i, list(bona))] for i, t in trajectories.iter_batches(paths["trajectories"], rows)])
+        ref = self._transform(ref)
+        meta = {"cell": self.cell, "detector": self.type, "params": self.p, "epochs_used": tmeta["accepted_epochs"], "n_bona_fide": len(ref),
+                "defender_model": _model_meta(tmeta)}
+        with ScoreWriter(out_path, meta) as w:
+            for idx, t in trajectories.iter_batches(paths["trajectories"], rows):
+                w.write(idx, knn_log_distance(self._transform(t), ref, k, self.p["epsilon"]))
+        return meta

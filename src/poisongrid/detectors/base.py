@@ -1,0 +1,280 @@
+"""The detector contract: a registered class per detector type, what it may read (its Context),
+and the scores file it writes."""
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import ClassVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .. import trajectories
+from ..errors import ArtifactError, ConfigError
+from ..io import META_KEY, atomic_path, read_table
+from ..registry import Registry
+
+DETECTORS: Registry = Registry("detector type")
+SCORES_KIND = "scores"
+DEFENDER_COLUMNS = ["index", "label", "bona_fide"]
+
+
+class Detector:
+    """`needs`: what score() reads besides the defender's view of the manifest:
+    `trajectories`, `features`, `weights` (artifacts of the defender model named by the config's
+    `model` key) and `images` (the cell's poisoned training set). `default_model`: the defender
+    model read when the config names none (None: the detector reads no model). `min_epochs`:
+    fewest recorded loss epochs it can work with. `gpu`: it trains or optimises on the training
+    device (its score job asks the scheduler for a GPU). `cost_epochs`: its work in epochs of the
+    dataset's training, for the scheduler's time limit. `min_bona_fide`: how many bona fide
+    examples it needs at least (0: none)."""
+
+    type: ClassVar[str]
+    needs: ClassVar[tuple[str, ...]]
+    default_model: ClassVar[str | None]
+    params: ClassVar[dict] = {}
+    # Scores are negated per-example losses (loss = -score), so a remedy that weighs by loss
+    # (LfD's Eq. 6) can use them exactly.
+    negated_loss: ClassVar[bool] = False
+    per_epoch: ClassVar[bool] = False
+    gpu: ClassVar[bool] = False
+    cost_epochs: ClassVar[float] = 0.0
+    min_bona_fide: ClassVar[int] = 0
+    cell: dict | None = None  # what the scores are for, recorded in their metadata
+    ctx: "Context | None" = None  # the cell's data and models, set by the score stage
+
+    def __init__(self, **params):
+        self.p = {**self.params, **params}
+
+    @classmethod
+    def reads_data(cls) -> bool:
+        """Whether score() loads images or a model (its spec then carries the dataset and runtime)."""
+        return bool({"images", "weights"} & set(cls.needs))
+
+    @classmethod
+    def check(cls, det: dict, key: str, cfg: dict) -> None:
+        allowed = (["model"] if cls.default_model else []) + list(cls.params)
+        for k in det:
+            if k != "type" and k not in allowed:
+                raise ConfigError(f"{key}.{k}", det[k], f"one of {sorted(allowed)}")
+        for k, default in cls.params.items():
+            v = det.get(k, default)
+            if isinstance(default, bool) and not isinstance(v, bool):
+                raise ConfigError(f"{key}.{k}", v, "true or false")
+            if isinstance(default, (int, float)) and not isinstance(default, bool) and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise ConfigError(f"{key}.{k}", v, "an integer" if isinstance(default, int) else "a number")
+            if isinstance(default, str) and not isinstance(v, str):
+                raise ConfigError(f"{key}.{k}", v, "a string")
+        n_clean = cfg["bona_fide"]["n_clean"]
+        if n_clean < cls.min_bona_fide:
+            raise ConfigError("bona_fide.n_clean", n_clean, f"at least {cls.min_bona_fide}: detector '{key.split('.')[-1]}' "
+                              f"({cls.type}) learns from the bona fide examples")
+        if not cls.default_model:
+            return
+        model = det.get("model", cls.default_model)
+        models = cfg["defender_models"]
+        if model not in models:
+            raise ConfigError(f"{key}.model", model, f"one of the defender models {sorted(models)}")
+        if cls.per_epoch and models[model].get("record", "final") == "final":
+            raise ConfigError(f"defender_models.{model}.record", "final",
+                              f"'eval' or 'train': detector '{key.split('.')[-1]}' ({cls.type}) reads a loss per epoch")
+
+    @staticmethod
+    def positive(key: str, v, integer: bool = False, upper: float | None = None) -> None:
+        """Range check for a numeric parameter: > 0 (an integer if asked), <= upper if given."""
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and (not integer or isinstance(v, int))
+        if ok and upper is not None:
+            ok = v <= upper
+        if not ok:
+            what = "a positive integer" if integer else "a positive number"
+            raise ConfigError(key, v, what + (f" at most {upper:g}" if upper is not None else ""))
+
+    def score(self, paths: dict, out_path) -> dict:
+        raise NotImplementedError
+
+
+class Context:
+    """What a detector that reads data may use: the cell's poisoned training set as the defender
+    sees it (images, the labels as trained on, the bona fide mask; never the ground truth), the
+    defender model its config names, the device, the cell's seed and the dataset's training
+    settings. Loaded on first use."""
+
+    def __init__(self, spec: dict, paths: dict, log=None):
+        self.spec, self.paths = spec, paths
+        self.seed = int(spec.get("seed", 0))
+        self.training = spec.get("training") or {}
+        self.log = log or (lambda msg: None)
+        self._cache: dict = {}
+
+    def _get(self, key, make):
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    @property
+    def device(self):
+        from ..training import setup_runtime
+
+        return self._get("device", lambda: setup_runtime(self.spec.get("runtime") or {"device": "cpu"}))
+
+    @property
+    def dataset(self):
+        from ..stages import get_dataset
+
+        return self._get("dataset", lambda: get_dataset(self.spec))
+
+    @property
+    def num_classes(self) -> int:
+        return self.dataset.num_classes
+
+    @property
+    def manifest(self):
+        return self._get("manifest", lambda: defender_manifest(self.paths["manifest"])[0])
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.manifest["label"].to_numpy()
+
+    @property
+    def bona_fide(self) -> np.ndarray:
+        return self.manifest["bona_fide"].to_numpy()
+
+    def images(self):
+        """The poisoned training images (uint8 N x C x H x W, indexable like an array)."""
+        from ..poisoning import training_images
+
+        return self._get("images", lambda: training_images(self.dataset, self.paths["images"], self.manifest))
+
+    def model(self):
+        """The defender model named in the config, in eval mode on the device, checked to belong
+        to this cell."""
+        from .. import provenance
+        from ..training import load_model
+
+        def load():
+            model, meta = load_model(self.paths["weights"], self.device)
+            provenance.same_cell(self.paths["weights"], meta, self.cell_ref(), model=self.spec.get("model"))
+            return model.eval()
+
+        return self._get("model", load)
+
+    def features(self) -> np.ndarray:
+        from .. import provenance
+        from ..io import load_features
+
+        def load():
+            f, meta = load_features(self.paths["features"])
+            provenance.same_cell(self.paths["features"], meta, self.cell_ref(), model=self.spec.get("model"))
+            if len(f) != len(self.manifest):
+                raise ArtifactError(f"{self.paths['features']}: {len(f)} rows, the manifest {len(self.manifest)}; rerun features")
+            return f
+
+        return self._get("features", load)
+
+    def cell_ref(self) -> dict:
+        from .. import poisoning, provenance
+        from ..io import table_meta
+
+        return self._get("ref", lambda: provenance.of(table_meta(self.paths["manifest"], poisoning.MANIFEST_KIND)[1], self.paths["manifest"]))
+
+    def generator(self, *stream: int):
+        """A torch generator seeded from the cell's seed and a stream number (one per use)."""
+        import torch
+
+        return torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, *stream]).generate_state(1)[0]))
+
+
+def defender_manifest(path):
+    table, meta = read_table(path, "manifest", columns=DEFENDER_COLUMNS)
+    return table.to_pandas(), meta
+
+
+def knn_log_distance(x: np.ndarray, ref: np.ndarray, k: int, eps: float = 1e-8, chunk: int = 16384,
+                     workers: int | None = None) -> np.ndarray:
+    """log(eps + mean Euclidean distance to the k nearest rows of `ref`), for every row of `x`.
+
+    float32 |x|^2 + |r|^2 - 2 x.r on data centred on the reference mean (centring keeps the
+    cancellation error far below the distances), k smallest by partial sort, chunks spread over
+    threads (BLAS and numpy's partition release the GIL). Memory: chunk x len(ref) per worker."""
+    ref = np.asarray(ref, dtype=np.float32)
+    if k > len(ref) or k < 1:
+        raise ConfigError("k", k, f"an integer in [1, {len(ref)}] (the number of bona fide examples)")
+    mu = ref.mean(0, dtype=np.float64).astype(np.float32)
+    r = ref - mu
+    rr = (r * r).sum(1)
+    out = np.empty(len(x), dtype=np.float64)
+
+    def run(s: int) -> None:
+        xb = np.asarray(x[s:s + chunk], dtype=np.float32) - mu
+        xx = (xb * xb).sum(1, keepdims=True)
+        d2 = xb @ (-2.0 * r.T)
+        d2 += rr
+        d2 += xx
+        near = np.partition(d2, k - 1, axis=1)[:, :k] if k < len(r) else d2
+        # Below float32 resolution of |x|^2 + |r|^2 the true distance is 0 (e.g. a bona fide
+        # example against itself); the rounding residue would otherwise add ~1e-3.
+        near[near < 1e-6 * (xx + rr.max())] = 0.0
+        out[s:s + chunk] = np.log(np.sqrt(near, dtype=np.float64).mean(1) + eps)
+
+    starts = range(0, len(x), chunk)
+    workers = workers or min(os.cpu_count() or 1, 8)
+    if workers > 1 and len(starts) > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(run, starts))
+    else:
+        for s in starts:
+            run(s)
+    return out
+
+
+class ScoreWriter:
+    """Stream (index, score) blocks into a poisongrid scores Parquet file, atomically. The
+    metadata goes into the footer at close, with the wall time the detector took."""
+
+    def __init__(self, path, meta: dict):
+        self.meta = meta
+        self.schema = pa.schema([("index", pa.int64()), ("score", pa.float64())])
+        self._ctx = atomic_path(path)
+        self._t0 = time.perf_counter()
+
+    def __enter__(self):
+        self._tmp = self._ctx.__enter__()
+        self._w = pq.ParquetWriter(self._tmp, self.schema, compression="zstd")
+        return self
+
+    def write(self, index: np.ndarray, score: np.ndarray) -> None:
+        self._w.write_table(pa.table({"index": index.astype(np.int64), "score": score.astype(np.float64)}, schema=self.schema))
+
+    def __exit__(self, *exc):
+        import json
+
+        self.meta["wall_time_s"] = time.perf_counter() - self._t0
+        self._w.add_key_value_metadata({META_KEY: json.dumps({"kind": SCORES_KIND, **self.meta}, default=str).encode()})
+        self._w.close()
+        return self._ctx.__exit__(*exc)
+
+
+def read_scores(path):
+    table, meta = read_table(path, SCORES_KIND, require=("index", "score"))
+    return table.to_pandas(), meta
+
+
+def _model_meta(tmeta: dict) -> dict:
+    """What the score file records of the defender model it read (for wall times and provenance)."""
+    return {k: tmeta.get(k) for k in ("model_name", "model", "wall_time_s", "record", "epochs_recorded")}
+
+
+def _manifest_and_trajectories(paths: dict) -> tuple:
+    """The defender's manifest and the trajectory file's metadata, after checking the file has one
+    row per example (its own row count, not only what its metadata claims)."""
+    from ..io import table_meta
+
+    man, _ = defender_manifest(paths["manifest"])
+    pf, tmeta = table_meta(paths["trajectories"], trajectories.KIND)
+    n, rows = len(man), pf.metadata.num_rows
+    if tmeta.get("n_examples") != n or rows != n:
+        raise ArtifactError(f"{paths['trajectories']}: has {rows} rows but the manifest has {n}; the two come from "
+                            "different runs: delete it and rerun pretrain")
+    return man, tmeta
