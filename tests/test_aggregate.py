@@ -204,3 +204,36 @@ def test_run_writes_everything(tmp_path):
 def test_run_without_cells_is_an_error(tmp_path):
     with pytest.raises(ArtifactError, match="no metrics"):
         aggregate.run([], tmp_path)
+
+
+def test_single_vs_multi_and_cost_tables(tmp_path):
+    """Fig. 10 as a table and figure: each attack's ASR alone vs in the multi scenario; and each
+    defense's cost from its metrics' cost record."""
+    from poisongrid.io import read_json as rj
+
+    paths = []
+    for seed in (0, 1):
+        for d, asr_multi, asr_single in (("none", (0.9, 0.8, 0.7), (0.95, 0.85, 0.75)), ("badloss", (0.3, 0.2, 0.1), (0.01, 0.02, 0.03))):
+            paths.append(cell(tmp_path, defense=d, seed=seed, asr=asr_multi, boosted=asr_multi[2]))
+            for i, a in enumerate(ATTACKS):
+                p = cell(tmp_path, defense=d, scenario=f"single-{a}", seed=seed, asr=asr_single, boosted=asr_single[2])
+                m = rj(p)
+                m.update(attacks=[a], targets={a: 3}, asr={a: asr_single[i] + 0.01 * seed}, asr_boosted={}, mean_asr=asr_single[i])
+                m["cost"] = {"defender_models": {"attacked": {"epochs": 30, "wall_time_s": 60.0}} if d == "none" else
+                             {"pretrain": {"epochs": 9, "wall_time_s": 18.0}},
+                             "final_training": None if d == "none" else {"epochs": 30, "wall_time_s": 50.0 + seed * 10},
+                             "score_wall_time_s": None if d == "none" else 6.0, "epochs": 30 if d == "none" else 39,
+                             "wall_time_s": 60.0 if d == "none" else 74.0 + seed * 10}
+                write_json(p, m)
+                paths.append(p)
+    out = aggregate.run(paths, tmp_path / "agg")
+    md = (tmp_path / "agg" / "tables.md").read_text()
+    rows = table_rows(md, "digits — single vs multi-attack ASR")
+    # badloss, patch: alone 1.00 and 2.00 over the two seeds -> 1.50 ± 0.71; multi 30.00 on both.
+    assert rows["badloss"][1] == "1.50 ± 0.71 / 30.00 ± 0.00"
+    assert rows["none"][1].endswith("/ 90.00 ± 0.00")
+    cost = table_rows(md, "digits — cost of each defense")
+    # Only the single cells carry a cost record: badloss 9 model + 30 final epochs, 74/84 s total.
+    assert cost["badloss"][1:4] == ["9", "30", "39"] and cost["badloss"][-1] == "1.3 ± 0.1"
+    assert cost["none"][1:4] == ["30", "0", "30"]
+    assert len(out["singlemulti"]) == 1 and is_png(out["singlemulti"][0])

@@ -24,7 +24,9 @@ ATTACK_NAMES = {"patch": "Patch", "single_pixel": "Single-Pix", "blend_random": 
                 "blend_pattern": "Blend-P", "sinusoid": "Sinusoid", "narcissus": "Narcissus", "frequency": "Freq"}
 CELL = ["dataset", "scenario", "seed", "defense"]
 CELL_COLUMNS = ["clean_accuracy", "mean_asr", "mean_asr_boosted", "auroc", "recall_removed", "precision_removed",
-                "n_train", "n_poisoned", "n_removed", "n_ascent", "wall_time_total_s"]
+                "n_train", "n_poisoned", "n_removed", "n_ascent", "wall_time_total_s", "cost_epochs_models",
+                "cost_epochs_final", "cost_epochs", "cost_wall_models_s", "cost_wall_score_s", "cost_wall_final_s",
+                "cost_wall_s"]
 COLUMNS = [*CELL, "detector", "detector_type", "defender_model", "defender_arch", "remedy", "defense_params", "r_reject", "alpha", "attack", "target", "asr", "asr_boosted", "asr_paper",
            "auroc_attack", "recall_attack", *CELL_COLUMNS]
 REQUIRED = ("dataset", "scenario", "seed", "defense", "detector", "remedy", "attacks", "targets",
@@ -80,7 +82,7 @@ def _cell_rows(path) -> list[dict]:
             "mean_asr_boosted": _num(m["mean_asr_boosted"]), "auroc": _num(det.get("auroc")),
             "recall_removed": _num(det.get("recall_removed")), "precision_removed": _num(det.get("precision_removed")),
             "n_train": int(m["n_train"]), "n_poisoned": int(m["n_poisoned"]), "n_removed": int(m["n_removed"]),
-            "wall_time_total_s": float(sum(wall)) if wall else math.nan}
+            "wall_time_total_s": float(sum(wall)) if wall else math.nan, **_cost(m.get("cost"))}
     rows = []
     for a in m["attacks"]:
         asr, b = _num(_need(m["asr"], a, path, "asr.")), _num(boosted.get(a))
@@ -89,6 +91,19 @@ def _cell_rows(path) -> list[dict]:
                      "auroc_attack": _num((det.get("auroc_per_attack") or {}).get(a)),
                      "recall_attack": _num((det.get("recall_per_attack") or {}).get(a))})
     return rows
+
+
+def _cost(c: dict | None) -> dict:
+    """A defense's cost (stages.training_cost) as flat columns; NaN where the metrics predate it."""
+    if not c:
+        return {}
+    models = (c.get("defender_models") or {}).values()
+    final = c.get("final_training") or {}
+    return {"cost_epochs_models": float(sum(_num(v.get("epochs")) for v in models)),
+            "cost_epochs_final": _num(final.get("epochs")) if final else 0.0, "cost_epochs": _num(c.get("epochs")),
+            "cost_wall_models_s": float(sum(_num(v.get("wall_time_s")) for v in models)),
+            "cost_wall_score_s": _num(c.get("score_wall_time_s")) if c.get("score_wall_time_s") is not None else 0.0,
+            "cost_wall_final_s": _num(final.get("wall_time_s")) if final else 0.0, "cost_wall_s": _num(c.get("wall_time_s"))}
 
 
 def collect(metrics_paths: Iterable) -> pd.DataFrame:
@@ -190,7 +205,68 @@ def markdown_tables(df: pd.DataFrame) -> str:
                              _pct(_cells(gd)["mean_asr"])])
         out += [f"### {ds} — plain-trigger ASR", "", f"ASR with the un-boosted test trigger, in percent "
                 f"({_seeds_note(g)}).", "", *_md_table(["Scenario", "Defense", *map(_label, attacks), "Avg. ASR"], rows, 2), ""]
+        out += single_vs_multi_table(g) + cost_table(g)
     return "\n".join(out)
+
+
+def _single_vs_multi(g: pd.DataFrame) -> pd.DataFrame:
+    """Per defense and attack: the attack's ASR (paper convention) alone (single-<attack>) and in
+    the multi-attack scenario, over seeds; only pairs where both ran."""
+    rows = []
+    for (d, a), ga in g.groupby(["defense", "attack"], sort=False):
+        single, multi = ga[ga["scenario"] == f"single-{a}"], ga[ga["scenario"] == "multi"]
+        if len(single) and len(multi):
+            rows.append({"defense": d, "attack": a, "single": single["asr_paper"], "multi": multi["asr_paper"]})
+    return pd.DataFrame(rows)
+
+
+def single_vs_multi_table(g: pd.DataFrame) -> list[str]:
+    """The paper's Fig. 10 as a table: each attack's ASR alone vs with the others, per defense."""
+    sm = _single_vs_multi(g)
+    if sm.empty:
+        return []
+    attacks = attack_order(sm["attack"])
+    rows = []
+    for d in [d for d in defense_order(g) if d in set(sm["defense"])]:
+        s = sm[sm["defense"] == d].set_index("attack")
+        rows.append([d, *[(f"{_pct(s.loc[a, 'single'])} / {_pct(s.loc[a, 'multi'])}" if a in s.index else "–") for a in attacks]])
+    return [f"### {g['dataset'].iloc[0]} — single vs multi-attack ASR", "",
+            "ASR of each attack trained alone / with all the others at once (the multi scenario), in percent "
+            f"({_seeds_note(g)}); blended triggers boosted as in the main table (the paper's Fig. 10).", "",
+            *_md_table(["Defense", *map(_label, attacks)], rows), ""]
+
+
+def _minutes(v: pd.Series) -> str:
+    v = v.dropna() / 60
+    if v.empty:
+        return "–"
+    return f"{v.mean():.1f}" if len(v) == 1 else f"{v.mean():.1f} ± {v.std(ddof=1):.1f}"
+
+
+def _epochs(v: pd.Series) -> str:
+    v = v.dropna()
+    return "–" if v.empty else f"{v.mean():g}"
+
+
+def cost_table(g: pd.DataFrame) -> list[str]:
+    """Each defense's cost (the paper's Appendix C.2): epochs of training of the defender models it
+    read and of its final training, and wall time of each part, per cell over all scenarios."""
+    cells = _cells(g)
+    if "cost_epochs" not in cells or cells["cost_epochs"].isna().all():
+        return []
+    rows = []
+    for d in defense_order(g):
+        c = cells[cells["defense"] == d]
+        rows.append([d, _epochs(c["cost_epochs_models"]), _epochs(c["cost_epochs_final"]), _epochs(c["cost_epochs"]),
+                     _minutes(c["cost_wall_models_s"]), _minutes(c["cost_wall_score_s"]), _minutes(c["cost_wall_final_s"]),
+                     _minutes(c["cost_wall_s"])])
+    return [f"### {g['dataset'].iloc[0]} — cost of each defense", "",
+            "Epochs of training (defender models it reads, e.g. the attacked model or a pretraining run, each counted "
+            "once; and its own final training) and wall time in minutes, mean over the cells it ran in "
+            f"({_cells(g)['scenario'].nunique()} scenarios, {_seeds_note(g)}). Scoring includes any optimisation a "
+            "detector does itself (trigger reverse-engineering, masks, its own classifier).", "",
+            *_md_table(["Defense", "Model epochs", "Final epochs", "Total epochs", "Models (min)", "Scoring (min)",
+                        "Final (min)", "Total (min)"], rows), ""]
 
 
 TABLES_CSS = """body { font-family: sans-serif; font-size: 14px; margin: 1em; color: #222; }
@@ -265,6 +341,34 @@ def asr_figure(df: pd.DataFrame, out_path, title: str) -> Path:
                 hue_order=defenses, errorbar="sd" if df["seed"].nunique() > 1 else None, ax=ax)
     ax.set(ylim=(0, 105), ylabel="Attack success rate (%)", xlabel="", title=title)
     ax.legend(title="Defense", bbox_to_anchor=(1.01, 1), loc="upper left", fontsize="small")
+    return _save(fig, out_path)
+
+
+def single_multi_figure(df: pd.DataFrame, out_path, title: str) -> Path | None:
+    """Each attack's ASR alone vs in the multi-attack scenario, one panel per defense (the paper's
+    Fig. 10); None when no attack ran both alone and in the multi scenario."""
+    sm = _single_vs_multi(df)
+    if sm.empty:
+        return None
+    attacks = attack_order(sm["attack"])
+    defenses = [d for d in defense_order(df) if d in set(sm["defense"])]
+    cols = min(3, len(defenses))
+    rows = -(-len(defenses) // cols)
+    fig = Figure(figsize=(1.0 + 0.55 * len(attacks) * cols, 2.6 * rows))
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    x = np.arange(len(attacks))
+    for ax, d in zip(axes, defenses):
+        s = sm[sm["defense"] == d].set_index("attack")
+        for off, col, color, name in ((-0.2, "single", "tab:orange", "alone"), (0.2, "multi", "tab:red", "multi-attack")):
+            mean = [s.loc[a, col].mean() * 100 if a in s.index else np.nan for a in attacks]
+            std = [s.loc[a, col].std(ddof=1) * 100 if a in s.index and len(s.loc[a, col]) > 1 else 0 for a in attacks]
+            ax.bar(x + off, mean, 0.4, yerr=std, color=color, label=name, capsize=2)
+        ax.set_xticks(x, [_label(a) for a in attacks], rotation=45, ha="right", fontsize="small")
+        ax.set(ylim=(0, 105), title=d, ylabel="ASR (%)")
+    for ax in axes[len(defenses):]:
+        ax.set_visible(False)
+    axes[0].legend(fontsize="small")
+    fig.suptitle(title)
     return _save(fig, out_path)
 
 
@@ -423,7 +527,7 @@ def run(metrics_paths: Iterable, out_dir, trajectory_paths: Iterable = (), teach
         raise ArtifactError("no metrics.json files (or none with attacks) to aggregate")
     written: dict[str, list[Path]] = {"summary": write_summary(df, out), "tables": [out / "tables.md"],
                                       "tables_html": [out / "tables.html"], "asr": [], "rreject": [],
-                                      "capacity": [], "trajectories": [], "teacher": []}
+                                      "capacity": [], "trajectories": [], "teacher": [], "singlemulti": []}
     md = markdown_tables(df)
     with atomic_path(out / "tables.md") as tmp:
         tmp.write_text(md)
@@ -435,6 +539,9 @@ def run(metrics_paths: Iterable, out_dir, trajectory_paths: Iterable = (), teach
             written["rreject"].append(p)
         if p := capacity_figure(g, figs / figure_name("capacity", ds, sc), f"{ds} — {sc}: LfD teacher capacity"):
             written["capacity"].append(p)
+    for ds, g in df.groupby("dataset", sort=False):
+        if p := single_multi_figure(g, figs / figure_name("singlemulti", ds, "all"), f"{ds}: single vs multi-attack ASR"):
+            written["singlemulti"].append(p)
     for kind, paths in (("trajectories", trajectory_paths), ("teacher", teacher_paths)):
         for tpath in paths:
             try:

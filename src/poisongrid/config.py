@@ -553,6 +553,19 @@ def figure_name(kind: str, dataset: str, scenario: str, seed: int | None = None,
     return f"fig_{kind}_{dataset}_{scenario}{tail}.png"
 
 
+def single_multi_pairs(cfg: dict, dataset: str) -> list[tuple[str, str]]:
+    """(defense, attack) pairs that ran both alone (single-<attack>) and in the multi scenario."""
+    ds = cfg["datasets"][dataset]
+    out = []
+    if "multi" not in ds["scenarios"]:
+        return out
+    for name, d in cfg["defenses"].items():
+        if not defense_applies(d, dataset, "multi"):
+            continue
+        out += [(name, a) for a in ds["attacks"] if f"single-{a}" in ds["scenarios"] and defense_applies(d, dataset, f"single-{a}")]
+    return out
+
+
 def figure_names(cfg: dict, trajectory_paths, teacher_paths) -> list[tuple[str, str, str, str]]:
     """(kind, file name, label, dataset) of every figure `poisongrid aggregate` draws for this config."""
     out = []
@@ -566,10 +579,14 @@ def figure_names(cfg: dict, trajectory_paths, teacher_paths) -> list[tuple[str, 
         for d in here:
             if d.get("detector"):
                 det = cfg["detectors"][d["detector"]]
-                arch = cfg["defender_models"][det["model"]].get("model", cfg["datasets"][ds]["model"])
-                rows.append((d["remedy"], det["type"], arch))
+                if det.get("model"):
+                    arch = cfg["defender_models"][det["model"]].get("model", cfg["datasets"][ds]["model"])
+                    rows.append((d["remedy"], det["type"], arch))
         if capacity_swept(rows):
             out.append(("capacity", figure_name("capacity", ds, sc), f"{ds} — {sc}", ds))
+    for ds in dict.fromkeys(ds for ds, _ in pairs):
+        if single_multi_pairs(cfg, ds):
+            out.append(("singlemulti", figure_name("singlemulti", ds, "all"), ds, ds))
     for kind, paths in (("trajectories", trajectory_paths), ("teacher", teacher_paths)):
         for p in paths:
             ds, sc, seed, m = model_of_path(p)

@@ -162,8 +162,10 @@ def features(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
         raise ArtifactError(f"{inp['weights']}: gave {len(f)} feature rows for {len(man)} examples")
     from .io import save_features
 
+    from .detectors.base import weights_meta
+
     meta = {"cell": provenance.of_role(provenance.of(pmeta, inp["manifest"]), model=spec["model"]), "shape": list(f.shape),
-            "model": mmeta.get("model")}
+            "model": mmeta.get("model"), "defender_model": weights_meta(mmeta)}
     save_features(out["out"], f, meta)
     log(f"features of {spec['model']}: {f.shape}")
     return meta
@@ -187,6 +189,11 @@ def score(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
     det.cell = provenance.of_role(ref, detector=spec.get("detector"))
     det.ctx = Context(spec, inp, log)
     meta = det.score(inp, out["out"])
+    if det.ctx.model_meta and not meta.get("defender_model"):
+        # Record which defender model the scores came from (wall times, cost table), in the file too.
+        meta["defender_model"] = det.ctx.model_meta
+        table, _ = read_table(out["out"], "scores")
+        write_table(out["out"], table, "scores", {k: v for k, v in meta.items() if k != "kind"})
     log(f"scores written to {out['out']} ({meta['wall_time_s']:.2f}s)")
     return meta
 
@@ -247,9 +254,14 @@ def train(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
     remedy = cls(**{k: v for k, v in d.items() if k in cls.params})
     w = pl["weight"].to_numpy(dtype=np.float32)
 
+    read: dict = {}
+
     def reference_model():
+        from .detectors.base import weights_meta
+
         model, meta = load_model(inp["weights"], device)
         provenance.same_cell(inp["weights"], meta, ref, model=cls.reads_model(d))
+        read.update(weights_meta(meta))
         return model
 
     ckpt = str(out["out"]) + ".ckpt"
@@ -265,7 +277,8 @@ def train(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
             "n_trained_on": int((w != 0).sum()), "n_ascent": int((w < 0).sum()), "train_loss": res.train_loss,
             "wall_time_s": wall, "images_per_s": seen / wall if wall > 0 else float("nan"), "device": str(device),
             "epochs": sum(r.epochs_run for _, r in job.phases),
-            "phases": [{"phase": p, "epochs": r.epochs_run, "wall_time_s": r.wall_time_s} for p, r in job.phases]}
+            "phases": [{"phase": p, "epochs": r.epochs_run, "wall_time_s": r.wall_time_s} for p, r in job.phases],
+            "reference_model": read or None}
     save_model(out["out"], res.model, meta)
     for p, _ in job.phases:
         remove_checkpoint(f"{ckpt}.{p}")
@@ -348,6 +361,7 @@ def evaluate(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
         wall["score"] = smeta.get("wall_time_s")
         wall["pretrain"] = (smeta.get("defender_model") or {}).get("wall_time_s")
     wall["evaluate"] = time.perf_counter() - t0
+    cost = training_cost(mmeta, smeta, trains_nothing=paths.trains_nothing(d))
     metrics = {
         "dataset": spec["dataset"]["name"], "scenario": pmeta["scenario"], "seed": spec["seed"], "defense": d["name"],
         "detector": d.get("detector"), "remedy": d["remedy"], "detector_type": smeta.get("detector"),
@@ -358,12 +372,28 @@ def evaluate(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
         "mean_asr": float(np.mean(list(asr.values()))), "mean_asr_boosted": float(np.mean(list(paper.values()))),
         "detection": detection_quality(man, scores, w <= 0),
         "n_train": len(man), "n_poisoned": int(man["attack"].notna().sum()), "n_removed": int((w == 0).sum()),
-        "n_ascent": int((w < 0).sum()), "wall_time_s": wall, "config": spec, "versions": versions(),
+        "n_ascent": int((w < 0).sum()), "wall_time_s": wall, "cost": cost, "config": spec, "versions": versions(),
         "device": device_name(device), "train_images_per_s": mmeta["images_per_s"], "train_epochs": mmeta.get("epochs"),
     }
     write_json(out["out"], metrics)
     log(f"clean acc {clean_acc:.4f}  mean ASR {metrics['mean_asr']:.4f}  " + " ".join(f"{a}={v:.3f}" for a, v in asr.items()))
     return metrics
+
+
+def training_cost(model_meta: dict, score_meta: dict, trains_nothing: bool) -> dict:
+    """What a defense cost to run, in epochs of training and wall time, per defender model it read
+    (each counted once) and for its own final training and scoring (the paper's Appendix C.2)."""
+    models: dict[str, dict] = {}
+    if trains_nothing:
+        models[paths.ATTACKED] = {"epochs": model_meta.get("epochs"), "wall_time_s": model_meta.get("wall_time_s")}
+    for m in (score_meta.get("defender_model"), model_meta.get("reference_model")):
+        if m and m.get("model_name"):
+            models[m["model_name"]] = {"epochs": m.get("epochs_run", m.get("epochs_recorded")), "wall_time_s": m.get("wall_time_s")}
+    final = {} if trains_nothing else {"epochs": model_meta.get("epochs"), "wall_time_s": model_meta.get("wall_time_s")}
+    total_epochs = sum((v.get("epochs") or 0) for v in [*models.values(), final])
+    total_wall = sum((v.get("wall_time_s") or 0) for v in [*models.values(), final]) + (score_meta.get("wall_time_s") or 0)
+    return {"defender_models": models, "final_training": final or None, "score_wall_time_s": score_meta.get("wall_time_s"),
+            "epochs": total_epochs, "wall_time_s": total_wall}
 
 
 def versions() -> dict:

@@ -101,7 +101,7 @@ def report_figures():
     Listed from the config rather than declared as one directory(), because a report() flag carries one
     caption and each kind needs its own; poisongrid.config.figure_names decides them for aggregate too."""
     category = {"asr": "ASR", "rreject": "r_reject", "capacity": "LfD teacher capacity", "trajectories": "Trajectories",
-                "teacher": "LfD teacher losses"}
+                "teacher": "LfD teacher losses", "singlemulti": "Single vs multi-attack"}
     out = []
     for kind, name, label, subcat in pgc.figure_names(config, all_trajectories(), all_teacher_losses()):
         out.append(report(f"{RESULTS}/figures/{name}", caption=f"{REPORT_CAPTIONS}{kind}.rst", category=category[kind],

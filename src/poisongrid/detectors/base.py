@@ -107,6 +107,7 @@ class Context:
         self.training = spec.get("training") or {}
         self.log = log or (lambda msg: None)
         self._cache: dict = {}
+        self.model_meta: dict | None = None  # the defender model read, for the scores' metadata
 
     def _get(self, key, make):
         if key not in self._cache:
@@ -156,6 +157,7 @@ class Context:
         def load():
             model, meta = load_model(self.paths["weights"], self.device)
             provenance.same_cell(self.paths["weights"], meta, self.cell_ref(), model=self.spec.get("model"))
+            self.model_meta = weights_meta(meta)
             return model.eval()
 
         return self._get("model", load)
@@ -169,6 +171,7 @@ class Context:
             provenance.same_cell(self.paths["features"], meta, self.cell_ref(), model=self.spec.get("model"))
             if len(f) != len(self.manifest):
                 raise ArtifactError(f"{self.paths['features']}: {len(f)} rows, the manifest {len(self.manifest)}; rerun features")
+            self.model_meta = meta.get("defender_model")
             return f
 
         return self._get("features", load)
@@ -263,7 +266,13 @@ def read_scores(path):
 
 def _model_meta(tmeta: dict) -> dict:
     """What the score file records of the defender model it read (for wall times and provenance)."""
-    return {k: tmeta.get(k) for k in ("model_name", "model", "wall_time_s", "record", "epochs_recorded")}
+    return {k: tmeta.get(k) for k in ("model_name", "model", "wall_time_s", "record", "epochs_recorded", "epochs_run")}
+
+
+def weights_meta(meta: dict) -> dict:
+    """The same record, from a saved defender model's metadata (training.save_model)."""
+    return {"model_name": meta.get("defender_model"), "model": meta.get("model"), "wall_time_s": meta.get("wall_time_s"),
+            "epochs_run": meta.get("epochs")}
 
 
 def _manifest_and_trajectories(paths: dict) -> tuple:
