@@ -124,3 +124,26 @@ def test_good_config_and_too_few_bona_fide():
     assert cls.gpu and cls.needs == ("images",) and cls.default_model is None
     with pytest.raises(ConfigError, match="n_clean"):
         config.validate(copy.deepcopy(_cfg(n_clean=cls.min_bona_fide - 1)))
+
+
+@pytest.mark.slow
+def test_digits_cell_scores_the_patch_attack(tmp_path):
+    """The score job of a real digits cell: images from the poisoned set, one p per example."""
+    from poisongrid.jobs import run_job
+
+    cfg = _cfg()
+    cfg["datasets"]["digits"]["attacks"]["blend_random"] = {"ratio": 0.04, "alpha": 0.1}
+    cfg = config.validate(cfg)
+
+    def run(stage, **extra):
+        return run_job(cfg, stage, str(tmp_path), dataset="digits", scenario="multi", seed=0, **extra)
+
+    run("poison")
+    meta, inp, out = run("score", detector="freq")
+    df, _ = read_scores(out["out"])
+    man = pd.read_parquet(inp["manifest"]).sort_values("index")
+    s = df.sort_values("index")["score"].to_numpy()
+    assert len(s) == len(man) and ((s >= 0) & (s <= 1)).all()
+    assert meta["n_bona_fide"] == 60 and meta["patch_range_px"] == [1, 4, 3]
+    patch, clean = (man["attack"] == "patch").fillna(False).to_numpy(), man["attack"].isna().to_numpy()
+    assert roc_auc_score(patch[patch | clean], s[patch | clean]) > 0.75
