@@ -41,6 +41,9 @@ def mask_channels(model: nn.Module, channels, image_size: int) -> None:
     mask = torch.ones(c, k, device=head.weight.device)
     mask[torch.as_tensor(list(channels), dtype=torch.long)] = 0
     prune.custom_from_mask(head, "weight", mask.view(1, -1).expand_as(head.weight).clone())
+    # The masked weight is recomputed at every forward; the copy left now must not hold a graph,
+    # or the model cannot be deep-copied (the training loop copies the model it fine-tunes).
+    head.weight = head.weight.detach()
 
 
 def make_permanent(model: nn.Module, image_size: int) -> None:
