@@ -200,3 +200,48 @@ def penultimate_module(model: nn.Module) -> nn.Module:
     if not linears:
         raise ValueError(f"{type(model).__name__} has no nn.Linear layer")
     return linears[-1]
+
+
+def _run_order(model: nn.Module, kind: type, image_size: int) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every `kind` module in the order one forward pass runs them."""
+    names = {id(m): n for n, m in model.named_modules()}
+    seen: list[tuple[str, nn.Module]] = []
+    hooks = [m.register_forward_hook(lambda mod, i, o: seen.append((names[id(mod)], mod)))
+             for m in model.modules() if isinstance(m, kind)]
+    was_training = model.training
+    try:
+        p = next(model.parameters())
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, image_size, image_size, device=p.device, dtype=p.dtype))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return seen
+
+
+def last_conv(model: nn.Module, image_size: int = 32) -> tuple[str, nn.Conv2d]:
+    """(qualified name, module) of the last nn.Conv2d a forward pass runs (traced, since the order
+    modules are registered in need not be the order they run). Its output channels are the
+    channels of the last convolutional feature map; in a residual block with a projection
+    shortcut the last conv run is the shortcut's, whose channels are the block's."""
+    convs = _run_order(model, nn.Conv2d, image_size)
+    if not convs:
+        raise ValueError(f"{type(model).__name__} has no nn.Conv2d layer")
+    return convs[-1]
+
+
+def conv_head(model: nn.Module, image_size: int = 32) -> tuple[nn.Linear, int, int]:
+    """The first nn.Linear after the convolutional part, which reads the last conv feature map
+    (pooled and flattened channel-major), with the map's channel count C and the number k of
+    Linear inputs per channel (1 after global pooling; channel c is inputs [c*k, (c+1)*k))."""
+    _, conv = last_conv(model, image_size)
+    linears = _run_order(model, nn.Linear, image_size)
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layer")
+    head = linears[0][1]
+    c = conv.out_channels
+    if head.in_features % c:
+        raise ValueError(f"{type(model).__name__}: the first Linear has {head.in_features} inputs, not a multiple of the "
+                         f"last conv's {c} channels")
+    return head, c, head.in_features // c

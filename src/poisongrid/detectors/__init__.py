@@ -6,7 +6,7 @@ weights, the poisoned training set) and, of the manifest, only the columns the d
 registers itself in DETECTORS on import."""
 from .base import DETECTORS, DEFENDER_COLUMNS, SCORES_KIND, Context, Detector, ScoreWriter, defender_manifest, knn_log_distance, read_scores
 
-from . import activation, badloss, frequency, neural_cleanse, spectral, teacher  # noqa: F401  (registration)
+from . import activation, badloss, frequency, neural_cleanse, pss, spectral, teacher  # noqa: F401  (registration)
 
 __all__ = ["DETECTORS", "DEFENDER_COLUMNS", "SCORES_KIND", "Context", "Detector", "ScoreWriter", "defender_manifest",
            "knn_log_distance", "read_scores"]
