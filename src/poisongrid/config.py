@@ -529,7 +529,7 @@ def trajectory_detector_types(cfg: dict) -> set[str]:
     """Detector types that read a loss per epoch (their models' trajectories get a figure)."""
     from .detectors import DETECTORS
 
-    return {t for t in DETECTORS.names() if DETECTORS.get(t).per_epoch}
+    return {d["type"] for d in cfg["detectors"].values() if DETECTORS.get(d["type"]).per_epoch}
 
 
 def capacity_swept(rows) -> bool:

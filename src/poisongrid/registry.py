@@ -12,6 +12,12 @@ class Registry(Generic[T]):
     def __init__(self, kind: str):
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._lazy: dict[str, str] = {}
+
+    def lazy(self, name: str, module: str) -> None:
+        """Declare that importing `module` registers `name`: it is imported on first use, so a
+        process that never uses a heavy entry (one needing torch, say) never pays for its import."""
+        self._lazy[name] = module
 
     def register(self, name: str) -> Callable[[T], T]:
         def deco(obj: T) -> T:
@@ -23,13 +29,17 @@ class Registry(Generic[T]):
         return deco
 
     def get(self, name: str, key: str | None = None) -> T:
+        if name not in self._items and isinstance(name, str) and name in self._lazy:
+            import importlib
+
+            importlib.import_module(self._lazy[name])
         try:
             return self._items[name]
-        except KeyError:
-            raise ConfigError(key or self.kind, name, f"one of {sorted(self._items)}") from None
+        except (KeyError, TypeError):
+            raise ConfigError(key or self.kind, name, f"one of {self.names()}") from None
 
     def names(self) -> list[str]:
-        return sorted(self._items)
+        return sorted({*self._items, *self._lazy})
 
     def __contains__(self, name: object) -> bool:
-        return name in self._items
+        return name in self._items or name in self._lazy

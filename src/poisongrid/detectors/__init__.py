@@ -6,7 +6,13 @@ weights, the poisoned training set) and, of the manifest, only the columns the d
 registers itself in DETECTORS on import."""
 from .base import DETECTORS, DEFENDER_COLUMNS, SCORES_KIND, Context, Detector, ScoreWriter, defender_manifest, knn_log_distance, read_scores
 
-from . import activation, badloss, frequency, neural_cleanse, pss, spectral, teacher  # noqa: F401  (registration)
+from . import badloss, teacher  # noqa: F401  (registration)
+
+# Detectors that need torch or scikit-learn are imported when a config first names them.
+for _type, _module in {"activation_clustering": "activation", "cognitive_distillation": "cognitive_distillation",
+                       "frequency_analysis": "frequency",
+                       "neural_cleanse": "neural_cleanse", "pss": "pss", "spectral_signatures": "spectral"}.items():
+    DETECTORS.lazy(_type, f"{__name__}.{_module}")
 
 __all__ = ["DETECTORS", "DEFENDER_COLUMNS", "SCORES_KIND", "Context", "Detector", "ScoreWriter", "defender_manifest",
            "knn_log_distance", "read_scores"]
