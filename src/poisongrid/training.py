@@ -213,7 +213,7 @@ def batch_objective(name: str, level: float) -> Callable[[torch.Tensor], torch.T
 def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: int, device: torch.device,
         epochs_to_run: int | None = None, record: str | None = None, weights: np.ndarray | None = None,
         ascent_clamp: float | None = None, checkpoint: str | None = None, init_model: nn.Module | None = None,
-        step_loss: Callable | None = None,
+        step_loss: Callable | None = None, epoch_start: Callable | None = None,
         fingerprint: str = "", log: Callable[[str], None] | None = None,
         progress_every: float | None = 60.0) -> TrainResult:
     """Train a fresh model from `training` (model, epochs, batch_size, optimizer, lr, weight_decay,
@@ -242,7 +242,9 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
     to what is minimised. `step_loss(model, x, y, per_example_ce, idx)` (x: the float batch in [0, 1]) replaces the whole batch
     loss (a remedy's own objective, e.g. CBD's); `idx` indexes `images`. It may hold its own
     parameters and optimiser; it is not checkpointed, so a remedy using one resumes its epoch-level
-    state itself or runs without a checkpoint."""
+    state itself or runs without a checkpoint. `epoch_start(epoch, model)` is called before each
+    epoch's pass (also the first one after a resume), so such an objective can attach hooks to the
+    model and follow its own per-epoch schedule."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     n = len(labels)
@@ -302,6 +304,8 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
         # asynchronously), which is close enough for a heartbeat and costs no device sync.
         next_report = t_ep + progress_every if (log and progress_every is not None) else math.inf
         model.train()
+        if epoch_start is not None:
+            epoch_start(epoch, model)
         perm = torch.randperm(n, generator=gen)
         # One host-to-device copy of the order per epoch, not one per batch.
         perm_dev = perm.to(device) if isinstance(data, torch.Tensor) else perm

@@ -9,7 +9,7 @@ from .base import DETECTORS, DEFENDER_COLUMNS, SCORES_KIND, Context, Detector, S
 from . import badloss, teacher  # noqa: F401  (registration)
 
 # Detectors that need torch or scikit-learn are imported when a config first names them.
-for _type, _module in {"activation_clustering": "activation", "cognitive_distillation": "cognitive_distillation",
+for _type, _module in {"activation_clustering": "activation", "cbd": "cbd", "cognitive_distillation": "cognitive_distillation",
                        "frequency_analysis": "frequency",
                        "neural_cleanse": "neural_cleanse", "pss": "pss", "spectral_signatures": "spectral"}.items():
     DETECTORS.lazy(_type, f"{__name__}.{_module}")

@@ -5,7 +5,7 @@ from .standard import lfd_weights
 from . import flagged, standard  # noqa: F401  (registration)
 
 # Remedies that need torch are imported when a config first names them.
-for _name, _module in {"fine_prune": "fine_pruning", "pss_unlearn": "pss"}.items():
+for _name, _module in {"cbd": "cbd", "fine_prune": "fine_pruning", "pss_unlearn": "pss"}.items():
     REMEDIES.lazy(_name, f"{__name__}.{_module}")
 
 __all__ = ["REMEDIES", "FinalTraining", "Remedy", "lfd_weights", "select_removed"]
