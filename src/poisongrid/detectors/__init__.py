@@ -5,7 +5,7 @@ weights, the poisoned training set) and, of the manifest, only the columns the d
 (`index`, `label`, `bona_fide`); never the ground truth `attack`. One module per detector; each
 registers itself in DETECTORS on import."""
 from .base import DETECTORS, DEFENDER_COLUMNS, SCORES_KIND, Context, Detector, ScoreWriter, defender_manifest, knn_log_distance, read_scores
-from . import badloss, teacher  # noqa: F401  (registration)
+from . import abl, badloss, teacher  # noqa: F401  (registration)
 
 __all__ = ["DETECTORS", "DEFENDER_COLUMNS", "SCORES_KIND", "Context", "Detector", "ScoreWriter", "defender_manifest",
            "knn_log_distance", "read_scores"]

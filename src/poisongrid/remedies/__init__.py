@@ -2,6 +2,6 @@
 from it. One module per remedy family; each registers itself in REMEDIES on import."""
 from .base import REMEDIES, FinalTraining, Remedy, select_removed
 from .standard import lfd_weights
-from . import standard  # noqa: F401  (registration)
+from . import standard, unlearn  # noqa: F401  (registration)
 
 __all__ = ["REMEDIES", "FinalTraining", "Remedy", "lfd_weights", "select_removed"]
