@@ -17,7 +17,9 @@ class ABLIsolation(TeacherLoss):
     `objective: lga` (ABL's code: local gradient ascent on the batch mean, gamma 0.5), with
     `record: final`. Deviations: the losses come from the pretrain stage's eval-mode pass without
     augmentation (as the ABL code isolates; the BaDLoss code ranks one random augmented view), in
-    batches rather than ABL's batch size 1 (identical in eval mode). Pair it with the `remove`
+    batches rather than ABL's batch size 1 (identical in eval mode); the training loop's cosine
+    schedule spans the isolation model's `epochs` where ABL and BaDLoss keep the lr constant
+    (`r_epoch` instead makes it span the dataset's run, nearly constant over the first third). Pair it with the `remove`
     remedy (r_reject 0.15, BaDLoss) or the `unlearn` remedy (r_isolate 0.01, ABL)."""
 
     type = "abl"
