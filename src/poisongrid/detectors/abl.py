@@ -19,8 +19,9 @@ class ABLIsolation(TeacherLoss):
     augmentation (as the ABL code isolates; the BaDLoss code ranks one random augmented view), in
     batches rather than ABL's batch size 1 (identical in eval mode); the training loop's cosine
     schedule spans the isolation model's `epochs` where ABL and BaDLoss keep the lr constant
-    (`r_epoch` instead makes it span the dataset's run, nearly constant over the first third). Pair it with the `remove`
-    remedy (r_reject 0.15, BaDLoss) or the `unlearn` remedy (r_isolate 0.01, ABL)."""
+    (`r_epoch` instead makes it span the dataset's run: r_epoch 1/3 ends at 0.75 of the lr).
+    Pair it with the `remove` remedy (r_reject 0.15, BaDLoss) or the `unlearn` remedy
+    (r_isolate 0.01, ABL)."""
 
     type = "abl"
     default_model = "isolation"
