@@ -124,6 +124,7 @@ def test_unlearn_isolates_the_highest_scores_never_bona_fide():
     man = pd.DataFrame({"index": np.arange(n), "label": np.zeros(n, int), "bona_fide": bona})
     p = REMEDIES.get("unlearn").check({"remedy": "unlearn", "detector": "abl", "r_isolate": 0.05}, "defenses.u", _cfg())
     assert p["model"] == "isolation" and p["finetune_epochs"] == 60 and p["unlearn_lr"] == 5e-4
+    assert p["unlearn_optimizer"] == "sgd" and p["finetune_lr"] is None
     w = REMEDIES.get("unlearn")(**p).weights(scores, man, {})
     assert w.dtype == np.float32 and set(np.unique(w)) == {-1.0, 1.0}
     iso = w < 0
@@ -136,7 +137,7 @@ def test_unlearn_isolates_the_highest_scores_never_bona_fide():
     ("r_isolate", 0), ("r_isolate", 1), ("r_isolate", 1.5), ("r_isolate", -0.01), ("r_isolate", "0.01"),
     ("model", "nope"), ("finetune_epochs", 0), ("finetune_epochs", 2.5), ("finetune_epochs", True),
     ("unlearn_epochs", -1), ("unlearn_epochs", "5"), ("unlearn_lr", 0), ("finetune_lr", -0.1), ("ascent_clamp", 0),
-    ("bogus", 1),
+    ("unlearn_optimizer", "lbfgs"), ("unlearn_optimizer", 3), ("bogus", 1),
 ])
 def test_unlearn_bad_params(key, value):
     with pytest.raises(ConfigError, match=key if key != "bogus" else "bogus"):

@@ -22,11 +22,14 @@ class Unlearn(Remedy):
     phase `finetune` trains on the kept examples for finetune_epochs at finetune_lr (default: the
     dataset's lr) with the dataset's optimiser and augmentation; phase `unlearn` then minimises
     -CE on the isolated examples (gradient ascent, each loss clamped at ascent_clamp) for
-    unlearn_epochs at unlearn_lr, without augmentation. Defaults follow ABL's code: 1%, 60
-    fine-tuning epochs, 5 unlearning epochs at 5e-4 (LfD's runs: 20 epochs at 1e-4).
+    unlearn_epochs at unlearn_lr with unlearn_optimizer (null: the dataset's), without
+    augmentation. Defaults follow ABL's code: 1%, 60
+    fine-tuning epochs, 5 unlearning epochs with SGD (momentum 0.9) at 5e-4 (LfD's runs: 20
+    epochs at 1e-4). An adaptive optimiser makes every step about lr per parameter however
+    small the gradient, so a few steps of ascent with Adam(W) can wreck the model.
 
-    Deviations from ABL's code: both phases use the dataset's optimiser (ABL: SGD, nesterov,
-    momentum 0.9, wd 1e-4) and the training loop's cosine schedule over each phase (ABL: steps
+    Deviations from ABL's code: fine-tuning uses the dataset's optimiser and weight decay (ABL:
+    SGD, nesterov, momentum 0.9, wd 1e-4; unlearning here: plain momentum, the dataset's wd) and the training loop's cosine schedule over each phase (ABL: steps
     0.1 / 0.01 at epoch 40 for fine-tuning, a constant 5e-4 for unlearning; a cosine over 5
     epochs averages about 0.6 of unlearn_lr); ABL's first unlearning epoch only evaluates, here
     every epoch steps; the ascent loss is clamped (ABL's is not) so it cannot inflate the logits
@@ -36,7 +39,7 @@ class Unlearn(Remedy):
 
     name = "unlearn"
     params = {"r_isolate": 0.01, "finetune_epochs": 60, "finetune_lr": None, "unlearn_epochs": 5,
-              "unlearn_lr": 5e-4, "ascent_clamp": 10.0, "model": "isolation"}
+              "unlearn_lr": 5e-4, "unlearn_optimizer": "sgd", "ascent_clamp": 10.0, "model": "isolation"}
     model_param = "model"
 
     @classmethod
@@ -47,6 +50,12 @@ class Unlearn(Remedy):
             _positive(f"{key}.{k}", p[k], integer=True)
         for k in ("unlearn_lr", "ascent_clamp") + (("finetune_lr",) if p["finetune_lr"] is not None else ()):
             _positive(f"{key}.{k}", p[k], integer=False)
+        from ..training import OPTIMIZERS
+
+        if p["unlearn_optimizer"] is not None:
+            if not isinstance(p["unlearn_optimizer"], str):
+                raise ConfigError(f"{key}.unlearn_optimizer", p["unlearn_optimizer"], f"one of {OPTIMIZERS.names()} or null")
+            OPTIMIZERS.get(p["unlearn_optimizer"], f"{key}.unlearn_optimizer")
         arch = cfg["defender_models"][p["model"]].get("model")
         for dsname, ds in cfg.get("datasets", {}).items():
             if arch is not None and dsname in d.get("datasets", [dsname]) and arch != ds["model"]:
@@ -75,4 +84,5 @@ class Unlearn(Remedy):
             return res
         return job.fit(job.images.subset(iso), job.labels[iso], phase="unlearn", init_model=res.model,
                        weights=np.full(int(iso.sum()), -1.0, dtype=np.float32), ascent_clamp=float(self.p["ascent_clamp"]),
-                       training={"epochs": int(self.p["unlearn_epochs"]), "lr": float(self.p["unlearn_lr"]), "augment": "none"})
+                       training={"epochs": int(self.p["unlearn_epochs"]), "lr": float(self.p["unlearn_lr"]), "augment": "none",
+                                 **({"optimizer": self.p["unlearn_optimizer"]} if self.p["unlearn_optimizer"] else {})})
