@@ -23,19 +23,19 @@ class Unlearn(Remedy):
     dataset's lr) with the dataset's optimiser and augmentation; phase `unlearn` then minimises
     -CE on the isolated examples (gradient ascent, each loss clamped at ascent_clamp) for
     unlearn_epochs at unlearn_lr with unlearn_optimizer (null: the dataset's), without
-    augmentation. Defaults follow ABL's code: 1%, 60
-    fine-tuning epochs, 5 unlearning epochs with SGD (momentum 0.9) at 5e-4 (LfD's runs: 20
-    epochs at 1e-4). An adaptive optimiser makes every step about lr per parameter however
-    small the gradient, so a few steps of ascent with Adam(W) can wreck the model.
+    augmentation. Defaults follow ABL's code: 1%, 60 fine-tuning epochs, 5 unlearning epochs
+    with SGD (momentum 0.9) at 5e-4 (LfD's runs: 20 epochs at 1e-4).
 
     Deviations from ABL's code: fine-tuning uses the dataset's optimiser and weight decay (ABL:
-    SGD, nesterov, momentum 0.9, wd 1e-4; unlearning here: plain momentum, the dataset's wd) and the training loop's cosine schedule over each phase (ABL: steps
-    0.1 / 0.01 at epoch 40 for fine-tuning, a constant 5e-4 for unlearning; a cosine over 5
-    epochs averages about 0.6 of unlearn_lr); ABL's first unlearning epoch only evaluates, here
-    every epoch steps; the ascent loss is clamped (ABL's is not) so it cannot inflate the logits
-    without bound. Fine-tuning is on the non-isolated examples, as ABL's code (LfD describes it
-    on the entire training set). The isolation model must have the dataset's architecture: the
-    final model continues from it."""
+    SGD, nesterov, momentum 0.9, wd 1e-4; the unlearning SGD here: plain momentum, the dataset's
+    wd) and each phase follows the training loop's cosine schedule (ABL: 0.1, then 0.01 from
+    epoch 40 for fine-tuning, a constant 5e-4 for unlearning; a cosine over 5 epochs averages
+    about 0.6 of unlearn_lr); ABL's first unlearning epoch only evaluates, here every epoch
+    steps; the ascent loss is clamped (ABL's is not) so it cannot inflate the logits without
+    bound. Fine-tuning is on the non-isolated examples, as ABL's code (LfD describes it on the
+    entire training set). BatchNorm stays in training mode during unlearning, as in ABL; with
+    few isolated examples (one batch) its statistics come from that batch alone. The isolation
+    model must have the dataset's architecture: the final model continues from it."""
 
     name = "unlearn"
     params = {"r_isolate": 0.01, "finetune_epochs": 60, "finetune_lr": None, "unlearn_epochs": 5,
