@@ -196,18 +196,29 @@ def as_tensor_data(images, device: torch.device, max_bytes: int = 8 << 30):
     return images
 
 
+OBJECTIVES = ("ce", "flooding", "flooding_example", "lga", "lga_example")
+
+
 def batch_objective(name: str, level: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The loss of a batch from its mean cross-entropy l: ce l; flooding |l - b| + b (Ishida et al.
-    2020, ABL's isolation as the BaDLoss paper runs it); lga sign(l - g) * l (ABL's local gradient
-    ascent: once the batch loss falls below g it is pushed back up, so easy examples stay easy and
-    the backdoored ones, learned fastest, end with the lowest losses)."""
+    """The loss of a batch from its per-example cross-entropies l_i (already clamped).
+
+    ce: mean(l). flooding: |m - b| + b on the batch mean m = mean(l) (Ishida et al. 2020; ABL's
+    own code); flooding_example: mean(|l_i - b| + b), each example floods on its own (ABL as the
+    BaDLoss code adapts it). lga: sign(m - g) * m on the batch mean (ABL's local gradient ascent as
+    its code and BackdoorBox apply it); lga_example: mean(sign(l_i - g) * l_i), the per-example form
+    the ABL paper writes. Once a loss falls below g (b) it is pushed back up, so easy examples stay
+    easy and the backdoored ones, learned fastest, end with the lowest losses."""
     if name == "ce":
-        return lambda m: m
+        return lambda per: per.mean()
     if name == "flooding":
-        return lambda m: (m - level).abs() + level
+        return lambda per: (per.mean() - level).abs() + level
+    if name == "flooding_example":
+        return lambda per: ((per - level).abs() + level).mean()
     if name == "lga":
-        return lambda m: torch.sign(m - level) * m
-    raise ConfigError("objective", name, "ce, flooding or lga")
+        return lambda per: torch.sign(per.mean() - level) * per.mean()
+    if name == "lga_example":
+        return lambda per: (torch.sign(per - level) * per).mean()
+    raise ConfigError("objective", name, ", ".join(OBJECTIVES))
 
 
 def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: int, device: torch.device,
@@ -238,8 +249,8 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
     every `progress_every` seconds (None: never), so a long job's log shows it is alive.
 
     `init_model`: start from a copy of these weights (fine-tuning) instead of a fresh model.
-    `training['objective']` (ce, flooding, lga; level `objective_level`) maps the batch's mean loss
-    to what is minimised. `step_loss(model, x, y, per_example_ce, idx)` (x: the float batch in [0, 1]) replaces the whole batch
+    `training['objective']` (see batch_objective; level `objective_level`) maps the batch's
+    per-example losses to what is minimised (without `weights` or `step_loss` only). `step_loss(model, x, y, per_example_ce, idx)` (x: the float batch in [0, 1]) replaces the whole batch
     loss (a remedy's own objective, e.g. CBD's); `idx` indexes `images`. It may hold its own
     parameters and optimiser; it is not checkpointed, so a remedy using one resumes its epoch-level
     state itself or runs without a checkpoint. `epoch_start(epoch, model)` is called before each
@@ -324,7 +335,7 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
             if step_loss is not None:
                 loss = step_loss(model, xf, yb, per, idx)
             elif w_dev is None:
-                loss = objective(per.clamp(max=clamp).mean())
+                loss = objective(per.clamp(max=clamp))
             else:
                 wb = w_dev[idx.to(device)]
                 capped = per.clamp(max=clamp) if ascent_clamp is None else torch.where(wb < 0, per.clamp(max=ascent_clamp), per.clamp(max=clamp))

@@ -6,7 +6,7 @@ weights, the poisoned training set) and, of the manifest, only the columns the d
 registers itself in DETECTORS on import."""
 from .base import DETECTORS, DEFENDER_COLUMNS, SCORES_KIND, Context, Detector, ScoreWriter, defender_manifest, knn_log_distance, read_scores
 
-from . import badloss, teacher  # noqa: F401  (registration)
+from . import abl, badloss, teacher  # noqa: F401  (registration)
 
 # Detectors that need torch or scikit-learn are imported when a config first names them.
 for _type, _module in {"activation_clustering": "activation", "cbd": "cbd", "cognitive_distillation": "cognitive_distillation",
