@@ -23,6 +23,9 @@ if not workflow.overwrite_configfiles:
 
 update_config(config, pgc.typed_overrides(workflow.config_settings.config))
 try:
+    # Snakemake's own YAML reading keeps the last of a repeated key silently; ours refuses it.
+    for _f in workflow.overwrite_configfiles or [os.path.join(workflow.basedir, "config.yaml")]:
+        pgc.read_yaml(_f)
     pgc.validate(config)
 except PoisongridError as e:
     sys.exit(f"poisongrid: invalid configuration: {e}")

@@ -142,6 +142,16 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path, capsys):
     assert err.count("\n") == 1 and f"{f}:" in err and "valid YAML" in err
 
 
+def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path, capsys):
+    """Plain YAML keeps the last of a repeated key, silently dropping e.g. a whole defenses block."""
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump(GOOD) + "defenses:\n  none: {remedy: none}\n")
+    assert main(["validate", str(f)]) == 2
+    err = capsys.readouterr().err
+    line = 1 + next(i for i, l in enumerate(f.read_text().splitlines()) if l.startswith("defenses:"))
+    assert err.count("\n") == 1 and f"{f}:" in err and "each key once" in err and f"line {line}" in err, err
+
+
 # ---- corrupted and mixed-up artifacts -----------------------------------------------------------
 
 W = dict(dataset="digits", scenario="multi", seed=0)

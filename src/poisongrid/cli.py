@@ -149,6 +149,12 @@ def cmd_show(args) -> None:
     print(pf.read_row_group(0).to_pandas().head(args.rows).to_string())
 
 
+def cmd_estimate(args) -> None:
+    from . import config, estimate
+
+    print(estimate.render(estimate.estimate(config.load(args.configfile))))
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="poisongrid", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--debug", action="store_true", help="show the traceback of an error (also POISONGRID_DEBUG=1)")
@@ -195,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=float, default=status.RUNNING_WINDOW_S, metavar="SECONDS",
                    help="a log or temporary file modified this recently marks a job running (default: %(default)g)")
     p.set_defaults(fn=cmd_status)
+
+    p = sub.add_parser("estimate", help="a grid's jobs per stage and their GPU hours, before running it",
+                       description="GPU time from each dataset's minutes_per_epoch (measured on one GPU, see the README) "
+                       "and each defender model's, detector's and remedy's work in epochs of the dataset's training.")
+    p.add_argument("--configfile", nargs="+", default=["config.yaml"], metavar="FILE")
+    p.set_defaults(fn=cmd_estimate)
 
     p = sub.add_parser("show", help="print a poisongrid Parquet file's metadata and first rows")
     p.add_argument("file"); p.add_argument("--rows", type=int, default=5)

@@ -71,20 +71,42 @@ def _allowed(err) -> str:
     return err.message
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML mapping that names a key twice keeps only the last silently in plain YAML loaders;
+    in a config that silently drops half of a section, so it is an error here."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                m = key_node.start_mark
+                raise ConfigError("config", f"{m.name}:{m.line + 1}:{m.column + 1}",
+                                  f"each key once per mapping ('{key}' is also on line {seen[key] + 1})")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: str | Path) -> dict:
+    """One config file, with file:line:column in the error of bad YAML or a repeated key."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError("config", str(p), "a path to an existing YAML file")
+    try:
+        with open(p, encoding="utf-8") as fh:
+            return yaml.load(fh, Loader=_UniqueKeyLoader) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark else str(p)
+        raise ConfigError("config", where, f"valid YAML ({getattr(e, 'problem', None) or e})") from None
+
+
 def load(path: str | Path | list | None = None, overrides: dict | None = None, *, deep: bool = True) -> dict:
     """Read a YAML config (several: deep-merged in order, as Snakemake merges --configfile files;
     then overrides), fill defaults, validate (`deep=False`: see `validate`)."""
     cfg: dict = {}
     for one in ([] if path is None else [path] if isinstance(path, (str, Path)) else path):
-        p = Path(one)
-        if not p.exists():
-            raise ConfigError("config", str(p), "a path to an existing YAML file")
-        try:
-            cfg = _merge(cfg, yaml.safe_load(p.read_text()) or {})
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark else str(p)
-            raise ConfigError("config", where, f"valid YAML ({getattr(e, 'problem', None) or e})") from None
+        cfg = _merge(cfg, read_yaml(one))
     if overrides:
         cfg = _merge(cfg, overrides)
     return validate(cfg, deep=deep)
@@ -464,9 +486,25 @@ def cells(cfg: dict) -> list[dict]:
 GPU_STAGES = ("trigger", "pretrain", "features", "train")
 
 
-def estimated_minutes(cfg: dict, stage: str, dataset: str, model: str | None = None) -> float:
-    """Training minutes a GPU stage needs, from the dataset's measured minutes per epoch (the
-    slowest defender model when `model` is not given, e.g. for a rule-wide default)."""
+def dataset_scale(cfg: dict, dataset: str) -> dict:
+    """What cost estimates need of a dataset: classes, training-set size (from its files when
+    present, else the known size of a standard dataset), bona fide count, epochs."""
+    ds = _dataset(cfg, dataset)
+    n = None
+    try:
+        n = train_size(ds, cfg["data_dir"])
+    except Exception:  # noqa: BLE001 - an estimate falls back to the standard size
+        n = None
+    loader = ds["loader"]
+    return {"num_classes": KNOWN_NUM_CLASSES.get(loader, KNOWN_NUM_CLASSES.get(dataset, 10)),
+            "n_train": n or KNOWN_TRAIN_SIZES.get(loader, KNOWN_TRAIN_SIZES.get(dataset)),
+            "n_clean": cfg["bona_fide"]["n_clean"], "epochs": ds["epochs"]}
+
+
+def estimated_minutes(cfg: dict, stage: str, dataset: str, model: str | None = None, detector: str | None = None,
+                      defense: str | None = None) -> float:
+    """GPU minutes one job of a stage needs, from the dataset's measured minutes per epoch; the
+    most expensive defender model, detector or defense when none is named (a rule-wide limit)."""
     ds = _dataset(cfg, dataset)
     mpe = ds["minutes_per_epoch"]
     if stage == "pretrain":
@@ -477,7 +515,11 @@ def estimated_minutes(cfg: dict, stage: str, dataset: str, model: str | None = N
             return m["run"] * mpe * extra
         return max(one(n) for n in names)
     if stage == "train":
-        return ds["epochs"] * mpe
+        from .remedies import REMEDIES
+
+        data = dataset_scale(cfg, dataset)
+        names = [defense] if defense else [n for n, d in cfg["defenses"].items() if d["remedy"] != "none"]
+        return max([REMEDIES.get(cfg["defenses"][n]["remedy"]).epochs(cfg["defenses"][n], data) * mpe for n in names] + [0.0])
     if stage == "features":
         return 0.5 * mpe + 2
     if stage == "trigger":
@@ -485,7 +527,9 @@ def estimated_minutes(cfg: dict, stage: str, dataset: str, model: str | None = N
     if stage == "score":
         from .detectors import DETECTORS
 
-        return max([DETECTORS.get(d["type"]).cost_epochs * mpe for d in cfg["detectors"].values()] + [0.0])
+        data = dataset_scale(cfg, dataset)
+        names = [detector] if detector else list(cfg["detectors"])
+        return max([DETECTORS.get(cfg["detectors"][n]["type"]).epochs(cfg["detectors"][n], data) * mpe for n in names] + [0.0])
     return 0.0
 
 

@@ -91,6 +91,12 @@ class Detector:
             what = "a positive integer" if integer else "a positive number"
             raise ConfigError(key, v, what + (f" at most {upper:g}" if upper is not None else ""))
 
+    @classmethod
+    def epochs(cls, det: dict, data: dict) -> float:
+        """Its GPU work in epochs of the dataset's training, for scheduler limits and cost estimates;
+        `data`: num_classes, n_train, n_clean, epochs of the dataset."""
+        return cls.cost_epochs
+
     def score(self, paths: dict, out_path) -> dict:
         raise NotImplementedError
 

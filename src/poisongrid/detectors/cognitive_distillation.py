@@ -85,6 +85,10 @@ class CognitiveDistillation(Detector):
     params = {"steps": 100, "lr": 0.1, "alpha": 0.01, "beta": 1.0, "batch_size": 256, "amp": False}
 
     @classmethod
+    def epochs(cls, det: dict, data: dict) -> float:
+        return float(det.get("steps", cls.params["steps"])) + 1
+
+    @classmethod
     def check(cls, det: dict, key: str, cfg: dict) -> None:
         super().check(det, key, cfg)
         p = {**cls.params, **det}

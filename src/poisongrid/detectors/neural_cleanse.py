@@ -205,6 +205,17 @@ class NeuralCleanse(Detector):
               "fpr": 0.05, "max_classes": 0, "prescreen_epochs": 1, "class_batch": 1}
 
     @classmethod
+    def epochs(cls, det: dict, data: dict) -> float:
+        # Forward+backward passes over the search sample, per searched class, plus the pre-screen.
+        v = {**cls.params, **det}
+        n = data["n_train"] or 50000
+        frac = min(1.0, v["images_per_class"] / n) if v["images_per_class"] else 1.0
+        k = data["num_classes"]
+        full = min(k, v["max_classes"]) if v["max_classes"] else k
+        pre = k * v["prescreen_epochs"] if v["max_classes"] else 0
+        return (full * v["epochs"] + pre) * frac + 2
+
+    @classmethod
     def check(cls, det: dict, key: str, cfg: dict) -> None:
         super().check(det, key, cfg)
         v = {k: det.get(k, d) for k, d in cls.params.items()}

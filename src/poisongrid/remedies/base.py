@@ -76,13 +76,19 @@ class Remedy:
     """`params`: name -> default; `needs_detector`: reads a detector's scores; `ground_truth`: a
     reference that reads the manifest's ground truth (never a real defense). `model_param`: the
     parameter naming the defender model the final training reads (None: it reads none).
-    `cost_epochs`: what the final training costs beyond the dataset's epochs, in epochs."""
+    `epochs()`: what the final training costs, in epochs of the dataset's training."""
 
     name: ClassVar[str]
     params: ClassVar[dict] = {}
     needs_detector: ClassVar[bool] = True
     ground_truth: ClassVar[bool] = False
     model_param: ClassVar[str | None] = None
+
+    @classmethod
+    def epochs(cls, d: dict, data: dict) -> float:
+        """The final training's GPU work in epochs of the dataset's training (`data`: num_classes,
+        n_train, n_clean, epochs); by default one full training."""
+        return float(data["epochs"])
 
     @classmethod
     def reads_model(cls, d: dict) -> str | None:

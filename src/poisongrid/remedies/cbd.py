@@ -164,6 +164,11 @@ class CBD(Remedy):
     params = {"model": "backdoored", "mi_weight": 0.01, "critic_lr": 0.2, "critic_hidden": 0, "critic_step_epochs": 20}
 
     @classmethod
+    def epochs(cls, d: dict, data: dict) -> float:
+        # B's forward on every batch and the critic's step: about a third of an epoch per epoch.
+        return 1.35 * data["epochs"]
+
+    @classmethod
     def check(cls, d, key, cfg) -> dict:
         p = super().check(d, key, cfg)
         _number(f"{key}.mi_weight", p["mi_weight"], 0, float("inf"), False, True)

@@ -118,6 +118,13 @@ class FinePrune(Remedy):
               "finetune_epochs": 10, "finetune_lr": 1e-3}
 
     @classmethod
+    def epochs(cls, d: dict, data: dict) -> float:
+        # Fine-tuning on the bona fide examples only, plus one pass over them per pruning step.
+        p = {**cls.params, **d}
+        frac = data["n_clean"] / max(data["n_train"] or 1, 1)
+        return frac * (p["finetune_epochs"] + p["prune_ratio"] / p["prune_step"])
+
+    @classmethod
     def check(cls, d, key, cfg) -> dict:
         p = super().check(d, key, cfg)
         _number(f"{key}.max_acc_drop", p["max_acc_drop"], 0, 1, False, True)

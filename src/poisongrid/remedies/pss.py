@@ -42,6 +42,11 @@ class PSSUnlearn(Remedy):
               "weight_decay": 5e-4, "ascent_clamp": 10.0}
 
     @classmethod
+    def epochs(cls, d: dict, data: dict) -> float:
+        p = {**cls.params, **d}
+        return p["epochs"] * (p["r_poison"] + p["r_clean"])
+
+    @classmethod
     def check(cls, d, key, cfg) -> dict:
         from ..errors import ConfigError
 

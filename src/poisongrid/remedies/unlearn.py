@@ -43,6 +43,11 @@ class Unlearn(Remedy):
     model_param = "model"
 
     @classmethod
+    def epochs(cls, d: dict, data: dict) -> float:
+        p = {**cls.params, **d}
+        return (1 - p["r_isolate"]) * p["finetune_epochs"] + p["r_isolate"] * p["unlearn_epochs"]
+
+    @classmethod
     def check(cls, d, key, cfg) -> dict:
         p = super().check(d, key, cfg)
         _number(f"{key}.r_isolate", p["r_isolate"], 0, 1, True, True)
