@@ -114,8 +114,39 @@ BAD_CONFIGS = [  # (path, value, text the one-line error must contain)
     ("defender_models.teacher.record", "never", "record"),
     ("defender_models.attacked", {"epochs": 3}, "dataset's own settings"),
     ("defender_models.teacher.spike_rule", "median", "spike_rule"),
+    # The baselines: parameters of the wrong type or range, missing bona fide examples or models.
+    ("detectors.nc", {"type": "neural_cleanse", "epochs": 0}, "detectors.nc.epochs"),
+    ("detectors.nc", {"type": "neural_cleanse", "lr": "fast"}, "detectors.nc.lr"),
+    ("detectors.nc", {"type": "neural_cleanse", "model": "victim"}, "one of the defender models"),
+    ("detectors.cd", {"type": "cognitive_distillation", "steps": 2.5}, "detectors.cd.steps"),
+    ("detectors.cd", {"type": "cognitive_distillation", "max_images": 100}, "detectors.cd.max_images"),
+    ("detectors.ac", {"type": "activation_clustering", "silhouette_threshold": 2}, "silhouette_threshold"),
+    ("detectors.ac", {"type": "activation_clustering", "group_by": "colour"}, "group_by"),
+    ("detectors.ss", {"type": "spectral_signatures", "per_class_rank": "yes"}, "true or false"),
+    ("detectors.freq", {"type": "frequency_analysis", "model": "attacked"}, "detectors.freq.model"),
+    ("detectors.abl", {"type": "abl"}, "one of the defender models"),
+    ("defender_models.teacher.objective", "hinge", "objective"),
+    ("defenses.fp", {"remedy": "fine_prune", "max_acc_drop": 1.5}, "defenses.fp.max_acc_drop"),
+    ("defenses.fp", {"remedy": "fine_prune", "model": "victim"}, "defenses.fp.model"),
+    ("defenses.ul", {"remedy": "unlearn", "detector": "lfd", "model": "teacher", "r_isolate": 0}, "r_isolate"),
+    ("defenses.ul", {"remedy": "unlearn", "detector": "lfd", "model": "teacher"}, "fine-tunes the isolation model"),
+    ("defenses.rf", {"remedy": "remove_flagged", "detector": "badloss", "threshold": "high"}, "threshold"),
+    ("defenses.pss", {"remedy": "pss_unlearn", "detector": "badloss", "r_poison": 0.5, "r_clean": 0.8}, "r_"),
+    ("defenses.cbd", {"remedy": "cbd", "detector": "badloss"}, "one of the defender models"),
 ]
 BAD_CONFIGS = [c for c in BAD_CONFIGS if c[2] is not None]
+
+
+def test_a_detector_learning_from_bona_fide_examples_needs_some(tmp_path, capsys):
+    cfg = copy.deepcopy(GOOD)
+    cfg["bona_fide"]["n_clean"] = 0
+    cfg["detectors"] = {"freq": {"type": "frequency_analysis"}}
+    cfg["defenses"] = {"freq": {"detector": "freq", "remedy": "remove_flagged", "threshold": 0.5}}
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump(cfg))
+    assert main(["validate", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bona_fide.n_clean" in err and "frequency_analysis" in err, err
 
 
 def test_there_are_at_least_fifty_bad_configs():

@@ -136,7 +136,7 @@ def _bona_fide(pool: np.ndarray, labels: np.ndarray, num_classes: int, cfg: dict
             if i < len(per_class[c]) and len(picked) < n_clean:
                 picked.append(per_class[c][i])
         i += 1
-    out[np.asarray(picked)] = True
+    out[np.asarray(picked, dtype=np.int64)] = True
     return out
 
 

@@ -17,6 +17,7 @@ class BaDLoss(Detector):
     needs = ("trajectories",)
     default_model = "pretrain"
     per_epoch = True
+    min_bona_fide = 1
     params = {"k": 50, "epsilon": 1e-8, "log_losses": False, "chunk_rows": 262144}
 
     @classmethod
