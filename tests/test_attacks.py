@@ -18,10 +18,11 @@ def _trigger(shape=SHAPE, eps=EPS, seed=1):
     return np.random.default_rng(seed).uniform(-eps, eps, size=shape).astype(np.float32)
 
 
-def _build(name, seed=0, shape=SHAPE, **params):
+def _build(name, seed=0, shape=SHAPE, trigger=None, **params):
+    artifact = None
     if name == "narcissus":
-        params.setdefault("trigger", _trigger(shape))
-    return build_attack(name, shape, seed, params)
+        artifact = {"trigger": _trigger(shape) if trigger is None else trigger}
+    return build_attack(name, shape, seed, params, artifact)
 
 
 def _blend(x, a, p):  # p in [0,1] units
@@ -39,7 +40,7 @@ def test_registry_names_and_flags():
                                       "frequency", "narcissus"])
     assert BLEND_TYPE == {"blend_random", "blend_pattern", "sinusoid", "narcissus", "frequency"}
     assert {n for n in ATTACKS.names() if ATTACKS.get(n).clean_label} == {"sinusoid", "narcissus"}
-    assert [n for n in ATTACKS.names() if ATTACKS.get(n).needs_trigger_file] == ["narcissus"]
+    assert [n for n in ATTACKS.names() if ATTACKS.get(n).learns()] == ["narcissus"]
 
 
 @pytest.mark.parametrize("name", sorted(ATTACKS.names()))
@@ -265,8 +266,9 @@ def test_narcissus_apply_and_boost():
 
 
 def test_narcissus_trigger_required_and_checked():
-    with pytest.raises(ConfigError, match="trigger"):
-        build_attack("narcissus", SHAPE, 0)
+    # Without what it learns the attack checks its parameters but cannot be applied.
+    with pytest.raises(ConfigError, match="trigger stage"):
+        build_attack("narcissus", SHAPE, 0).apply(_images())
     with pytest.raises(ConfigError, match="shape"):
         _build("narcissus", trigger=np.zeros((3, 16, 16), np.float32))
     with pytest.raises(ConfigError, match="eps"):

@@ -155,9 +155,10 @@ def test_scheduler_resources_follow_the_config():
 
 def test_trigger_spec_ignores_the_final_runs_model_and_epochs():
     narc = {"narcissus": {"ratio": 0.02}}
-    a = config.stage_spec(config.validate(cfg(datasets__digits__attacks=narc)), "trigger", "digits", seed=0)
+    a = config.stage_spec(config.validate(cfg(datasets__digits__attacks=narc)), "trigger", "digits", seed=0, attack="narcissus")
     b = config.stage_spec(config.validate(cfg(datasets__digits__attacks=narc, datasets__digits__epochs=50,
-                                              datasets__digits__model="resnet18")), "trigger", "digits", seed=0)
+                                              datasets__digits__model="resnet18")), "trigger", "digits", seed=0,
+                          attack="narcissus")
     assert a == b
 
 

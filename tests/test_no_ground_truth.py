@@ -24,7 +24,6 @@ def _tiny_full_config() -> dict:
     ds = cfg["datasets"]["digits"]
     ds.update(image_size=16, epochs=2)
     ds["attacks"] = {"patch": {"ratio": 0.05}, "blend_random": {"ratio": 0.04, "alpha": 0.1}}
-    ds.pop("narcissus_surrogate", None)
     for m in cfg["defender_models"].values():
         if "epochs" in m:
             m["epochs"] = 1

@@ -154,6 +154,10 @@ def validate(cfg: dict, deep: bool = True) -> dict:
     budgets): enough to enumerate the grid's jobs in a fraction of a second."""
     if not isinstance(cfg, dict):
         raise ConfigError("config", cfg, "a mapping of keys")
+    for name, ds in (cfg.get("datasets") or {}).items():
+        if isinstance(ds, dict) and "narcissus_surrogate" in ds:
+            raise ConfigError(f"datasets.{name}.narcissus_surrogate", "{…}",
+                              f"nothing here: the surrogate's settings are datasets.{name}.attacks.narcissus.learn")
     errors = sorted(_validator_class()(SCHEMA).iter_errors(cfg), key=lambda e: [str(p) for p in e.absolute_path])
     if errors:
         # Every schema problem, one line each, so a config is fixed in one round.
@@ -218,14 +222,11 @@ def _check_dataset(name: str, ds: dict, deep: bool = True) -> None:
         if tgt is not None and (isinstance(tgt, bool) or not isinstance(tgt, int) or tgt < 0 or (n_cls and tgt >= n_cls)):
             raise ConfigError(f"{key}.target", tgt, f"a class index in [0, {n_cls - 1}]" if n_cls else "a class index >= 0")
         params = attack_params(a)
+        a["learn"] = cls.check_learn(a.get("learn") or {}, f"{key}.learn", deep)
         if deep:
-            # Building the attack once validates its parameters now, not hours into a run; a
-            # learned trigger (made later by the trigger stage) stands in as zeros.
+            # Building the attack once validates its parameters now, not hours into a run (without
+            # what it learns: the trigger stage makes that later).
             shape = (3, ds["image_size"] or 32, ds["image_size"] or 32)
-            if cls.needs_trigger_file:
-                import numpy as np
-
-                params = {**params, "trigger": np.zeros(shape, np.float32)}
             cls(shape, 0, **params)
     if total >= 1:
         raise ConfigError(f"datasets.{name}.attacks", f"ratios summing to {total:g}", "ratios summing to less than 1")
@@ -334,7 +335,7 @@ def train_size(ds: dict, data_dir: str = "data") -> int | None:
 
 def attack_params(a: dict) -> dict:
     """An attack entry minus the scenario-level keys: what the Attack class itself takes."""
-    return {k: v for k, v in a.items() if k not in ("ratio", "min_count", "min_target_count", "target")}
+    return {k: v for k, v in a.items() if k not in ("ratio", "min_count", "min_target_count", "target", "learn")}
 
 
 def scenario_attacks(ds: dict, scenario: str, key: str = "scenario") -> list[str]:
@@ -392,18 +393,24 @@ def defender_model_spec(cfg: dict, dataset: str, name: str) -> dict:
 
 
 def stage_spec(cfg: dict, stage: str, dataset: str, scenario: str | None = None, seed: int | None = None,
-               defense: str | None = None, detector: str | None = None, model: str | None = None) -> dict:
+               defense: str | None = None, detector: str | None = None, model: str | None = None,
+               attack: str | None = None) -> dict:
     """The part of the config one stage of one cell depends on (and nothing else)."""
     ds = _dataset(cfg, dataset)
     spec: dict[str, Any] = {"dataset": dataset_spec(cfg, dataset)}
     if seed is not None:
         spec["seed"] = int(seed)
     if stage == "trigger":
-        if "narcissus" not in ds["attacks"]:
-            raise ConfigError(f"datasets.{dataset}.attacks", sorted(ds["attacks"]), "an attack with a learned trigger (narcissus)")
-        spec["attack"] = ds["attacks"]["narcissus"]
-        spec["surrogate"] = ds["narcissus_surrogate"]
-        # The surrogate's own model and epochs replace the dataset's: those must not rerun it.
+        from .attacks import ATTACKS
+
+        learning = sorted(a for a in ds["attacks"] if ATTACKS.get(a).learns())
+        if attack not in learning:
+            raise ConfigError("attack", attack, f"an attack of dataset '{dataset}' that learns something first: {learning}")
+        spec["attack"] = attack
+        spec["params"] = {k: v for k, v in ds["attacks"][attack].items() if k != "learn"}
+        spec["learn"] = ds["attacks"][attack]["learn"]
+        # An attacker's models take their own architecture and epochs from `learn`; the dataset's
+        # model and epochs are the defender's and must not rerun it.
         spec["training"] = {k: v for k, v in training_spec(cfg, dataset).items() if k not in ("model", "epochs")}
         spec["runtime"] = runtime_spec(cfg)
     elif stage == "poison":
@@ -502,7 +509,7 @@ def dataset_scale(cfg: dict, dataset: str) -> dict:
 
 
 def estimated_minutes(cfg: dict, stage: str, dataset: str, model: str | None = None, detector: str | None = None,
-                      defense: str | None = None) -> float:
+                      defense: str | None = None, attack: str | None = None) -> float:
     """GPU minutes one job of a stage needs, from the dataset's measured minutes per epoch; the
     most expensive defender model, detector or defense when none is named (a rule-wide limit)."""
     ds = _dataset(cfg, dataset)
@@ -523,7 +530,10 @@ def estimated_minutes(cfg: dict, stage: str, dataset: str, model: str | None = N
     if stage == "features":
         return 0.5 * mpe + 2
     if stage == "trigger":
-        return ds["narcissus_surrogate"]["epochs"] * mpe + 5
+        from .attacks import ATTACKS
+
+        names = [attack] if attack else [a for a in ds["attacks"] if ATTACKS.get(a).learns()]
+        return max([ATTACKS.get(a).learn_epochs(ds["attacks"][a]["learn"]) * mpe + 5 for a in names] + [0.0])
     if stage == "score":
         from .detectors import DETECTORS
 

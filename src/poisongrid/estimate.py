@@ -32,6 +32,8 @@ def estimate(cfg: dict) -> list[dict]:
             kw = {"model": job.get("model")} if stage in ("pretrain", "features") else {}
             if stage == "score":
                 kw = {"detector": what}
+            elif stage == "trigger":
+                kw = {"attack": what}
             elif stage == "train":
                 kw = {"defense": what}
             minutes = config.estimated_minutes(cfg, stage, job["dataset"], **kw)

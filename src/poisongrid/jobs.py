@@ -12,7 +12,7 @@ def run_job(cfg: dict, stage: str, results: str, log=None, **cell) -> tuple[dict
     """Run one job; return (stage result, inputs, outputs)."""
     from . import stages
 
-    w = {k: cell[k] for k in ("scenario", "defense", "detector", "model") if k in cell}
+    w = {k: cell[k] for k in ("scenario", "defense", "detector", "model", "attack") if k in cell}
     spec = config.stage_spec(cfg, stage, cell["dataset"], seed=cell.get("seed"), **w)
     inp = paths.inputs(stage, spec, results, **cell)
     out = paths.outputs(stage, results, **cell)
@@ -26,7 +26,7 @@ def cell_jobs(cfg: dict, dataset: str, scenario: str, seed: int, defenses: list[
     jobs: list[tuple[str, dict]] = []
     ds = cfg["datasets"][dataset]
     for a in config.scenario_attacks(ds, scenario):
-        if ATTACKS.get(a).needs_trigger_file:
+        if ATTACKS.get(a).learns():
             jobs.append(("trigger", {**c, "attack": a}))
     c["scenario"] = scenario
     jobs.append(("poison", dict(c)))

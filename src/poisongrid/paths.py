@@ -107,7 +107,7 @@ TRIGGER = "trigger_"
 def _triggers(attacks) -> dict[str, Input]:
     from .attacks import ATTACKS
 
-    return {TRIGGER + a: ("trigger", {"attack": a}) for a in attacks if ATTACKS.get(a).needs_trigger_file}
+    return {TRIGGER + a: ("trigger", {"attack": a}) for a in attacks if ATTACKS.get(a).learns()}
 
 
 def trigger_inputs(inp: dict) -> dict[str, str]:

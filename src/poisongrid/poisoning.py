@@ -63,8 +63,8 @@ class PoisonedSet:
 
 
 def poison(ds: Dataset, attacks: dict[str, dict], all_attacks: list[str], seed: int, bona_fide: dict,
-           triggers: dict[str, np.ndarray] | None = None) -> PoisonedSet:
-    triggers = triggers or {}
+           artifacts: dict[str, dict] | None = None) -> PoisonedSet:
+    artifacts = artifacts or {}
     labels = ds.train.labels
     n = len(labels)
     targets = {a: draw_target(a, attacks[a], labels, ds.num_classes, seed) for a in attacks}
@@ -78,7 +78,7 @@ def poison(ds: Dataset, attacks: dict[str, dict], all_attacks: list[str], seed: 
     order = sorted(attacks, key=lambda a: (not ATTACKS.get(a).clean_label, all_attacks.index(a)))
     for name in order:
         cfg = attacks[name]
-        atk = _build(name, cfg, ds.image_shape, seed, triggers)
+        atk = _build(name, cfg, ds.image_shape, seed, artifacts)
         t = targets[name]
         pool = np.flatnonzero(~used & (labels == t)) if atk.clean_label else np.flatnonzero(~used)
         k = _count(cfg, n)
@@ -89,7 +89,7 @@ def poison(ds: Dataset, attacks: dict[str, dict], all_attacks: list[str], seed: 
         chosen = np.sort(rng.choice(pool, size=k, replace=False))
         used[chosen] = True
         idx_parts.append(chosen)
-        img_parts.append(atk.apply(ds.train.images[chosen]))
+        img_parts.append(atk.poison(ds.train.images[chosen], chosen))
         attack_col[chosen] = name
         target_col[chosen] = t
         if not atk.clean_label:
@@ -110,13 +110,10 @@ def poison(ds: Dataset, attacks: dict[str, dict], all_attacks: list[str], seed: 
     return PoisonedSet(manifest, index[order].astype(np.int64), images[order], meta)
 
 
-def _build(name: str, cfg: dict, shape, seed: int, triggers: dict) -> Attack:
-    params = attack_params(cfg)
-    if ATTACKS.get(name).needs_trigger_file:
-        if name not in triggers:
-            raise ConfigError(f"attacks.{name}", "no trigger file", "a trigger made by `poisongrid trigger` (--trigger)")
-        params["trigger"] = triggers[name]
-    return build_attack(name, shape, attack_seed(seed, name), params)
+def _build(name: str, cfg: dict, shape, seed: int, artifacts: dict) -> Attack:
+    if ATTACKS.get(name).learns() and name not in artifacts:
+        raise ConfigError(f"attacks.{name}", "no trigger file", "the file `poisongrid trigger` makes for it (--trigger)")
+    return build_attack(name, shape, attack_seed(seed, name), attack_params(cfg), artifacts.get(name))
 
 
 def _bona_fide(pool: np.ndarray, labels: np.ndarray, num_classes: int, cfg: dict, rng) -> np.ndarray:
@@ -197,12 +194,10 @@ def training_images(ds: Dataset, images_path, manifest: pd.DataFrame) -> Trainin
     return TrainingImages(ds.train.images, z["index"], z["images"])
 
 
-def test_attacks(meta: dict, shape, triggers: dict[str, np.ndarray]) -> dict[str, tuple[Attack, int]]:
-    """Rebuild each attack of a manifest (same seed and params) with its target, for test-time triggers."""
+def test_attacks(meta: dict, shape, artifacts: dict[str, dict]) -> dict[str, tuple[Attack, int]]:
+    """Rebuild each attack of a manifest (same seed and params, and what it learned) with its
+    target; `apply` gives its test-time trigger."""
     out = {}
     for name, info in meta["attacks"].items():
-        params = dict(info["params"])
-        if ATTACKS.get(name).needs_trigger_file:
-            params["trigger"] = triggers[name]
-        out[name] = (build_attack(name, shape, info["seed"], params), int(info["target"]))
+        out[name] = (build_attack(name, shape, info["seed"], dict(info["params"]), artifacts.get(name)), int(info["target"]))
     return out

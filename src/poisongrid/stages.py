@@ -33,41 +33,41 @@ def get_dataset(spec: dict) -> Dataset:
     return load_dataset(d["loader"], data_dir=d["data_dir"], image_size=d["image_size"], download=d["download"], **d["options"])
 
 
-def _triggers(files: dict[str, str] | None) -> dict[str, np.ndarray]:
-    return {name: load_npz(p)["trigger"] for name, p in (files or {}).items()}
+ARTIFACT_PROVENANCE = ("target", "dataset", "seed", "attack", "image_shape")
 
 
-# ---- trigger (Narcissus) ----------------------------------------------------------------------
+def _artifacts(files: dict[str, str] | None) -> dict[str, dict[str, np.ndarray]]:
+    """attack -> the arrays its learning step made (without their provenance entries)."""
+    return {name: {k: v for k, v in load_npz(p).items() if k not in ARTIFACT_PROVENANCE} for name, p in (files or {}).items()}
+
+
+# ---- trigger: what an attack learns before poisoning -------------------------------------------
 
 
 def trigger(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
-    """Optimise the Narcissus trigger for this dataset and seed: train a surrogate on what the
-    attacker holds (the target class plus a fraction of the other classes), then minimise the
-    surrogate's loss toward the target on target-class images under the l-inf budget."""
-    from .attacks.narcissus import optimize_trigger
-    from .training import fit, setup_runtime
+    """Run one attack's learning step (a Narcissus trigger, a generator, adversarial
+    perturbations, ...) for this dataset and seed, from the clean data and the attack's own
+    settings only, and save what it made with its provenance."""
+    from .attacks.base import LearnJob
+    from .training import setup_runtime
 
     t0 = time.perf_counter()
+    name = spec["attack"]
+    cls = ATTACKS.get(name, "attack")
     device = setup_runtime(spec["runtime"])
     ds = get_dataset(spec)
-    seed, sur, atk = spec["seed"], spec["surrogate"], spec["attack"]
-    labels = ds.train.labels
-    target = poisoning.draw_target("narcissus", atk, labels, ds.num_classes, seed)
-    rng = np.random.default_rng([seed, 3])
-    others = np.flatnonzero(labels != target)
-    pool = np.sort(np.concatenate([np.flatnonzero(labels == target),
-                                   rng.choice(others, size=max(1, int(len(others) * sur["pool_fraction"])), replace=False)]))
-    training = {**spec["training"], "model": sur["model"], "epochs": sur["epochs"]}
-    log(f"surrogate {sur['model']} on {len(pool)} images, target class {target}")
-    res = fit(training, ds.train.images[pool], labels[pool], ds.num_classes, seed=seed, device=device, log=log)
-    eps = float(atk.get("eps", 16 / 255))
-    target_imgs = ds.train.images[labels == target]
-    trig = optimize_trigger(res.model, target_imgs, target, eps=eps, steps=sur["steps"], lr=sur["lr"],
-                            batch_size=spec["training"]["batch_size"], seed=seed, device=device, log=log)
-    meta = {"target": target, "eps": eps, "surrogate_pool": int(len(pool)), "wall_time_s": time.perf_counter() - t0}
-    save_npz(out["out"], trigger=trig.astype(np.float32), target=np.int64(target),
-             dataset=np.array(spec["dataset"]["name"]), seed=np.int64(seed), attack=np.array("narcissus"))
-    log(f"trigger done: l-inf {np.abs(trig).max() * 255:.1f}/255 in {meta['wall_time_s']:.1f}s")
+    target = poisoning.draw_target(name, spec["params"], ds.train.labels, ds.num_classes, spec["seed"])
+    params = {k: v for k, v in spec["params"].items() if k in cls.defaults}
+    job = LearnJob(dataset=ds, target=target, seed=spec["seed"], params=params, settings=spec["learn"],
+                   training=spec["training"], device=device, log=log)
+    arrays = cls.learn(job)
+    clash = sorted(set(arrays) & set(ARTIFACT_PROVENANCE))
+    if clash:
+        raise ValueError(f"attack '{name}' learned arrays named {clash}, which are reserved")
+    save_npz(out["out"], **arrays, target=np.int64(target), dataset=np.array(spec["dataset"]["name"]),
+             seed=np.int64(spec["seed"]), attack=np.array(name), image_shape=np.array(ds.image_shape, dtype=np.int64))
+    meta = {"attack": name, "target": target, "arrays": sorted(arrays), "wall_time_s": time.perf_counter() - t0}
+    log(f"{name}: learned {sorted(arrays)} for target class {target} in {meta['wall_time_s']:.1f}s")
     return meta
 
 
@@ -77,11 +77,12 @@ def trigger(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
 def poison(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
     ds = get_dataset(spec)
     trigger_paths = paths.trigger_inputs(inp)
-    trig = _triggers(trigger_paths)
+    trig = _artifacts(trigger_paths)
     for name, path in trigger_paths.items():
         z = load_npz(path)
         made = {"dataset": str(z.get("dataset", "?")), "seed": int(z["seed"]) if "seed" in z else None,
-                "attack": str(z.get("attack", "?")), "image shape": tuple(z["trigger"].shape)}
+                "attack": str(z.get("attack", "?")),
+                "image shape": tuple(int(s) for s in z["image_shape"]) if "image_shape" in z else None}
         want = {"dataset": spec["dataset"]["name"], "seed": spec["seed"], "attack": name, "image shape": tuple(ds.image_shape)}
         if made != want:
             raise ArtifactError(f"{path}: a trigger made for {made}, but this job needs one for {want}; delete it and "
@@ -345,7 +346,7 @@ def evaluate(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
     role = {"model": paths.ATTACKED} if paths.trains_nothing(d) else {"defense": d["name"]}
     provenance.same_cell(inp["weights"], mmeta, ref, **role)
     trig = paths.trigger_inputs(inp)
-    attacks = poisoning.test_attacks(pmeta, ds.image_shape, _triggers(trig))
+    attacks = poisoning.test_attacks(pmeta, ds.image_shape, _artifacts(trig))
     clean_acc = float((predict(model, ds.test.images, device) == ds.test.labels).mean())
     asr, boosted = attack_success(model, attacks, ds.test.images, ds.test.labels, device)
     paper = {a: boosted.get(a, asr[a]) for a in asr}

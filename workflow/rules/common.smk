@@ -11,7 +11,6 @@ def _cell(w):
 def stage_spec(stage, w):
     c = _cell(w)
     seed = int(c.pop("seed")) if "seed" in c else None
-    c.pop("attack", None)
     return pgc.stage_spec(config, stage, c.pop("dataset"), seed=seed, **c)
 
 

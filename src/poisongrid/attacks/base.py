@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 
@@ -14,17 +15,53 @@ ATTACKS: Registry[type["Attack"]] = Registry("attack")
 _CHUNK = 256  # images converted to float at once: bounds memory on 224-px test sets
 
 
+@dataclass
+class LearnJob:
+    """What an attack's learning step (the `trigger` stage) may use: the clean dataset, the
+    attack's target class, the cell's seed, the attack's own parameters and `learn` settings, the
+    dataset's training settings (a surrogate's optimiser, batch size, augmentation), the device."""
+
+    dataset: Any
+    target: int
+    seed: int
+    params: dict
+    settings: dict
+    training: dict
+    device: Any
+    log: Callable[[str], None] = field(default=lambda msg: None)
+
+    def fit(self, images, labels, model: str, epochs: int, **kw):
+        """Train an attacker's model with the training loop (the dataset's settings, this model
+        and epochs)."""
+        from ..training import fit
+
+        training = {**self.training, "model": model, "epochs": int(epochs), **kw.pop("training", {})}
+        return fit(training, images, labels, self.dataset.num_classes, seed=self.seed, device=self.device,
+                   log=self.log, **kw)
+
+    def rng(self, *stream: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, *stream])
+
+
 class Attack:
     """Base class. Subclasses set `defaults` (param -> default), validate in `_setup` and
-    return float images in [0, 255] units from `_apply`; `apply` rounds and clips to uint8."""
+    return float images in [0, 255] units from `_apply`; `apply` rounds and clips to uint8.
+
+    An attack that needs something trained before poisoning (an optimised trigger, a generator,
+    an adversarial model's perturbations) sets `learn_defaults` (its `learn:` settings) and
+    implements `learn(job) -> arrays`; the `trigger` stage runs it once per (dataset, attack,
+    seed) and the attack is then built with `artifact=` those arrays. Built without its artifact
+    (config checks) it validates its parameters but cannot be applied. `poison()` is the training-
+    time transformation, `apply()` the test-time trigger; they differ where an attack's training
+    images carry more than its trigger (label-consistent's adversarial perturbation)."""
 
     name: ClassVar[str]
     clean_label: ClassVar[bool] = False  # poisons only target-class images, labels kept
     boostable: ClassVar[bool] = False  # ASR is also reported with a 2x boosted trigger
-    needs_trigger_file: ClassVar[bool] = False  # trigger made by a separate (optimisation) stage
     defaults: ClassVar[dict[str, Any]] = {}
+    learn_defaults: ClassVar[dict[str, Any] | None] = None
 
-    def __init__(self, image_shape: tuple[int, int, int], seed: int, **params):
+    def __init__(self, image_shape: tuple[int, int, int], seed: int, artifact: dict | None = None, **params):
         shape = tuple(int(s) for s in image_shape)
         if len(shape) != 3 or min(shape) < 1:
             raise ValueError(f"image_shape must be (C, H, W) with positive sizes, got {image_shape!r}")
@@ -34,7 +71,49 @@ class Attack:
             if p not in self.defaults:
                 raise ConfigError(self._key(p), _short(params[p]), f"one of {sorted(self.defaults)}")
         self.params = {**self.defaults, **params}
+        self.artifact = artifact
         self._setup()
+
+    @classmethod
+    def learns(cls) -> bool:
+        return cls.learn_defaults is not None
+
+    @classmethod
+    def check_learn(cls, settings: dict, key: str, deep: bool = True) -> dict:
+        """The `learn:` settings with defaults filled in; unknown keys and wrong types are errors
+        (`deep`: also checks that import torch, e.g. model names)."""
+        if not cls.learns():
+            if settings:
+                raise ConfigError(key, settings, f"nothing: attack '{cls.name}' learns nothing before poisoning")
+            return {}
+        if not isinstance(settings, dict):
+            raise ConfigError(key, settings, f"a mapping with keys among {sorted(cls.learn_defaults)}")
+        for k, v in settings.items():
+            if k not in cls.learn_defaults:
+                raise ConfigError(f"{key}.{k}", v, f"one of {sorted(cls.learn_defaults)}")
+            d = cls.learn_defaults[k]
+            if isinstance(d, bool) and not isinstance(v, bool):
+                raise ConfigError(f"{key}.{k}", v, "true or false")
+            if isinstance(d, (int, float)) and not isinstance(d, bool):
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 or (isinstance(d, int) and not isinstance(v, int)):
+                    raise ConfigError(f"{key}.{k}", v, "a positive integer" if isinstance(d, int) else "a positive number")
+            if isinstance(d, str) and not isinstance(v, str):
+                raise ConfigError(f"{key}.{k}", v, "a string")
+        return {**cls.learn_defaults, **settings}
+
+    @classmethod
+    def learn_epochs(cls, settings: dict) -> float:
+        """The learning step's GPU work in epochs of the dataset's training (cost estimates)."""
+        return float(settings.get("epochs", 0))
+
+    @classmethod
+    def learn(cls, job: LearnJob) -> dict[str, np.ndarray]:
+        raise NotImplementedError(f"attack '{cls.name}' learns nothing")
+
+    def _artifact(self, key: str) -> np.ndarray:
+        if self.artifact is None or key not in self.artifact:
+            raise ConfigError(f"attacks.{self.name}", "no learned artifact", "the file the trigger stage makes (--trigger)")
+        return self.artifact[key]
 
     def _key(self, param: str) -> str:
         return f"attacks.{self.name}.{param}"
@@ -44,6 +123,10 @@ class Attack:
 
     def _apply(self, x: np.ndarray, boost: bool) -> np.ndarray:
         raise NotImplementedError
+
+    def poison(self, images: np.ndarray, index: np.ndarray) -> np.ndarray:
+        """The poisoned training images (uint8) of dataset rows `index`; by default the trigger."""
+        return self.apply(images)
 
     def apply(self, images: np.ndarray, boost: bool = False) -> np.ndarray:
         """A new uint8 array of the same shape holding the triggered images; the input is not
@@ -86,5 +169,5 @@ def _short(v: Any) -> Any:
     return v
 
 
-def build_attack(name: str, image_shape, seed: int, params: dict | None = None) -> Attack:
-    return ATTACKS.get(name, "attacks")(image_shape, seed, **(params or {}))
+def build_attack(name: str, image_shape, seed: int, params: dict | None = None, artifact: dict | None = None) -> Attack:
+    return ATTACKS.get(name, "attacks")(image_shape, seed, artifact=artifact, **(params or {}))

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from ..errors import ConfigError
-from .base import ATTACKS, Attack, _short
+from .base import ATTACKS, Attack, LearnJob, _short
 
 if TYPE_CHECKING:  # torch is imported lazily: config checks and poisoning do not need it
     import torch
@@ -23,15 +23,47 @@ class Narcissus(Attack):
     name = "narcissus"
     clean_label = True
     boostable = True
-    needs_trigger_file = True
-    defaults = {"trigger": None, "eps": 16 / 255}
+    defaults = {"eps": 16 / 255}
+    # The attacker's surrogate: `model` trained `epochs` on the target class plus `pool_fraction`
+    # of the other classes; then `steps` Adam steps at `lr` on target-class batches.
+    learn_defaults = {"model": "resnet18", "epochs": 20, "pool_fraction": 0.1, "steps": 1000, "lr": 0.01}
+
+    @classmethod
+    def check_learn(cls, settings: dict, key: str, deep: bool = True) -> dict:
+        s = super().check_learn(settings, key, deep)
+        if s["pool_fraction"] > 1:
+            raise ConfigError(f"{key}.pool_fraction", s["pool_fraction"], "a number in (0, 1]")
+        if deep:
+            from ..models import MODELS
+
+            MODELS.get(s["model"], f"{key}.model")
+        return s
+
+    @classmethod
+    def learn(cls, job: LearnJob) -> dict[str, np.ndarray]:
+        """Train a surrogate on what the attacker holds (the target class plus a fraction of the
+        other classes), then minimise its loss toward the target on target-class images under
+        the l-inf budget."""
+        s, labels = job.settings, job.dataset.train.labels
+        rng = job.rng(3)
+        others = np.flatnonzero(labels != job.target)
+        pool = np.sort(np.concatenate([np.flatnonzero(labels == job.target),
+                                       rng.choice(others, size=max(1, int(len(others) * s["pool_fraction"])), replace=False)]))
+        job.log(f"surrogate {s['model']} on {len(pool)} images, target class {job.target}")
+        res = job.fit(job.dataset.train.images[pool], labels[pool], s["model"], s["epochs"])
+        eps = float(job.params.get("eps", cls.defaults["eps"]))
+        trig = optimize_trigger(res.model, job.dataset.train.images[labels == job.target], job.target, eps=eps,
+                                steps=s["steps"], lr=s["lr"], batch_size=job.training["batch_size"], seed=job.seed,
+                                device=job.device, log=job.log)
+        job.log(f"trigger done: l-inf {np.abs(trig).max() * 255:.1f}/255")
+        return {"trigger": trig.astype(np.float32), "surrogate_pool": np.int64(len(pool))}
 
     def _setup(self) -> None:
         eps = self._number("eps", 0.0, 1.0)
-        t = self.params["trigger"]
-        if t is None:
-            raise ConfigError(self._key("trigger"), None,
-                              "a (C, H, W) array made by the `trigger` stage (poisongrid trigger)")
+        if self.artifact is None:
+            self.delta = None
+            return
+        t = self._artifact("trigger")
         t = np.asarray(t, dtype=np.float32)
         if t.shape != self.image_shape:
             raise ConfigError(self._key("trigger"), _short(t), f"an array of shape {self.image_shape}")
@@ -40,6 +72,8 @@ class Narcissus(Attack):
         self.delta = np.clip(t, -eps, eps) * np.float32(255)
 
     def _apply(self, x: np.ndarray, boost: bool) -> np.ndarray:
+        if self.delta is None:
+            self._artifact("trigger")
         return x + (2 * self.delta if boost else self.delta)
 
 
