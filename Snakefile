@@ -39,7 +39,7 @@ os.environ.setdefault("POISONGRID_ROOT", workflow.basedir)
 
 wildcard_constraints:
     dataset=r"[A-Za-z0-9_\-]+",
-    scenario=r"multi|single-[a-z_]+",
+    scenario=r"multi|clean|single-[a-z_]+",
     seed=r"\d+",
     attack=r"[a-z_]+",
     model=r"[A-Za-z0-9_]+",

@@ -237,3 +237,35 @@ def test_single_vs_multi_and_cost_tables(tmp_path):
     assert cost["badloss"][1:4] == ["9", "30", "39"] and cost["badloss"][-1] == "1.3 ± 0.1"
     assert cost["none"][1:4] == ["30", "0", "30"]
     assert len(out["singlemulti"]) == 1 and is_png(out["singlemulti"][0])
+
+
+def test_clean_scenario_and_the_per_attack_table(tmp_path):
+    """The clean scenario (no attack) has a row of its own; with it the LfD-shaped table lists
+    each attack alone and no attack, clean accuracy and ASR per defense."""
+    paths = []
+    for d, clean_acc, asr in (("none", 0.95, (0.99, 0.98, 0.97)), ("badloss", 0.93, (0.02, 0.05, 0.10))):
+        p = cell(tmp_path, defense=d, scenario="clean", clean=clean_acc + 0.01)
+        m = read_json(p)
+        m.update(attacks=[], targets={}, asr={}, asr_boosted={}, mean_asr=None, mean_asr_boosted=None, n_poisoned=0)
+        if m.get("detection"):
+            m["detection"].update(auroc=None, recall_removed=None, auroc_per_attack={}, recall_per_attack={})
+        write_json(p, m)
+        paths.append(p)
+        for i, a in enumerate(ATTACKS[:2]):
+            p = cell(tmp_path, defense=d, scenario=f"single-{a}", clean=clean_acc, asr=asr, boosted=asr[2])
+            m = read_json(p)
+            m.update(attacks=[a], targets={a: 3}, asr={a: asr[i]}, asr_boosted={}, mean_asr=asr[i], mean_asr_boosted=asr[i])
+            write_json(p, m)
+            paths.append(p)
+    df = aggregate.collect(paths)
+    clean = df[df["scenario"] == "clean"]
+    assert len(clean) == 2 and clean["attack"].isna().all() and clean["mean_asr"].isna().all()
+    out = aggregate.run(paths, tmp_path / "agg")
+    md = (tmp_path / "agg" / "tables.md").read_text()
+    rows = table_rows(md, "digits — per attack (LfD Table 2 shape)")
+    assert rows["No attack"] == ["No attack", "96.00", "–", "94.00", "–"]
+    assert rows["Patch"] == ["Patch", "95.00", "99.00", "93.00", "2.00"]
+    assert rows["Single-Pix"][2] == "98.00" and rows["Single-Pix"][4] == "5.00"
+    clean_rows = table_rows(md, "digits — clean")
+    assert clean_rows["none"][1] == "96.00" and clean_rows["none"][-1] == "–"
+    assert not any("clean" in p.name for p in out["asr"])

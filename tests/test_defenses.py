@@ -295,3 +295,22 @@ def test_a_trigger_made_for_another_seed_is_refused_before_poisoning(tmp_path):
     with pytest.raises(ArtifactError, match=r"narcissus-seed0.npz: a trigger made for .*'seed': 1"):
         run_job(c, "poison", str(tmp_path), dataset="digits", scenario="single-narcissus", seed=0)
     assert not os.path.exists(paths.path("manifest", str(tmp_path), dataset="digits", scenario="single-narcissus", seed=0))
+
+
+def test_clean_scenario_runs_without_any_attack(tmp_path):
+    """The clean scenario poisons nothing; a defense's cost on clean data is its clean accuracy."""
+    cfg = config.validate({"device": "cpu", "bona_fide": {"n_clean": 60},
+                           "datasets": {"digits": {**copy.deepcopy(DIGITS), "scenarios": ["clean", "multi"]}},
+                           "detectors": {"badloss": {"type": "badloss", "k": 10}},
+                           "defender_models": {"pretrain": {"r_epoch": 0.5, "augment": "none", "record": "eval"}},
+                           "defenses": {"none": {"remedy": "none"}, "badloss": {"detector": "badloss", "remedy": "remove"}}})
+    root = str(tmp_path)
+    done = {}
+    for stage, c in cell_jobs(cfg, "digits", "clean", 0, ["none", "badloss"]):
+        done[(stage, c.get("defense"))] = run_job(cfg, stage, root, **c)[0]
+    man = poisoning.read_manifest(paths.path("manifest", root, dataset="digits", scenario="clean", seed=0))[0]
+    assert man["attack"].isna().all() and (man["label"] == man["orig_label"]).all() and man["bona_fide"].sum() == 60
+    for d in ("none", "badloss"):
+        m = done[("evaluate", d)]
+        assert m["attacks"] == [] and m["asr"] == {} and m["mean_asr"] is None and 0.5 < m["clean_accuracy"] <= 1
+    assert done[("evaluate", "badloss")]["n_removed"] == round(0.4 * len(man))

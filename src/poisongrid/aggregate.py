@@ -84,6 +84,9 @@ def _cell_rows(path) -> list[dict]:
             "n_train": int(m["n_train"]), "n_poisoned": int(m["n_poisoned"]), "n_removed": int(m["n_removed"]),
             "wall_time_total_s": float(sum(wall)) if wall else math.nan, **_cost(m.get("cost"))}
     rows = []
+    if not m["attacks"]:  # the clean scenario: one row, no attack
+        return [{**cell, "attack": None, "target": -1, "asr": math.nan, "asr_boosted": math.nan, "asr_paper": math.nan,
+                 "auroc_attack": math.nan, "recall_attack": math.nan}]
     for a in m["attacks"]:
         asr, b = _num(_need(m["asr"], a, path, "asr.")), _num(boosted.get(a))
         rows.append({**cell, "attack": a, "target": int(_need(m["targets"], a, path, "targets.")), "asr": asr,
@@ -135,7 +138,7 @@ def write_summary(df: pd.DataFrame, out_dir) -> list[Path]:
 
 def attack_order(attacks: Iterable[str]) -> list[str]:
     """Paper order (Fig. 3) for known attacks, then any others in order of appearance."""
-    seen = list(dict.fromkeys(attacks))
+    seen = list(dict.fromkeys(a for a in attacks if isinstance(a, str)))  # the clean scenario's rows have none
     known = [a for a in ATTACK_NAMES if a in seen]
     return known + [a for a in seen if a not in ATTACK_NAMES]
 
@@ -205,7 +208,7 @@ def markdown_tables(df: pd.DataFrame) -> str:
                              _pct(_cells(gd)["mean_asr"])])
         out += [f"### {ds} — plain-trigger ASR", "", f"ASR with the un-boosted test trigger, in percent "
                 f"({_seeds_note(g)}).", "", *_md_table(["Scenario", "Defense", *map(_label, attacks), "Avg. ASR"], rows, 2), ""]
-        out += single_vs_multi_table(g) + cost_table(g)
+        out += single_vs_multi_table(g) + per_attack_table(g) + cost_table(g)
     return "\n".join(out)
 
 
@@ -234,6 +237,29 @@ def single_vs_multi_table(g: pd.DataFrame) -> list[str]:
             "ASR of each attack trained alone / with all the others at once (the multi scenario), in percent "
             f"({_seeds_note(g)}); blended triggers boosted as in the main table (the paper's Fig. 10).", "",
             *_md_table(["Defense", *map(_label, attacks)], rows), ""]
+
+
+def per_attack_table(g: pd.DataFrame) -> list[str]:
+    """The LfD paper's Table 2 shape: one row per attack run alone (its single scenario) and one
+    for no attack (the clean scenario), clean accuracy and ASR per defense. Drawn when the
+    dataset has the clean scenario."""
+    if "clean" not in set(g["scenario"]):
+        return []
+    singles = [a for a in attack_order(g["attack"]) if f"single-{a}" in set(g["scenario"])]
+    scen = ["clean"] + [f"single-{a}" for a in singles]
+    gs = g[g["scenario"].isin(scen)]
+    defenses = defense_order(gs)
+    header = ["Attack", *[f"{d} {k}" for d in defenses for k in ("CA", "ASR")]]
+    rows = []
+    for sc in scen:
+        row = ["No attack" if sc == "clean" else _label(sc[len("single-"):])]
+        for d in defenses:
+            c = gs[(gs["scenario"] == sc) & (gs["defense"] == d)]
+            row += [_pct(_cells(c)["clean_accuracy"]), "–" if sc == "clean" else _pct(c["asr_paper"])]
+        rows.append(row)
+    return [f"### {g['dataset'].iloc[0]} — per attack (LfD Table 2 shape)", "",
+            "Each attack alone (its single scenario) and no attack (the clean scenario): clean accuracy (CA) and "
+            f"attack success rate (ASR) per defense, in percent ({_seeds_note(gs)}).", "", *_md_table(header, rows), ""]
 
 
 def _minutes(v: pd.Series) -> str:
@@ -534,7 +560,8 @@ def run(metrics_paths: Iterable, out_dir, trajectory_paths: Iterable = (), teach
     with atomic_path(out / "tables.html") as tmp:
         tmp.write_text(html_tables(md), encoding="utf-8")
     for (ds, sc), g in df.groupby(["dataset", "scenario"], sort=False):
-        written["asr"].append(asr_figure(g, figs / figure_name("asr", ds, sc), f"{ds} — {sc}"))
+        if g["attack"].notna().any():
+            written["asr"].append(asr_figure(g, figs / figure_name("asr", ds, sc), f"{ds} — {sc}"))
         if p := rreject_figure(g, figs / figure_name("rreject", ds, sc), f"{ds} — {sc}: rejection threshold"):
             written["rreject"].append(p)
         if p := capacity_figure(g, figs / figure_name("capacity", ds, sc), f"{ds} — {sc}: LfD teacher capacity"):

@@ -333,6 +333,10 @@ def train_size(ds: dict, data_dir: str = "data") -> int | None:
     return size(ds["loader"], data_dir, ds["options"])
 
 
+# The scenario without any attack: what each defense costs on clean data.
+CLEAN = "clean"
+
+
 def attack_params(a: dict) -> dict:
     """An attack entry minus the scenario-level keys: what the Attack class itself takes."""
     return {k: v for k, v in a.items() if k not in ("ratio", "min_count", "min_target_count", "target", "learn")}
@@ -341,9 +345,11 @@ def attack_params(a: dict) -> dict:
 def scenario_attacks(ds: dict, scenario: str, key: str = "scenario") -> list[str]:
     if scenario == "multi":
         return list(ds["attacks"])
+    if scenario == CLEAN:
+        return []
     if scenario.startswith("single-") and scenario[7:] in ds["attacks"]:
         return [scenario[7:]]
-    allowed = ["multi"] + [f"single-{a}" for a in ds["attacks"]]
+    allowed = ["multi", CLEAN] + [f"single-{a}" for a in ds["attacks"]]
     raise ConfigError(key, scenario, f"one of {allowed}")
 
 
@@ -625,7 +631,8 @@ def figure_names(cfg: dict, trajectory_paths, teacher_paths) -> list[tuple[str, 
     out = []
     pairs = list(dict.fromkeys((c["dataset"], c["scenario"]) for c in cells(cfg)))
     for ds, sc in pairs:
-        out.append(("asr", figure_name("asr", ds, sc), f"{ds} — {sc}", ds))
+        if sc != CLEAN:
+            out.append(("asr", figure_name("asr", ds, sc), f"{ds} — {sc}", ds))
         here = [d for d in cfg["defenses"].values() if defense_applies(d, ds, sc)]
         if swept_detectors((d.get("detector"), d["remedy"], d.get("r_reject")) for d in here):
             out.append(("rreject", figure_name("rreject", ds, sc), f"{ds} — {sc}", ds))

@@ -175,6 +175,8 @@ class TrainingImages:
     def __getitem__(self, idx) -> np.ndarray:
         rows = self.rows[idx]
         out = np.array(self.base[rows])
+        if not len(self.index):  # nothing poisoned (the clean scenario)
+            return out
         pos = np.searchsorted(self.index, rows)
         hit = (pos < len(self.index)) & (self.index[np.minimum(pos, len(self.index) - 1)] == rows)
         out[hit] = self.images[pos[hit]]

@@ -370,14 +370,16 @@ def evaluate(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
         "defense_params": {k: v for k, v in d.items() if k not in ("name", "detector", "remedy")},
         "attacks": list(attacks), "targets": {a: t for a, (_, t) in attacks.items()},
         "clean_accuracy": clean_acc, "asr": asr, "asr_boosted": boosted,
-        "mean_asr": float(np.mean(list(asr.values()))), "mean_asr_boosted": float(np.mean(list(paper.values()))),
+        "mean_asr": float(np.mean(list(asr.values()))) if asr else None,
+        "mean_asr_boosted": float(np.mean(list(paper.values()))) if paper else None,
         "detection": detection_quality(man, scores, w <= 0),
         "n_train": len(man), "n_poisoned": int(man["attack"].notna().sum()), "n_removed": int((w == 0).sum()),
         "n_ascent": int((w < 0).sum()), "wall_time_s": wall, "cost": cost, "config": spec, "versions": versions(),
         "device": device_name(device), "train_images_per_s": mmeta["images_per_s"], "train_epochs": mmeta.get("epochs"),
     }
     write_json(out["out"], metrics)
-    log(f"clean acc {clean_acc:.4f}  mean ASR {metrics['mean_asr']:.4f}  " + " ".join(f"{a}={v:.3f}" for a, v in asr.items()))
+    log(f"clean acc {clean_acc:.4f}" + (f"  mean ASR {metrics['mean_asr']:.4f}  " if asr else "  (no attack)  ")
+        + " ".join(f"{a}={v:.3f}" for a, v in asr.items()))
     return metrics
 
 
