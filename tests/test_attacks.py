@@ -22,6 +22,9 @@ def _build(name, seed=0, shape=SHAPE, trigger=None, **params):
     artifact = None
     if name == "narcissus":
         artifact = {"trigger": _trigger(shape) if trigger is None else trigger}
+    if name.startswith("trojan_"):  # a random learned trigger inside the attack's own mask
+        mask = build_attack(name, shape, seed, params).mask
+        artifact = {"trigger": np.random.default_rng(1).uniform(0, 1, shape).astype(np.float32) * mask, "mask": mask}
     return build_attack(name, shape, seed, params, artifact)
 
 
@@ -37,10 +40,11 @@ def _diff(a, b):
 
 def test_registry_names_and_flags():
     assert ATTACKS.names() == sorted(["patch", "single_pixel", "blend_random", "blend_pattern", "sinusoid",
-                                      "frequency", "narcissus"])
+                                      "frequency", "narcissus", "badnets_white", "badnets_grid", "sig",
+                                      "trojan_square", "trojan_watermark"])
     assert BLEND_TYPE == {"blend_random", "blend_pattern", "sinusoid", "narcissus", "frequency"}
-    assert {n for n in ATTACKS.names() if ATTACKS.get(n).clean_label} == {"sinusoid", "narcissus"}
-    assert [n for n in ATTACKS.names() if ATTACKS.get(n).learns()] == ["narcissus"]
+    assert {n for n in ATTACKS.names() if ATTACKS.get(n).clean_label} == {"sinusoid", "narcissus", "sig"}
+    assert [n for n in ATTACKS.names() if ATTACKS.get(n).learns()] == ["narcissus", "trojan_square", "trojan_watermark"]
 
 
 @pytest.mark.parametrize("name", sorted(ATTACKS.names()))
