@@ -22,6 +22,10 @@ def _build(name, seed=0, shape=SHAPE, trigger=None, **params):
     artifact = None
     if name == "narcissus":
         artifact = {"trigger": _trigger(shape) if trigger is None else trigger}
+    elif name == "l2_invisible":
+        artifact = {"trigger": _trigger(shape, eps=1 / 255)}  # l2 norm < 2 at 32 px
+    elif name == "label_consistent":
+        artifact = {"index": np.zeros(0, np.int64), "delta": np.zeros((0, *shape), np.int8)}
     return build_attack(name, shape, seed, params, artifact)
 
 
@@ -37,10 +41,10 @@ def _diff(a, b):
 
 def test_registry_names_and_flags():
     assert ATTACKS.names() == sorted(["patch", "single_pixel", "blend_random", "blend_pattern", "sinusoid",
-                                      "frequency", "narcissus"])
+                                      "frequency", "narcissus", "l2_invisible", "label_consistent"])
     assert BLEND_TYPE == {"blend_random", "blend_pattern", "sinusoid", "narcissus", "frequency"}
-    assert {n for n in ATTACKS.names() if ATTACKS.get(n).clean_label} == {"sinusoid", "narcissus"}
-    assert [n for n in ATTACKS.names() if ATTACKS.get(n).learns()] == ["narcissus"]
+    assert {n for n in ATTACKS.names() if ATTACKS.get(n).clean_label} == {"sinusoid", "narcissus", "label_consistent"}
+    assert [n for n in ATTACKS.names() if ATTACKS.get(n).learns()] == ["l2_invisible", "label_consistent", "narcissus"]
 
 
 @pytest.mark.parametrize("name", sorted(ATTACKS.names()))
