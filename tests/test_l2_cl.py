@@ -101,9 +101,36 @@ def test_l2_checks_bound_and_needs_its_trigger():
         assert e.value.key == "attacks.l2_invisible.l2_bound"
 
 
+def test_optimize_l2_trigger_raises_the_chosen_activation():
+    import torch
+
+    from poisongrid.attacks.l2_invisible import optimize_l2_trigger
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(int(np.prod(SHAPE)), 6), torch.nn.ReLU(),
+                                torch.nn.Linear(6, 4))
+    model.train()
+    x = _images(16)
+    kw = dict(bound=1.0, steps=15, lr=0.05, reg=0.01, neurons=2, batch_size=8, seed=3)
+    t = optimize_l2_trigger(model, x, **kw)
+    np.testing.assert_array_equal(t, optimize_l2_trigger(model, x, **kw))
+    assert t.dtype == np.float32 and t.shape == SHAPE and 0.9 < np.linalg.norm(t.astype(np.float64)) <= 1.0
+    assert model.training and all(p.requires_grad for p in model.parameters())  # restored
+    chosen = torch.topk(model[-1].weight.abs().sum(0), 2).indices
+    xt = torch.from_numpy(x).float() / 255
+
+    def act(d):
+        with torch.no_grad():
+            return model[:3]((xt + torch.from_numpy(d)).clamp(0, 1))[:, chosen].mean().item()
+
+    rand = project_l2(np.random.default_rng(1).normal(0, 1, SHAPE).astype(np.float32), 1.0)
+    assert act(t) > max(act(np.zeros(SHAPE, np.float32)), act(rand)) + 0.05
+
+
+@pytest.mark.slow
 def test_l2_learn_contract():
     ds = _dataset()
-    settings = {"model": "smallcnn", "epochs": 1, "pool_fraction": 0.5, "steps": 20, "lr": 0.05}
+    settings = {"model": "smallcnn", "epochs": 1, "pool_fraction": 0.5, "steps": 10, "lr": 0.05}
     out = ATTACKS.get("l2_invisible").learn(_job(ds, 1, {"l2_bound": 1.5}, settings))
     again = ATTACKS.get("l2_invisible").learn(_job(ds, 1, {"l2_bound": 1.5}, settings))
     t = out["trigger"]
