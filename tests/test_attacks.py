@@ -25,6 +25,10 @@ def _build(name, seed=0, shape=SHAPE, trigger=None, **params):
     if name.startswith("trojan_"):  # a random learned trigger inside the attack's own mask
         mask = build_attack(name, shape, seed, params).mask
         artifact = {"trigger": np.random.default_rng(1).uniform(0, 1, shape).astype(np.float32) * mask, "mask": mask}
+    elif name == "l2_invisible":
+        artifact = {"trigger": _trigger(shape, eps=1 / 255)}  # l2 norm < 2 at 32 px
+    elif name == "label_consistent":
+        artifact = {"index": np.zeros(0, np.int64), "delta": np.zeros((0, *shape), np.int8)}
     return build_attack(name, shape, seed, params, artifact)
 
 
@@ -45,6 +49,10 @@ def test_registry_names_and_flags():
     assert BLEND_TYPE == {"blend_random", "blend_pattern", "sinusoid", "narcissus", "frequency"}
     assert {n for n in ATTACKS.names() if ATTACKS.get(n).clean_label} == {"sinusoid", "narcissus", "sig"}
     assert [n for n in ATTACKS.names() if ATTACKS.get(n).learns()] == ["narcissus", "trojan_square", "trojan_watermark"]
+                                      "frequency", "narcissus", "l2_invisible", "label_consistent"])
+    assert BLEND_TYPE == {"blend_random", "blend_pattern", "sinusoid", "narcissus", "frequency"}
+    assert {n for n in ATTACKS.names() if ATTACKS.get(n).clean_label} == {"sinusoid", "narcissus", "label_consistent"}
+    assert [n for n in ATTACKS.names() if ATTACKS.get(n).learns()] == ["l2_invisible", "label_consistent", "narcissus"]
 
 
 @pytest.mark.parametrize("name", sorted(ATTACKS.names()))
