@@ -28,6 +28,15 @@ def _learn(ds, seed=0, **settings):
     return Dynamic.learn(job)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These nets are tiny: threads only add overhead (tens of times slower on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def ds():
     return _dataset()
