@@ -22,6 +22,10 @@ def _build(name, seed=0, shape=SHAPE, trigger=None, **params):
     artifact = None
     if name == "narcissus":
         artifact = {"trigger": _trigger(shape) if trigger is None else trigger}
+    if name == "dynamic":  # untrained nets: the contract holds for any weights
+        from poisongrid.attacks.dynamic import initial_artifact
+
+        artifact = initial_artifact(shape)
     return build_attack(name, shape, seed, params, artifact)
 
 
@@ -37,10 +41,10 @@ def _diff(a, b):
 
 def test_registry_names_and_flags():
     assert ATTACKS.names() == sorted(["patch", "single_pixel", "blend_random", "blend_pattern", "sinusoid",
-                                      "frequency", "narcissus"])
+                                      "frequency", "narcissus", "dynamic"])
     assert BLEND_TYPE == {"blend_random", "blend_pattern", "sinusoid", "narcissus", "frequency"}
     assert {n for n in ATTACKS.names() if ATTACKS.get(n).clean_label} == {"sinusoid", "narcissus"}
-    assert [n for n in ATTACKS.names() if ATTACKS.get(n).learns()] == ["narcissus"]
+    assert [n for n in ATTACKS.names() if ATTACKS.get(n).learns()] == ["dynamic", "narcissus"]
 
 
 @pytest.mark.parametrize("name", sorted(ATTACKS.names()))

@@ -307,3 +307,16 @@ def _helper_stats(netC, netG, netM, images, labels, target, device, limit: int =
         keep = y != target
         asr = (netC(bd[keep]).argmax(1) == target).float().mean().item() if keep.any() else math.nan
     return {"helper_clean_accuracy": acc, "helper_asr": asr, "mask_mean": m.mean().item()}
+
+
+def initial_artifact(image_shape, width: int = 4, depth: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+    """An artifact holding the untrained (seeded) nets: a valid, input-aware but meaningless
+    trigger, for contract tests that need a Dynamic attack without a learning run."""
+    import torch
+
+    c = int(image_shape[0])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        nets = {"gen": _build_net(c, c, width, depth), "mask": _build_net(c, 1, width, depth)}
+    out = {f"{p}.{k}": v.numpy() for p, net in nets.items() for k, v in net.state_dict().items()}
+    return {**out, "arch_width": np.int64(width), "arch_depth": np.int64(depth)}
