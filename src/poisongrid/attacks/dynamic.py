@@ -38,7 +38,7 @@ class Dynamic(Attack):
     and no input normalisation (poisongrid's models take [0, 1] input, so G's pattern is used
     as is). The upsampling restores each level's exact size, so any image size works. Triggers
     are computed one image at a time on the CPU, so an image's trigger never depends on its batch
-    (bitwise); the cost is a few ms per image at width 32, depth 3.
+    (bitwise); the cost is about 10 ms per image at width 32, depth 3 (one CPU thread).
 
     The artifact holds every state-dict entry of G and M ('gen.<name>', 'mask.<name>'), the
     architecture (arch_width, arch_depth) and the helper's test numbers (helper_clean_accuracy,
