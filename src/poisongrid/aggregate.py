@@ -23,7 +23,7 @@ from .io import atomic_path, read_json, read_table, table_meta, write_table
 ATTACK_NAMES = {"patch": "Patch", "single_pixel": "Single-Pix", "blend_random": "Blend-R",
                 "blend_pattern": "Blend-P", "sinusoid": "Sinusoid", "narcissus": "Narcissus", "frequency": "Freq",
                 "badnets_white": "BN-W", "badnets_grid": "BN-G", "sig": "SIG", "trojan_square": "TJ-SQ", "trojan_watermark": "TJ-WM",
-                "l2_invisible": "L2", "label_consistent": "CL"}
+                "l2_invisible": "L2", "label_consistent": "CL", "dynamic": "Dynamic"}
 CELL = ["dataset", "scenario", "seed", "defense"]
 CELL_COLUMNS = ["clean_accuracy", "mean_asr", "mean_asr_boosted", "auroc", "recall_removed", "precision_removed",
                 "n_train", "n_poisoned", "n_removed", "n_ascent", "wall_time_total_s", "cost_epochs_models",
