@@ -59,6 +59,8 @@ class Narcissus(Attack):
     def check_learn(cls, settings: dict, key: str, deep: bool = True) -> dict:
         if not isinstance(settings, dict):
             return super().check_learn(settings, key, deep)
+        if "steps" in settings:  # the earlier setting: random minibatches instead of rounds
+            raise ConfigError(f"{key}.steps", settings["steps"], "nothing: use rounds (each one pass over the target class)")
         special = {k: settings[k] for k in ("warmup_epochs", "batch_size", "pool") if k in settings}
         s = super().check_learn({k: v for k, v in settings.items() if k not in special}, key, deep)
         if s["pool_fraction"] > 1:
