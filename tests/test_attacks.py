@@ -309,7 +309,7 @@ def test_optimize_trigger_lowers_loss_and_is_deterministic():
     model.train()
     imgs = _images(40, (3, 16, 16))
     target = 3
-    kw = dict(eps=EPS, steps=50, lr=0.01, batch_size=16, seed=5)
+    kw = dict(eps=EPS, rounds=17, lr=0.01, batch_size=16, seed=5)  # 3 batches a round
     t1 = optimize_trigger(model, imgs, target, **kw)
     t2 = optimize_trigger(model, imgs, target, **kw)
     t_plain = optimize_trigger(model, imgs, target, **kw, augment=False)
@@ -335,7 +335,7 @@ def test_optimize_trigger_lowers_loss_and_is_deterministic():
     _build("narcissus", shape=(3, 16, 16), trigger=t1).apply(imgs)
 
 
-def test_optimize_trigger_logs_its_steps():
+def test_optimize_trigger_logs_its_rounds():
     import re
 
     from poisongrid.attacks.narcissus import optimize_trigger
@@ -343,9 +343,9 @@ def test_optimize_trigger_logs_its_steps():
     model = _tiny_surrogate()
     imgs = _images(20, (3, 16, 16))
     msgs = []
-    kw = dict(eps=EPS, steps=25, lr=0.01, batch_size=8, seed=5)
+    kw = dict(eps=EPS, rounds=25, lr=0.01, batch_size=8, seed=5)
     logged = optimize_trigger(model, imgs, 3, **kw, log=msgs.append)
-    assert [int(re.match(r"narcissus step (\d+)/25 loss [\d.]+ elapsed [\d.hms]+$", m).group(1)) for m in msgs] == \
+    assert [int(re.match(r"narcissus round (\d+)/25 loss [\d.]+ elapsed [\d.hms]+$", m).group(1)) for m in msgs] == \
         [2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 25]
     np.testing.assert_array_equal(logged, optimize_trigger(model, imgs, 3, **kw))  # logging changes nothing
 

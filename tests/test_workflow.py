@@ -23,7 +23,7 @@ TINY = {
         "image_size": 16, "model": "smallcnn", "epochs": 12, "batch_size": 64, "lr": 0.003,
         "scenarios": ["multi", "single-patch"],
         "attacks": {"patch": {"ratio": 0.05}, "blend_random": {"ratio": 0.04, "alpha": 0.1},
-                    "narcissus": {"ratio": 0.02, "learn": {"model": "smallcnn", "epochs": 3, "steps": 40, "pool_fraction": 0.2}}},
+                    "narcissus": {"ratio": 0.02, "learn": {"model": "smallcnn", "epochs": 3, "rounds": 2, "pool_fraction": 0.2}}},
     }},
 }
 

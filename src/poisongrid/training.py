@@ -32,6 +32,12 @@ def _adam(params, spec: dict) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=float(spec["lr"]), weight_decay=float(spec["weight_decay"]))
 
 
+@OPTIMIZERS.register("radam")
+def _radam(params, spec: dict) -> torch.optim.Optimizer:
+    # Narcissus's poison warm-up fine-tunes with RAdam.
+    return torch.optim.RAdam(params, lr=float(spec["lr"]), weight_decay=float(spec["weight_decay"]))
+
+
 @OPTIMIZERS.register("sgd")
 def _sgd(params, spec: dict) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=float(spec["lr"]), momentum=float(spec.get("momentum", 0.9)),

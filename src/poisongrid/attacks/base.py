@@ -32,12 +32,13 @@ class LearnJob:
 
     def fit(self, images, labels, model: str, epochs: int, **kw):
         """Train an attacker's model with the training loop (the dataset's settings, this model
-        and epochs)."""
+        and epochs); `num_classes` (default: the dataset's) sizes its head, `training` overrides
+        training settings."""
         from ..training import fit
 
         training = {**self.training, "model": model, "epochs": int(epochs), **kw.pop("training", {})}
-        return fit(training, images, labels, self.dataset.num_classes, seed=self.seed, device=self.device,
-                   log=self.log, **kw)
+        num_classes = int(kw.pop("num_classes", self.dataset.num_classes))
+        return fit(training, images, labels, num_classes, seed=self.seed, device=self.device, log=self.log, **kw)
 
     def rng(self, *stream: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, *stream])
