@@ -39,9 +39,9 @@ os.environ.setdefault("POISONGRID_ROOT", workflow.basedir)
 
 wildcard_constraints:
     dataset=r"[A-Za-z0-9_\-]+",
-    scenario=r"multi|clean|single-[a-z_]+",
+    scenario=r"multi|clean|single-[a-z0-9_]+",
     seed=r"\d+",
-    attack=r"[a-z_]+",
+    attack=r"[a-z0-9_]+",
     model=r"[A-Za-z0-9_]+",
     detector=r"[A-Za-z0-9_]+",
     defense=r"(?!(?:poison|models|scores)/)[A-Za-z0-9_]+",

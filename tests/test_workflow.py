@@ -183,3 +183,21 @@ def test_typed_overrides():
                            "datasets": {"digits": {"epochs": "5", "crop_scale": ["0.5", "1.0"]}}, "download": "true"})
     assert got == {"cluster": {"gpus_per_job": 0}, "seeds": [0, 1], "lr": 0.001, "device": "cpu",
                    "datasets": {"digits": {"epochs": 5, "crop_scale": [0.5, 1.0]}}, "download": True}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")) + ["../config.yaml"])
+def test_every_preset_plans_the_jobs_poisongrid_estimate_counts(tmp_path, preset):
+    """The Snakefile's DAG of each shipped config (a dry run) has exactly the jobs `poisongrid
+    estimate` counts per stage: every scenario, attack and defense name fits the rules' wildcards."""
+    from poisongrid import config as pgc
+    from poisongrid.estimate import estimate
+
+    path = (ROOT / "configs" / preset).resolve()
+    dry = snakemake(tmp_path, "all", "--configfile", str(path), "-n")
+    counts = _job_counts(dry.stdout)
+    want: dict = {}
+    for r in estimate(pgc.load(path)):
+        want[r["stage"]] = want.get(r["stage"], 0) + r["jobs"]
+    counts.pop("all", None)
+    assert counts == {**want, "aggregate": 1}, dry.stdout[-2000:]
