@@ -100,7 +100,15 @@ class Attack:
                     raise ConfigError(f"{key}.{k}", v, "a positive integer" if isinstance(d, int) else "a positive number")
             if isinstance(d, str) and not isinstance(v, str):
                 raise ConfigError(f"{key}.{k}", v, "a string")
-        return {**cls.learn_defaults, **settings}
+        s = {**cls.learn_defaults, **settings}
+        # What every attacker's surrogate shares: a fraction of the training set it holds, a model.
+        if "pool_fraction" in s and s["pool_fraction"] > 1:
+            raise ConfigError(f"{key}.pool_fraction", s["pool_fraction"], "a number in (0, 1]")
+        if deep and isinstance(s.get("model"), str):
+            from ..models import MODELS
+
+            MODELS.get(s["model"], f"{key}.model")
+        return s
 
     @classmethod
     def learn_epochs(cls, settings: dict) -> float:

@@ -60,10 +60,6 @@ class Dynamic(Attack):
             raise ConfigError(f"{key}.p_cross", s["p_cross"], f"a number below 1 - p_attack = {1 - s['p_attack']:g}")
         if s["depth"] > 5:
             raise ConfigError(f"{key}.depth", s["depth"], "an integer in [1, 5]")
-        if deep:
-            from ..models import MODELS
-
-            MODELS.get(s["model"], f"{key}.model")
         return s
 
     @classmethod

@@ -13,16 +13,6 @@ if TYPE_CHECKING:  # torch is imported lazily: config checks and poisoning do no
     import torch
 
 
-def check_surrogate(settings: dict, key: str, deep: bool) -> None:
-    """Shared checks of an attacker's surrogate settings: a fraction in (0, 1] and a known model."""
-    if settings["pool_fraction"] > 1:
-        raise ConfigError(f"{key}.pool_fraction", settings["pool_fraction"], "a number in (0, 1]")
-    if deep:
-        from ..models import MODELS
-
-        MODELS.get(settings["model"], f"{key}.model")
-
-
 def attacker_pool(job: LearnJob, fraction: float, stream: int) -> np.ndarray:
     """Sorted training rows the attacker holds: a seeded `fraction` of the training set."""
     n = len(job.dataset.train.labels)
@@ -54,12 +44,6 @@ class L2Invisible(Attack):
     defaults = {"l2_bound": 2.0}
     learn_defaults = {"model": "resnet18", "epochs": 20, "pool_fraction": 0.1, "steps": 500, "lr": 0.01,
                       "reg": 0.01, "neurons": 1}
-
-    @classmethod
-    def check_learn(cls, settings: dict, key: str, deep: bool = True) -> dict:
-        s = super().check_learn(settings, key, deep)
-        check_surrogate(s, key, deep)
-        return s
 
     @classmethod
     def learn_epochs(cls, settings: dict) -> float:

@@ -7,7 +7,7 @@ import numpy as np
 
 from ..errors import ArtifactError, ConfigError
 from .base import ATTACKS, Attack, LearnJob, _short
-from .l2_invisible import attacker_pool, check_surrogate
+from .l2_invisible import attacker_pool
 
 if TYPE_CHECKING:  # torch is imported lazily: config checks and poisoning do not need it
     import torch
@@ -49,7 +49,6 @@ class LabelConsistent(Attack):
     @classmethod
     def check_learn(cls, settings: dict, key: str, deep: bool = True) -> dict:
         s = super().check_learn(settings, key, deep)
-        check_surrogate(s, key, deep)
         for k in ("eps", "step_size"):
             if s[k] > _MAX_EPS:
                 raise ConfigError(f"{key}.{k}", s[k], f"a number in (0, {_MAX_EPS:.4g}] (127/255)")

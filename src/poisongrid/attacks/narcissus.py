@@ -63,8 +63,6 @@ class Narcissus(Attack):
             raise ConfigError(f"{key}.steps", settings["steps"], "nothing: use rounds (each one pass over the target class)")
         special = {k: settings[k] for k in ("warmup_epochs", "batch_size", "pool") if k in settings}
         s = super().check_learn({k: v for k, v in settings.items() if k not in special}, key, deep)
-        if s["pool_fraction"] > 1:
-            raise ConfigError(f"{key}.pool_fraction", s["pool_fraction"], "a number in (0, 1]")
         w = special.get("warmup_epochs", s["warmup_epochs"])
         if isinstance(w, bool) or not isinstance(w, int) or w < 0:
             raise ConfigError(f"{key}.warmup_epochs", w, "a non-negative integer (0: no warm-up)")
@@ -75,9 +73,6 @@ class Narcissus(Attack):
         if not isinstance(p, str) or not p:
             raise ConfigError(f"{key}.pool", p, "'train' or the path of an out-of-distribution set (.npz or folder)")
         if deep:
-            from ..models import MODELS
-
-            MODELS.get(s["model"], f"{key}.model")
             if p != "train" and not (Path(p).is_dir() or (Path(p).is_file() and p.endswith(".npz"))):
                 raise ConfigError(f"{key}.pool", p, "'train' or an existing .npz file or folder (an out-of-distribution set)")
         return {**s, "warmup_epochs": w, "batch_size": b, "pool": p}

@@ -42,17 +42,6 @@ class _Trojan(Attack):
                       "n_neurons": 2, "target_value": 100.0}
 
     @classmethod
-    def check_learn(cls, settings: dict, key: str, deep: bool = True) -> dict:
-        s = super().check_learn(settings, key, deep)
-        if s["pool_fraction"] > 1:
-            raise ConfigError(f"{key}.pool_fraction", s["pool_fraction"], "a number in (0, 1]")
-        if deep:
-            from ..models import MODELS
-
-            MODELS.get(s["model"], f"{key}.model")
-        return s
-
-    @classmethod
     def learn_epochs(cls, settings: dict) -> float:
         return float(settings["epochs"]) * float(settings["pool_fraction"])
 
