@@ -314,3 +314,33 @@ def test_clean_scenario_runs_without_any_attack(tmp_path):
         m = done[("evaluate", d)]
         assert m["attacks"] == [] and m["asr"] == {} and m["mean_asr"] is None and 0.5 < m["clean_accuracy"] <= 1
     assert done[("evaluate", "badloss")]["n_removed"] == round(0.4 * len(man))
+
+
+def test_score_wall_time_covers_the_detectors_whole_run(tmp_path):
+    """A detector that optimises before opening its writer (Neural Cleanse, frequency analysis):
+    the scores record the whole run, which the cost table reads."""
+    import time as _time
+
+    from poisongrid.detectors import Detector, ScoreWriter
+
+    name = "slow_test_detector"
+    if name not in DETECTORS:
+        @DETECTORS.register(name)
+        class Slow(Detector):
+            type = name
+            needs = ()
+            default_model = None
+
+            def score(self, paths, out_path):
+                _time.sleep(1.5)
+                man = self.ctx.manifest
+                meta = {"cell": self.cell, "detector": self.type, "params": self.p}
+                with ScoreWriter(out_path, meta) as w:
+                    w.write(man["index"].to_numpy(), np.zeros(len(man)))
+                return meta
+
+    man = tmp_path / "manifest.parquet"
+    _write_manifest(man, _manifest())
+    out = tmp_path / "scores.parquet"
+    meta = stages.score({"detector": "slow", "type": name}, {"manifest": str(man)}, {"out": str(out)})
+    assert meta["wall_time_s"] >= 1.5 and read_scores(out)[1]["wall_time_s"] >= 1.5
