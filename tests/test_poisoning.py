@@ -152,3 +152,45 @@ def test_fixed_target(ds):
     assert (ps.manifest.loc[ps.manifest["attack"].notna(), "label"] == 1).all()
     with pytest.raises(ConfigError, match="attacks.patch.target"):
         poisoning.poison(ds, {"patch": {"ratio": 0.05, "target": 10}}, ["patch"], seed=0, bona_fide=BONA)
+
+
+def test_every_attack_joins_one_multi_scenario(ds):
+    """The BaDLoss-style multi scenario with all registered attacks at once (BaDLoss's seven and
+    LfD's), learned ones with small stand-in artifacts of the right shape: disjoint images, each
+    attack's labels flipped or kept as it says, and untouched images unchanged."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_attacks import _build
+
+    from poisongrid.attacks import ATTACKS as REG
+
+    names = REG.names()
+    # Clean-label attacks share no target class here: each is fixed to its own class.
+    clean = [a for a in names if REG.get(a).clean_label]
+    cfg = {a: {"ratio": 0.012, **({"target": i} if a in clean else {})} for i, a in enumerate(sorted(names))}
+    for i, a in enumerate(clean):
+        cfg[a]["target"] = i
+    shape = ds.image_shape
+    artifacts = {}
+    for a in names:
+        if REG.get(a).learns():
+            art = _build(a, shape=shape).artifact
+            if a == "label_consistent":  # a perturbation for every image of its target class
+                rows = np.flatnonzero(ds.train.labels == cfg[a]["target"])
+                art = {"index": rows.astype(np.int64), "delta": np.ones((len(rows), *shape), np.int8)}
+            artifacts[a] = art
+    ps = poisoning.poison(ds, cfg, names, seed=0, bona_fide=BONA, artifacts=artifacts)
+    m = ps.manifest
+    assert len(np.unique(ps.index)) == len(ps.index) == m["attack"].notna().sum()
+    assert set(m["attack"].dropna()) == set(names)
+    for a in names:
+        rows = m[m["attack"] == a]
+        t = ps.meta["attacks"][a]["target"]
+        if REG.get(a).clean_label:
+            assert (rows["orig_label"] == t).all() and (rows["label"] == rows["orig_label"]).all(), a
+        else:
+            assert (rows["label"] == t).all(), a
+    untouched = np.setdiff1d(np.arange(len(m)), ps.index)
+    assert (m["label"].to_numpy()[untouched] == ds.train.labels[untouched]).all()
