@@ -32,12 +32,14 @@ def test_report_has_tables_figures_captions_and_runtimes(tmp_path):
     res = tmp_path / "results"
     figures = ["fig_asr_digits_multi.png", "fig_asr_digits_single-patch.png", "fig_rreject_digits_multi.png",
                "fig_trajectories_digits_multi_seed0_pretrain.png", "fig_trajectories_digits_single-patch_seed0_pretrain.png",
-               "fig_teacher_digits_multi_seed0_teacher.png"]
+               "fig_teacher_digits_multi_seed0_teacher.png", "fig_singlemulti_digits_all.png"]
     # Every figure aggregate draws is a declared output, and nothing it draws is left undeclared.
     assert sorted(p.name for p in (res / "figures").iterdir()) == sorted(figures)
     tables = (res / "tables.html").read_text(encoding="utf-8")
     assert tables.startswith("<!DOCTYPE html>") and "<h3>digits — multi</h3>" in tables
-    assert tables.count("<table>") == 3 and "<td>badloss_r20</td>" in tables and "<td>lfd</td>" in tables
+    # multi, single-patch, plain-trigger ASR, single vs multi (Fig. 10), the cost of each defense.
+    assert tables.count("<table>") == 5 and "<td>badloss_r20</td>" in tables and "<td>lfd</td>" in tables
+    assert "<h3>digits — single vs multi-attack ASR</h3>" in tables and "<h3>digits — cost of each defense</h3>" in tables
 
     out = snakemake(tmp_path, "--configfile", str(cfgfile), "--report", "report.html")
     report = tmp_path / "report.html"
@@ -54,10 +56,10 @@ def test_report_has_tables_figures_captions_and_runtimes(tmp_path):
     for name in [*figures, "tables.html", "summary.csv"]:
         assert f'"{name}"' in html, name
     categories = re.search(r"var categories = (\{.*?\});", html).group(1)
-    for cat in ("Tables", "ASR", "r_reject", "Trajectories", "LfD teacher losses"):
+    for cat in ("Tables", "ASR", "r_reject", "Trajectories", "LfD teacher losses", "Single vs multi-attack"):
         assert f'"{cat}"' in categories, (cat, categories)
     # Captions from workflow/report/*.rst (rendered to HTML, so compare their first words).
-    for rst in ("workflow", "asr", "rreject", "tables", "trajectories", "teacher"):
+    for rst in ("workflow", "asr", "rreject", "tables", "trajectories", "teacher", "singlemulti"):
         words = (ROOT / "workflow/report" / f"{rst}.rst").read_text().split()[:6]
         assert " ".join(words) in html, rst
     # Snakemake's own per-rule runtimes.
