@@ -164,8 +164,7 @@ datasets:
     attacks:
       patch: {ratio: 0.05}
       blend_random: {ratio: 0.04, alpha: 0.1}
-      narcissus: {ratio: 0.02}
-    narcissus_surrogate: {model: smallcnn, epochs: 3, steps: 40, pool_fraction: 0.2}
+      narcissus: {ratio: 0.02, learn: {model: smallcnn, epochs: 3, rounds: 2, pool_fraction: 0.2}}
 EOF
 }
 TINY="$WORK/tiny.yaml"
