@@ -19,13 +19,7 @@ TRAIN = {"model": "smallcnn", "epochs": 3, "batch_size": 32, "optimizer": "adamw
          "augment": "none"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models train fastest on one thread (and other test processes share the cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ---- objectives ---------------------------------------------------------------------------------

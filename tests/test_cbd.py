@@ -14,13 +14,7 @@ from poisongrid.remedies.cbd import MICritic, cbd_weights
 from poisongrid.training import fit
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: more threads only add contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_weights_match_a_hand_computation():
