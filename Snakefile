@@ -55,6 +55,7 @@ report: "workflow/report/workflow.rst"
 
 include: "workflow/rules/trigger.smk"
 include: "workflow/rules/poison.smk"
+include: "workflow/rules/bonafide.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/features.smk"
 include: "workflow/rules/score.smk"

@@ -7,6 +7,7 @@ import pyarrow as pa
 import pytest
 import torch
 
+from planted import files, write_manifest
 from poisongrid import config, stages, trajectories
 from poisongrid.errors import ConfigError
 from poisongrid.io import write_table
@@ -77,8 +78,8 @@ def _auroc(pos, neg) -> float:
 def _write_manifest(path, labels, bona):
     man = pd.DataFrame({"index": np.arange(len(labels), dtype=np.int64), "label": labels, "bona_fide": bona,
                         "attack": pd.array([None] * len(labels), dtype="string")})
-    write_table(path, pa.Table.from_pandas(man, preserve_index=False), "manifest",
-                {"scenario": "single-patch", "attacks": {}, "seed": 0, "cell": {"dataset": "d", "scenario": "single-patch", "seed": 0}})
+    write_manifest(path, man, {"scenario": "single-patch", "attacks": {}, "seed": 0,
+                               "cell": {"dataset": "d", "scenario": "single-patch", "seed": 0}})
 
 
 def test_abl_detector_ranks_planted_patch_above_clean(tmp_path):
@@ -92,7 +93,7 @@ def test_abl_detector_ranks_planted_patch_above_clean(tmp_path):
         "wall_time_s": 1.0})
     _write_manifest(tmp_path / "m.parquet", y, np.zeros(len(y), bool))
     meta = stages.score({"detector": "abl", "type": "abl", "model": "isolation"},
-                        {"manifest": tmp_path / "m.parquet", "trajectories": tmp_path / "t.parquet"},
+                        {**files(tmp_path / "m.parquet"), "trajectories": tmp_path / "t.parquet"},
                         {"out": tmp_path / "s.parquet"})
     s = pd.read_parquet(tmp_path / "s.parquet").sort_values("index")["score"].to_numpy()
     np.testing.assert_allclose(s, -iso.losses[0].astype(np.float64))
@@ -221,6 +222,7 @@ def test_abl_defenses_end_to_end_on_digits(tmp_path):
         return run_job(cfg, stage, str(tmp_path), dataset="digits", scenario="multi", seed=0, **extra)
 
     run("poison")
+    run("bonafide")
     for model in ("isolation", "isolation_lga"):
         run("pretrain", model=model)
     for det in ("abl", "abl_lga"):

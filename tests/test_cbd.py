@@ -141,6 +141,7 @@ def test_a_digits_cell_runs_cbd_end_to_end(tmp_path):
         return run_job(cfg, stage, str(tmp_path), dataset="digits", scenario="multi", seed=0, **extra)
 
     run("poison")
+    run("bonafide")
     run("pretrain", model="backdoored")
     smeta, _, _ = run("score", detector="cbd")
     assert smeta["negated_loss"] and smeta["defender_model"]["model_name"] == "backdoored"

@@ -206,6 +206,7 @@ def test_digits_cell_end_to_end(tmp_path):
         return run_job(cfg, stage, str(tmp_path), dataset="digits", scenario="single-patch", seed=0, **extra)
 
     run("poison")
+    run("bonafide")
     run("pretrain", model="attacked")
     run("score", detector="cd")
     run("plan", defense="cd")

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pytest
 import torch
 
+from planted import files, write_manifest
 from poisongrid import config, paths, poisoning, stages, trajectories
 from poisongrid.detectors import DETECTORS, read_scores
 from poisongrid.io import write_table
@@ -52,8 +53,7 @@ CELL_MULTI = {"dataset": "digits", "scenario": "multi", "seed": 0}
 
 
 def _write_manifest(path, man):
-    write_table(path, pa.Table.from_pandas(man, preserve_index=False), "manifest",
-                {"scenario": "single-patch", "attacks": {}, "seed": 0, "cell": CELL})
+    write_manifest(path, man, {"scenario": "single-patch", "attacks": {}, "seed": 0, "cell": CELL})
 
 
 def _write_losses(path, n, epochs, poisoned, seed=0):
@@ -76,7 +76,7 @@ def test_detectors_rank_planted_poison_and_never_read_ground_truth(tmp_path, dty
                                            target=man["target"].to_numpy()[::-1], orig_label=0)]):
         _write_manifest(tmp_path / f"m{i}.parquet", m)
         spec = {"detector": "d", "type": dtype, "model": "m", **params}
-        stages.score(spec, {"manifest": tmp_path / f"m{i}.parquet", "trajectories": tmp_path / "t.parquet"},
+        stages.score(spec, {**files(tmp_path / f"m{i}.parquet"), "trajectories": tmp_path / "t.parquet"},
                      {"out": tmp_path / f"s{i}.parquet"})
         outs.append(read_scores(tmp_path / f"s{i}.parquet"))
     # Shuffling the ground-truth columns changes nothing.
@@ -98,12 +98,12 @@ def test_plan_weights_and_remedies_are_blind_to_ground_truth(tmp_path):
     _write_losses(tmp_path / "t.parquet", len(man), 3, poisoned)
     _write_manifest(tmp_path / "m.parquet", man)
     stages.score({"detector": "lfd", "type": "teacher_loss", "model": "m"},
-                 {"manifest": tmp_path / "m.parquet", "trajectories": tmp_path / "t.parquet"}, {"out": tmp_path / "s.parquet"})
+                 {**files(tmp_path / "m.parquet"), "trajectories": tmp_path / "t.parquet"}, {"out": tmp_path / "s.parquet"})
     loss = trajectories.read(tmp_path / "t.parquet", only_accepted=False)[1][:, -1]
     plans = {}
     for name, spec in {"lfd": {"remedy": "reweight", "alpha": 0.15, "beta": 1e-3},
                        "rm": {"remedy": "remove", "r_reject": 0.1}, "none": {"remedy": "none"}}.items():
-        inp = {"manifest": tmp_path / "m.parquet"} | ({"scores": tmp_path / "s.parquet"} if name != "none" else {})
+        inp = files(tmp_path / "m.parquet") | ({"scores": tmp_path / "s.parquet"} if name != "none" else {})
         meta = stages.plan({"defense": name, "detector": "lfd", **spec}, inp, {"out": tmp_path / f"{name}.parquet"})
         plans[name] = (pd.read_parquet(tmp_path / f"{name}.parquet"), meta)
     w = plans["lfd"][0]["weight"].to_numpy()
@@ -116,7 +116,7 @@ def test_plan_weights_and_remedies_are_blind_to_ground_truth(tmp_path):
     # Non-oracle remedies read only the defender's columns: shuffled ground truth, same plan.
     _write_manifest(tmp_path / "m.parquet", man.assign(attack=pd.array([None] * len(man), dtype="string")))
     stages.plan({"defense": "lfd", "detector": "lfd", "remedy": "reweight", "alpha": 0.15, "beta": 1e-3},
-                {"manifest": tmp_path / "m.parquet", "scores": tmp_path / "s.parquet"}, {"out": tmp_path / "again.parquet"})
+                {**files(tmp_path / "m.parquet"), "scores": tmp_path / "s.parquet"}, {"out": tmp_path / "again.parquet"})
     np.testing.assert_array_equal(pd.read_parquet(tmp_path / "again.parquet")["weight"], w)
     assert not REMEDIES.get("reweight").ground_truth and REMEDIES.get("oracle").ground_truth
 
@@ -148,6 +148,7 @@ def cell(tmp_path_factory):
         return run_job(cfg, stage, str(root), dataset="digits", scenario="multi", seed=0, **extra)
 
     run("poison")
+    run("bonafide")
     return cfg, root, run
 
 
@@ -230,7 +231,7 @@ def test_cell_jobs_cover_each_defense_once(cell):
     cfg, _, _ = cell
     jobs = cell_jobs(cfg, "digits", "multi", 0, ["none", "badloss", "lfd"])
     names = [(s, c.get("model") or c.get("detector") or c.get("defense")) for s, c in jobs]
-    assert names[0] == ("poison", None)
+    assert names[:2] == [("poison", None), ("bonafide", None)]
     assert [n for s, n in names if s == "pretrain"] == ["attacked", "pretrain", "teacher"]
     assert ("train", "none") not in names and ("train", "lfd") in names
     assert names.index(("score", "lfd")) < names.index(("plan", "lfd")) < names.index(("train", "lfd"))
@@ -251,7 +252,8 @@ def test_cli_errors_are_one_line_and_the_traceback_is_on_request(tmp_path, capsy
     (tmp_path / "afile").write_text("x")
     spec = json.dumps({"defense": "oracle", "remedy": "oracle"})
     _write_manifest(tmp_path / "m.parquet", _manifest())
-    code = main(["plan", "--spec", spec, "--manifest", str(tmp_path / "m.parquet"), "--out", str(tmp_path / "afile" / "p.parquet")])
+    code = main(["plan", "--spec", spec, "--manifest", str(tmp_path / "m.parquet"), "--bona_fide",
+                 str(files(tmp_path / "m.parquet")["bona_fide"]), "--out", str(tmp_path / "afile" / "p.parquet")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and str(tmp_path / "afile") in err and "Traceback" not in err
 
@@ -308,7 +310,8 @@ def test_clean_scenario_runs_without_any_attack(tmp_path):
     done = {}
     for stage, c in cell_jobs(cfg, "digits", "clean", 0, ["none", "badloss"]):
         done[(stage, c.get("defense"))] = run_job(cfg, stage, root, **c)[0]
-    man = poisoning.read_manifest(paths.path("manifest", root, dataset="digits", scenario="clean", seed=0))[0]
+    w = dict(dataset="digits", scenario="clean", seed=0)
+    man = poisoning.read_manifest(paths.path("manifest", root, **w), paths.path("bona_fide", root, **w))[0]
     assert man["attack"].isna().all() and (man["label"] == man["orig_label"]).all() and man["bona_fide"].sum() == 60
     for d in ("none", "badloss"):
         m = done[("evaluate", d)]
@@ -343,7 +346,7 @@ def test_score_wall_time_covers_the_detectors_whole_run(tmp_path):
         man = tmp_path / "manifest.parquet"
         _write_manifest(man, _manifest())
         out = tmp_path / "scores.parquet"
-        meta = stages.score({"detector": "slow", "type": name}, {"manifest": str(man)}, {"out": str(out)})
+        meta = stages.score({"detector": "slow", "type": name}, files(man), {"out": str(out)})
         assert meta["wall_time_s"] >= 1.5 and read_scores(out)[1]["wall_time_s"] >= 1.5
     finally:
         DETECTORS._items.pop(name, None)  # other tests enumerate the real detectors

@@ -10,6 +10,7 @@ import scipy.fft
 import torch
 from sklearn.metrics import roc_auc_score
 
+from planted import files, write_manifest
 from poisongrid import config
 from poisongrid.detectors import DETECTORS, Context, read_scores
 from poisongrid.detectors.frequency import DCT2d, add_random_patches, dct_matrix, patch_ranges
@@ -74,13 +75,12 @@ def _manifest(shuffled=False):
 
 def _score(tmp_path, name, images, seed=0, shuffled=False, **params):
     mpath = tmp_path / f"{name}_m.parquet"
-    write_table(mpath, pa.Table.from_pandas(_manifest(shuffled), preserve_index=False), "manifest",
-                {"scenario": "single-patch", "attacks": {}, "seed": 0, "cell": CELL})
+    inp = write_manifest(mpath, _manifest(shuffled), {"scenario": "single-patch", "attacks": {}, "seed": 0, "cell": CELL})
     det = DETECTORS.get("frequency_analysis")(**params)
-    det.ctx = Context({"seed": seed, "runtime": {"device": "cpu", "threads": 1}}, {"manifest": mpath})
+    det.ctx = Context({"seed": seed, "runtime": {"device": "cpu", "threads": 1}}, inp)
     det.ctx._cache["images"] = images  # the synthetic training set in place of a dataset's
     out = tmp_path / f"{name}.parquet"
-    det.score({"manifest": mpath}, out)
+    det.score(inp, out)
     df, meta = read_scores(out)
     return df.sort_values("index")["score"].to_numpy(), meta
 
@@ -139,6 +139,7 @@ def test_digits_cell_scores_the_patch_attack(tmp_path):
         return run_job(cfg, stage, str(tmp_path), dataset="digits", scenario="multi", seed=0, **extra)
 
     run("poison")
+    run("bonafide")
     meta, inp, out = run("score", detector="freq")
     df, _ = read_scores(out["out"])
     man = pd.read_parquet(inp["manifest"]).sort_values("index")

@@ -195,7 +195,7 @@ def pristine(tmp_path_factory):
     cfgfile = root / "c.yaml"
     cfgfile.write_text(yaml.safe_dump(GOOD))
     res = root / "results"
-    jobs = [("poison", {}), ("pretrain", {"model": "attacked"}), ("pretrain", {"model": "pretrain"}),
+    jobs = [("poison", {}), ("bonafide", {}), ("pretrain", {"model": "attacked"}), ("pretrain", {"model": "pretrain"}),
             ("pretrain", {"model": "teacher"}), ("score", {"detector": "badloss"}), ("score", {"detector": "lfd"}),
             ("plan", {"defense": "none"}), ("plan", {"defense": "badloss"}), ("plan", {"defense": "lfd"}),
             ("train", {"defense": "badloss"}), ("evaluate", {"defense": "none"}), ("evaluate", {"defense": "badloss"})]
@@ -245,6 +245,15 @@ def _other_seed(p, res):
     shutil.copy(paths.path("manifest", str(other), dataset="digits", scenario="multi", seed=1), p)
 
 
+def _bona_fide_of_seed1(p, res):
+    """A bona fide file drawn from another poisoned set (the seed-1 cell's), moved into this cell."""
+    other = res.parent / "seed1"
+    for stage in ("poison", "bonafide"):
+        main([stage, "--config", str(res.parent / "c.yaml"), "--results", str(other), "--dataset", "digits",
+              "--scenario", "multi", "--seed", "1"])
+    shutil.copy(paths.path("bona_fide", str(other), dataset="digits", scenario="multi", seed=1), p)
+
+
 def _npz_without_images(p):
     np.savez(open(p, "wb"), something=np.zeros(3))
 
@@ -259,7 +268,9 @@ import pyarrow.parquet  # noqa: E402  (pa.parquet above)
 CORRUPTIONS = [  # (what is corrupted, how, the stage that reads it)
     (("manifest", {}), _truncate, ("evaluate", {"defense": "none"})),
     (("manifest", {}), _garbage, ("pretrain", {"model": "attacked"})),
-    (("manifest", {}), _drop_column("bona_fide"), ("score", {"detector": "badloss"})),
+    (("bona_fide", {}), _drop_column("bona_fide"), ("score", {"detector": "badloss"})),
+    (("bona_fide", {}), _garbage, ("plan", {"defense": "badloss"})),
+    (("bona_fide", {}), _bona_fide_of_seed1, ("train", {"defense": "badloss"})),
     (("manifest", {}), _other_seed, ("evaluate", {"defense": "none"})),
     (("manifest", {}), _copy("plan", defense="none"), ("plan", {"defense": "badloss"})),
     (("poisoned", {}), _truncate, ("pretrain", {"model": "attacked"})),

@@ -11,7 +11,6 @@ from poisongrid.errors import ArtifactError, ConfigError
 
 SHAPE = (3, 16, 16)
 TRAIN = {"batch_size": 32, "optimizer": "adamw", "lr": 0.003, "weight_decay": 1e-4, "augment": "none"}
-BONA = {"n_clean": 4, "stratified": False}
 
 
 def _images(n=6, shape=SHAPE, seed=0):
@@ -74,7 +73,7 @@ def test_l2_apply_formula_everywhere_and_within_bound():
 def test_l2_flips_labels_via_poisoning():
     ds = _dataset()
     cfg = {"l2_invisible": {"ratio": 0.25, "target": 1, "l2_bound": 2.0}}
-    ps = poisoning.poison(ds, cfg, ["l2_invisible"], seed=0, bona_fide=BONA,
+    ps = poisoning.poison(ds, cfg, ["l2_invisible"], seed=0,
                           artifacts={"l2_invisible": {"trigger": _l2_trigger()}})
     m = ps.manifest
     rows = m[m["attack"] == "l2_invisible"]
@@ -184,7 +183,7 @@ def test_cl_poison_keeps_labels_and_adds_delta_then_trigger():
     ds = _dataset()
     art = _cl_artifact(ds)
     cfg = {"label_consistent": {"ratio": 0.2, "target": 1, "corners": 4, "amplitude": 32}}
-    ps = poisoning.poison(ds, cfg, ["label_consistent"], seed=0, bona_fide=BONA, artifacts={"label_consistent": art})
+    ps = poisoning.poison(ds, cfg, ["label_consistent"], seed=0, artifacts={"label_consistent": art})
     m = ps.manifest
     rows = m[m["attack"] == "label_consistent"]
     assert len(rows) == 19 and (rows["orig_label"] == 1).all() and (rows["label"] == 1).all()

@@ -9,7 +9,6 @@ from poisongrid.data import Dataset, Split
 from poisongrid.errors import ConfigError
 
 SHAPE = (3, 32, 32)
-BONA = {"n_clean": 2, "stratified": False}
 
 
 def _images(n=5, shape=SHAPE, seed=0):
@@ -103,7 +102,7 @@ def _tiny_dataset(n=60, shape=(3, 16, 16), classes=3, seed=0):
 def test_poisoning_labels_and_images(name):
     ds = _tiny_dataset()
     art = {name: _trojan_artifact(name, ds.image_shape)} if name.startswith("trojan") else {}
-    ps = poisoning.poison(ds, {name: {"ratio": 0.1, "target": 1}}, [name], seed=0, bona_fide=BONA, artifacts=art)
+    ps = poisoning.poison(ds, {name: {"ratio": 0.1, "target": 1}}, [name], seed=0, artifacts=art)
     rows = ps.manifest[ps.manifest["attack"] == name]
     assert len(rows) == 6 and (rows["target"] == 1).all()
     if name == "sig":  # clean-label: only target-class images, labels kept

@@ -8,6 +8,7 @@ import pyarrow as pa
 import pytest
 import torch
 
+from planted import files, write_manifest
 from poisongrid.detectors import Context, DETECTORS, read_scores
 from poisongrid.detectors.neural_cleanse import NeuralCleanse, flag_classes, mad_anomaly_index, probe_threshold
 from poisongrid.errors import ConfigError
@@ -72,12 +73,11 @@ def planted():
 def _score(tmp_path, planted, man=None, name="s", **params):
     images, man0, _, model = planted
     man = man0 if man is None else man
-    write_table(tmp_path / f"{name}.m.parquet", pa.Table.from_pandas(man, preserve_index=False), "manifest",
-                {"scenario": "patch", "attacks": {}, "seed": 0, "cell": CELL})
+    inp = write_manifest(tmp_path / f"{name}.m.parquet", man, {"scenario": "patch", "attacks": {}, "seed": 0, "cell": CELL})
     det = DETECTORS.get("neural_cleanse")(**{**FAST, **params})
     det.cell = CELL
     det.ctx = Context({"type": "neural_cleanse", "seed": 0, "training": {"batch_size": 64}},
-                      {"manifest": tmp_path / f"{name}.m.parquet"})
+                      inp)
     det.ctx._cache.update(device=torch.device("cpu"), model=model, images=images,
                           dataset=types.SimpleNamespace(num_classes=K))
     det.score(det.ctx.paths, tmp_path / f"{name}.parquet")

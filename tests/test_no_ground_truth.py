@@ -41,6 +41,7 @@ def test_scores_and_plans_ignore_shuffled_ground_truth(tmp_path):
     root = str(tmp_path / "r")
     cell = dict(dataset="digits", scenario="multi", seed=0)
     _, _, poisoned = run_job(cfg, "poison", root, **cell)
+    run_job(cfg, "bonafide", root, **cell)
     models = {det.get("model") for det in cfg["detectors"].values()} | {"attacked"}
     for m in sorted(models - {None}):
         run_job(cfg, "pretrain", root, **cell, model=m)

@@ -17,7 +17,7 @@ def ds():
 
 
 def test_multi_disjoint_ratios_met_and_labels(ds):
-    ps = poisoning.poison(ds, ATTACKS, list(ATTACKS), seed=0, bona_fide=BONA)
+    ps = poisoning.poison(ds, ATTACKS, list(ATTACKS), seed=0)
     m = ps.manifest
     n = len(ds.train.labels)
     assert len(m) == n and (m["index"].to_numpy() == np.arange(n)).all()
@@ -35,11 +35,12 @@ def test_multi_disjoint_ratios_met_and_labels(ds):
     # Untouched examples keep image and label; bona fide examples are untouched.
     clean = m["attack"].isna().to_numpy()
     assert (m["label"][clean] == m["orig_label"][clean]).all()
-    assert m["bona_fide"].sum() == 100 and not (m["bona_fide"] & m["attack"].notna()).any()
+    bona = poisoning.draw_bona_fide(clean, m["orig_label"].to_numpy(), 10, 0, BONA)
+    assert bona.sum() == 100 and not (bona & ~clean).any()
 
 
 def test_poisoned_images_carry_their_attacks_trigger(ds):
-    ps = poisoning.poison(ds, ATTACKS, list(ATTACKS), seed=0, bona_fide=BONA)
+    ps = poisoning.poison(ds, ATTACKS, list(ATTACKS), seed=0)
     attacks = poisoning.test_attacks(ps.meta, ds.image_shape, {})
     m = ps.manifest.set_index("index")
     for i, img in zip(ps.index, ps.images):
@@ -48,33 +49,46 @@ def test_poisoned_images_carry_their_attacks_trigger(ds):
 
 
 def test_same_seed_same_poisoned_set_bit_for_bit(ds):
-    a = poisoning.poison(ds, ATTACKS, list(ATTACKS), seed=7, bona_fide=BONA)
-    b = poisoning.poison(ds, ATTACKS, list(ATTACKS), seed=7, bona_fide=BONA)
-    c = poisoning.poison(ds, ATTACKS, list(ATTACKS), seed=8, bona_fide=BONA)
+    a = poisoning.poison(ds, ATTACKS, list(ATTACKS), seed=7)
+    b = poisoning.poison(ds, ATTACKS, list(ATTACKS), seed=7)
+    c = poisoning.poison(ds, ATTACKS, list(ATTACKS), seed=8)
     assert a.manifest.equals(b.manifest) and np.array_equal(a.images, b.images) and a.meta == b.meta
     assert not np.array_equal(a.index, c.index)
 
 
 def test_single_and_multi_share_targets(ds):
-    multi = poisoning.poison(ds, ATTACKS, list(ATTACKS), seed=3, bona_fide=BONA)
-    single = poisoning.poison(ds, {"frequency": ATTACKS["frequency"]}, list(ATTACKS), seed=3, bona_fide=BONA)
+    multi = poisoning.poison(ds, ATTACKS, list(ATTACKS), seed=3)
+    single = poisoning.poison(ds, {"frequency": ATTACKS["frequency"]}, list(ATTACKS), seed=3)
     assert single.meta["attacks"]["frequency"]["target"] == multi.meta["attacks"]["frequency"]["target"]
     assert set(single.manifest["attack"].dropna()) == {"frequency"}
 
 
 def test_stratified_bona_fide(ds):
-    ps = poisoning.poison(ds, ATTACKS, list(ATTACKS), seed=0, bona_fide={"n_clean": 100, "stratified": True})
-    counts = np.bincount(ps.manifest["orig_label"][ps.manifest["bona_fide"]], minlength=10)
-    assert (counts == 10).all()
+    ps = poisoning.poison(ds, ATTACKS, list(ATTACKS), seed=0)
+    m = ps.manifest
+    bona = poisoning.draw_bona_fide(m["attack"].isna().to_numpy(), m["orig_label"].to_numpy(), 10, 0,
+                                    {"n_clean": 100, "stratified": True})
+    assert (np.bincount(m["orig_label"][bona], minlength=10) == 10).all()
+
+
+def test_bona_fide_draw_is_its_own_stream(ds):
+    """The poisoned set never depends on the bona fide settings; the draw depends on the seed."""
+    m = poisoning.poison(ds, ATTACKS, list(ATTACKS), seed=0).manifest
+    untouched, labels = m["attack"].isna().to_numpy(), m["orig_label"].to_numpy()
+    a = poisoning.draw_bona_fide(untouched, labels, 10, 0, BONA)
+    assert np.array_equal(a, poisoning.draw_bona_fide(untouched, labels, 10, 0, BONA))
+    assert not np.array_equal(a, poisoning.draw_bona_fide(untouched, labels, 10, 1, BONA))
+    bigger = poisoning.draw_bona_fide(untouched, labels, 10, 0, {"n_clean": 200})
+    assert bigger.sum() == 200 and not (bigger & ~untouched).any()
 
 
 def test_budget_errors(ds):
     with pytest.raises(ConfigError, match="n_clean"):
-        poisoning.poison(ds, ATTACKS, list(ATTACKS), seed=0, bona_fide={"n_clean": 5000})
+        poisoning.draw_bona_fide(np.ones(100, bool), np.zeros(100, int), 10, 0, {"n_clean": 5000})
     with pytest.raises(ConfigError, match="sinusoid"):  # a clean-label attack larger than any class
-        poisoning.poison(ds, {"sinusoid": {"ratio": 0.5}}, ["sinusoid"], seed=0, bona_fide=BONA)
+        poisoning.poison(ds, {"sinusoid": {"ratio": 0.5}}, ["sinusoid"], seed=0)
     with pytest.raises(ConfigError, match="at least one"):
-        poisoning.poison(ds, {"patch": {"ratio": 0.0001}}, ["patch"], seed=0, bona_fide=BONA)
+        poisoning.poison(ds, {"patch": {"ratio": 0.0001}}, ["patch"], seed=0)
 
 
 def test_min_target_count_redraws_target(ds):
@@ -114,7 +128,7 @@ def test_asr_excludes_target_class(ds):
 
 
 def test_training_images_overlay_without_copy(ds, tmp_path):
-    ps = poisoning.poison(ds, ATTACKS, list(ATTACKS), seed=0, bona_fide=BONA)
+    ps = poisoning.poison(ds, ATTACKS, list(ATTACKS), seed=0)
     poisoning.write(ps, tmp_path / "m.parquet", tmp_path / "p.npz")
     x = poisoning.training_images(ds, tmp_path / "p.npz", ps.manifest)
     full = np.array(ds.train.images)
@@ -132,13 +146,16 @@ def test_training_images_overlay_without_copy(ds, tmp_path):
 def test_oracle_drops_exactly_the_poisoned(ds, tmp_path):
     import pandas as pd
 
-    ps = poisoning.poison(ds, ATTACKS, list(ATTACKS), seed=0, bona_fide=BONA)
+    ps = poisoning.poison(ds, ATTACKS, list(ATTACKS), seed=0)
     ps.meta["cell"] = {"dataset": "digits", "scenario": "multi", "seed": 0}
     poisoning.write(ps, tmp_path / "m.parquet", tmp_path / "p.npz")
     from poisongrid.cli import main
 
+    bf = str(tmp_path / "bf.parquet")
+    assert main(["bonafide", "--spec", '{"seed": 0, "bona_fide": {"n_clean": 50}}', "--manifest", str(tmp_path / "m.parquet"),
+                 "--out", bf]) == 0
     assert main(["plan", "--spec", '{"defense": "oracle", "remedy": "oracle"}', "--manifest", str(tmp_path / "m.parquet"),
-                 "--out", str(tmp_path / "f.parquet")]) == 0
+                 "--bona_fide", bf, "--out", str(tmp_path / "f.parquet")]) == 0
     plan = pd.read_parquet(tmp_path / "f.parquet")
     assert plan["weight"].dtype == np.float32 and plan["score"].isna().all()
     np.testing.assert_array_equal(plan["weight"].to_numpy() == 0, ps.manifest["attack"].notna().to_numpy())
@@ -147,11 +164,11 @@ def test_oracle_drops_exactly_the_poisoned(ds, tmp_path):
 
 def test_fixed_target(ds):
     cfg = {"patch": {"ratio": 0.05, "target": 1}, "sinusoid": {"ratio": 0.02, "target": 1}}
-    ps = poisoning.poison(ds, cfg, list(cfg), seed=0, bona_fide=BONA)
+    ps = poisoning.poison(ds, cfg, list(cfg), seed=0)
     assert {a: i["target"] for a, i in ps.meta["attacks"].items()} == {"patch": 1, "sinusoid": 1}
     assert (ps.manifest.loc[ps.manifest["attack"].notna(), "label"] == 1).all()
     with pytest.raises(ConfigError, match="attacks.patch.target"):
-        poisoning.poison(ds, {"patch": {"ratio": 0.05, "target": 10}}, ["patch"], seed=0, bona_fide=BONA)
+        poisoning.poison(ds, {"patch": {"ratio": 0.05, "target": 10}}, ["patch"], seed=0)
 
 
 def test_every_attack_joins_one_multi_scenario(ds):
@@ -181,7 +198,7 @@ def test_every_attack_joins_one_multi_scenario(ds):
                 rows = np.flatnonzero(ds.train.labels == cfg[a]["target"])
                 art = {"index": rows.astype(np.int64), "delta": np.ones((len(rows), *shape), np.int8)}
             artifacts[a] = art
-    ps = poisoning.poison(ds, cfg, names, seed=0, bona_fide=BONA, artifacts=artifacts)
+    ps = poisoning.poison(ds, cfg, names, seed=0, artifacts=artifacts)
     m = ps.manifest
     assert len(np.unique(ps.index)) == len(ps.index) == m["attack"].notna().sum()
     assert set(m["attack"].dropna()) == set(names)

@@ -3,6 +3,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
+from planted import files, write_manifest
 from poisongrid import trajectories
 from poisongrid.detectors import knn_log_distance, read_scores
 from poisongrid.detectors.badloss import BaDLoss
@@ -65,7 +66,7 @@ def _write_cell(tmp_path, n=300, epochs=6, n_bona=30, skipped=(3,)):
                         "attack": pd.array([("patch" if p else None) for p in poisoned], dtype="string"),
                         "target": np.where(poisoned, 0, -1), "bona_fide": bona})
     mpath = tmp_path / "manifest.parquet"
-    write_table(mpath, pa.Table.from_pandas(man, preserve_index=False), "manifest", {})
+    write_manifest(mpath, man)
     return tpath, mpath, losses, kept, bona, poisoned
 
 
@@ -82,7 +83,7 @@ def test_trajectory_file_one_row_per_example(tmp_path):
 def test_badloss_detector_matches_reference_and_streams(tmp_path):
     tpath, mpath, losses, kept, bona, poisoned = _write_cell(tmp_path)
     out = tmp_path / "scores.parquet"
-    BaDLoss(k=10, chunk_rows=37).score({"trajectories": tpath, "manifest": mpath}, out)
+    BaDLoss(k=10, chunk_rows=37).score({"trajectories": tpath, **files(mpath)}, out)
     df, meta = read_scores(out)
     assert meta["epochs_used"] == kept and meta["wall_time_s"] > 0
     x = losses[kept].T.astype(float)

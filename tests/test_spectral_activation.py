@@ -9,6 +9,7 @@ from sklearn.cluster import KMeans
 from sklearn.decomposition import FastICA
 from sklearn.metrics import roc_auc_score, silhouette_score
 
+from planted import files, write_manifest
 from poisongrid import config, stages
 from poisongrid.detectors import DETECTORS, read_scores
 from poisongrid.errors import ConfigError
@@ -56,8 +57,8 @@ def _inputs(tmp_path, feats, labels, poisoned, shuffled=False, linear=None):
     """Manifest, features and a smallcnn model file (its last layer `linear` = (W, b) if given)
     of one cell, as the score stage reads them."""
     tag = "s" if shuffled else "m"
-    write_table(tmp_path / f"{tag}.parquet", pa.Table.from_pandas(_manifest(labels, poisoned, shuffled), preserve_index=False),
-                "manifest", {"scenario": "single-patch", "attacks": {}, "seed": 0, "cell": CELL})
+    write_manifest(tmp_path / f"{tag}.parquet", _manifest(labels, poisoned, shuffled),
+                   {"scenario": "single-patch", "attacks": {}, "seed": 0, "cell": CELL})
     cell = {**CELL, "model": "attacked"}
     save_features(tmp_path / "f.npz", feats, {"cell": cell, "shape": list(feats.shape)})
     model = build_model("smallcnn", N_CLASSES, 16)
@@ -66,7 +67,7 @@ def _inputs(tmp_path, feats, labels, poisoned, shuffled=False, linear=None):
             model[-1].weight.copy_(torch.as_tensor(linear[0]))
             model[-1].bias.copy_(torch.as_tensor(linear[1]))
     save_model(tmp_path / "w.pt", model, {"model": "smallcnn", "num_classes": N_CLASSES, "image_size": 16, "cell": cell})
-    return {"manifest": tmp_path / f"{tag}.parquet", "features": tmp_path / "f.npz", "weights": tmp_path / "w.pt"}
+    return {**files(tmp_path / f"{tag}.parquet"), "features": tmp_path / "f.npz", "weights": tmp_path / "w.pt"}
 
 
 def _score(tmp_path, inp, dtype, name="out", **params):
@@ -165,7 +166,7 @@ def test_remove_flagged_drops_exactly_flagged(tmp_path):
     inp = _inputs(tmp_path, feats, labels, poisoned)
     s, meta = _score(tmp_path, inp, "activation_clustering", "ac", group_by="label")
     pm = stages.plan({"defense": "ac", "detector": "d", "remedy": "remove_flagged"},
-                     {"manifest": inp["manifest"], "scores": tmp_path / "ac.parquet"}, {"out": tmp_path / "plan.parquet"})
+                     {"manifest": inp["manifest"], "bona_fide": inp["bona_fide"], "scores": tmp_path / "ac.parquet"}, {"out": tmp_path / "plan.parquet"})
     pl = pd.read_parquet(tmp_path / "plan.parquet")
     flagged = (s > 0) & ~_manifest(labels, poisoned)["bona_fide"].to_numpy()
     assert ((pl["weight"] == 0).to_numpy() == flagged).all() and pm["n_removed"] == flagged.sum() > 0

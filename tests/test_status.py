@@ -45,6 +45,7 @@ def _grid(tmp_path):
         finish("trigger", dataset="digits", attack="narcissus", seed=seed)
     # seed 0, single-patch: every job of both defenses done.
     finish("poison", **s0p)
+    finish("bonafide", **s0p)
     for m in ("attacked", "pretrain"):
         finish("pretrain", **s0p, model=m)
     finish("score", **s0p, detector="badloss")
@@ -55,6 +56,7 @@ def _grid(tmp_path):
     # seed 0, single-narcissus: the attacked model checkpointed after epoch 3 of 5 (its log idle),
     # the detector's score failed just now.
     finish("poison", **s0n)
+    finish("bonafide", **s0n)
     finish("pretrain", **s0n, model="pretrain")
     import torch
 
@@ -67,6 +69,7 @@ def _grid(tmp_path):
     # seed 1, single-patch: poison done, the BaDLoss model training (fresh log), the attacked model's
     # log idle without an error or output; a stale temporary of an old killed write is ignored.
     finish("poison", **s1p)
+    finish("bonafide", **s1p)
     log("pretrain", "[10:00:00] epoch 2/5: batch 3/9, 120 img/s\n", None, **s1p, model="pretrain")
     log("pretrain", "[10:00:00] epoch 1/5 train_loss 0.9\n", OLD, **s1p, model="attacked")
     plan = paths.outputs("plan", res, **s1p, defense="none")["out"]
@@ -88,7 +91,7 @@ def test_jobs_and_cells_are_classified(tmp_path):
     res, logs = _grid(tmp_path)
     jobs, cells = status.collect(cfg, res, logs)
     by = {j.name: j for j in jobs}
-    assert len(jobs) == 3 * 19 + 1 and jobs[-1].stage == "aggregate"
+    assert len(jobs) == 3 * 21 + 1 and jobs[-1].stage == "aggregate"
     assert by["train/digits/single-patch/seed0/badloss"].state == "done"
     ck = by["pretrain/digits/single-narcissus/seed0/attacked"]
     assert (ck.state, ck.detail) == ("checkpointed", "checkpoint after epoch 3/5")
@@ -125,7 +128,7 @@ def test_pending_cell_and_aggregate(tmp_path):
     jobs, cells = status.collect(cfg, res, logs)
     c = next(c for c in cells if c.name == "digits/single-narcissus/seed2/none")
     assert (c.state, c.at.label) == ("pending", "poison")
-    assert status.format_cells([c]) == ["digits/single-narcissus/seed2/none  pending       next: poison (1/5 jobs done)"]
+    assert status.format_cells([c]) == ["digits/single-narcissus/seed2/none  pending       next: poison (1/6 jobs done)"]
     assert jobs[-1].state == "done"
 
 
@@ -136,7 +139,7 @@ def test_cli_prints_cells_jobs_and_totals(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[-2:] == [
         "cells 12: done 2, running 3, checkpointed 1, failed 1, interrupted 1, pending 0, not started 4",
-        "jobs 58: done 14, running 2, checkpointed 1, failed 1, interrupted 1, not started 39"]
+        "jobs 64: done 17, running 2, checkpointed 1, failed 1, interrupted 1, not started 42"]
     line = next(x for x in out if x.startswith("digits/single-narcissus/seed0/badloss "))
     assert "failed" in line and f"score badloss: {logs}/score/digits/single-narcissus/seed0/badloss.log: " in line
     assert any(x.startswith("digits/single-narcissus/seed0/none ") and "checkpoint after epoch 3/5" in x for x in out)
@@ -144,7 +147,7 @@ def test_cli_prints_cells_jobs_and_totals(tmp_path, capsys):
 
     assert cli.main(["status", "--configfile", str(f), "--results", res, "--logs", logs, "--jobs"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert len(out) == 58 + 3 and out[-1].startswith("jobs 58:")
+    assert len(out) == 64 + 3 and out[-1].startswith("jobs 64:")
     assert any(x.startswith("pretrain/digits/single-narcissus/seed0/attacked ") and "checkpointed" in x for x in out)
 
 
@@ -157,4 +160,4 @@ def test_status_does_not_import_torch_without_checkpoints(tmp_path):
     env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
     p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
-    assert "jobs 58: done 0, running 0, checkpointed 0, failed 0, interrupted 0, not started 58" in p.stdout
+    assert "jobs 64: done 0, running 0, checkpointed 0, failed 0, interrupted 0, not started 64" in p.stdout

@@ -82,6 +82,14 @@ def test_tiny_grid_end_to_end(tmp_path):
     # The console names each job's cell.
     assert "digits/multi/seed0 badloss_r20: final training" in dry.stdout
 
+    # Which examples the defender knows as clean does not change the training set: another bona fide
+    # draw reruns what reads it, never the poisoning, the trigger or a defender model.
+    cfg3 = {**TINY, "bona_fide": {"n_clean": 80, "stratified": True}}
+    cfgfile3 = tmp_path / "tiny3.yaml"
+    cfgfile3.write_text(yaml.safe_dump(cfg3))
+    counts = _job_counts(snakemake(tmp_path, "all", "--configfile", str(cfgfile3), "-n").stdout)
+    assert counts == {"bonafide": 2, "score": 2, "plan": 4, "train": 2, "evaluate": 4, "aggregate": 1}, counts
+
 
 def _job_counts(out: str) -> dict[str, int]:
     """Snakemake's 'Job stats' table as {rule: count}."""

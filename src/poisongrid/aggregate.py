@@ -431,7 +431,7 @@ def trajectory_figure(trajectories_path, manifest_path, out_path, title: str) ->
     cols = [f"loss_e{e:03d}" for e in epochs]
     if missing := [c for c in cols if c not in pf.schema_arrow.names]:
         raise ArtifactError(f"{trajectories_path}: accepted epoch columns {missing} are missing; rerun pretrain")
-    man = read_table(manifest_path, "manifest", columns=["index", "attack", "bona_fide"])[0].to_pandas()
+    man = _with_bona_fide(manifest_path)
     attacks = attack_order(man["attack"].dropna())
     groups = ["clean", "bona fide", *attacks]
     # Each example goes to exactly one group; poisoned wins over a (mis-set) bona fide flag.
@@ -536,6 +536,19 @@ def capacity_figure(df: pd.DataFrame, out_path, title: str) -> Path | None:
 
 
 # ---------------------------------------------------------------- driver
+
+
+def _with_bona_fide(manifest_path):
+    """The manifest's `index` and `attack`, with `bona_fide` from the cell's bona fide file (all
+    False where a grid was aggregated before its bona fide stage ran)."""
+    from . import paths, poisoning
+
+    w = paths.parse("manifest", manifest_path)
+    bf = Path(paths.path("bona_fide", w["results"], **{k: w[k] for k in ("dataset", "scenario", "seed")})) if w else None
+    man, _ = poisoning.read_manifest(manifest_path, bf if bf is not None and bf.exists() else None)
+    if "bona_fide" not in man:
+        man["bona_fide"] = False
+    return man[["index", "attack", "bona_fide"]]
 
 
 def _manifest_of(losses_path) -> Path:

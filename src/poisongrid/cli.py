@@ -20,7 +20,7 @@ def _log(msg: str) -> None:
 
 
 # File flags every stage subcommand accepts; each stage reads or writes the ones paths.STAGES declares.
-FILE_FLAGS = ("manifest", "images", "weights", "trajectories", "features", "scores", "plan", "out")
+FILE_FLAGS = ("manifest", "images", "bona_fide", "weights", "trajectories", "features", "scores", "plan", "out")
 
 
 def _add_cell(p: argparse.ArgumentParser, stage: str) -> None:
@@ -163,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     helps = {
         "trigger": "optimise a learned trigger (Narcissus) for a dataset and seed",
         "poison": "build the poisoned training set of a scenario",
+        "bonafide": "draw the bona fide examples (those the defender knows to be clean) of a poisoned set",
         "pretrain": "train a defender model (--model) on the poisoned set, recording per-example losses",
         "features": "penultimate-layer features of every training example under a defender model",
         "score": "anomaly score of every training example by one detector",
@@ -172,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     }
     for stage, text in helps.items():
         p = sub.add_parser(stage, help=text, description=text + ". Files default to the layout under --results; "
-                           "--manifest/--images/--weights/--trajectories/--features/--scores/--plan/--out PATH and "
+                           "--manifest/--images/--bona_fide/--weights/--trajectories/--features/--scores/--plan/--out PATH and "
                            "--trigger ATTACK=PATH override them.")
         _add_cell(p, stage)
         p.set_defaults(fn=lambda args, stage=stage: run_stage(stage, args))

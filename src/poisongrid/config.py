@@ -424,6 +424,8 @@ def stage_spec(cfg: dict, stage: str, dataset: str, scenario: str | None = None,
         spec["scenario"] = scenario
         spec["attacks"] = {a: ds["attacks"][a] for a in names}
         spec["all_attacks"] = list(ds["attacks"])  # targets are drawn in this order for every scenario
+    elif stage == "bonafide":
+        spec["scenario"] = scenario
         spec["bona_fide"] = cfg["bona_fide"]
     elif stage == "pretrain":
         spec["model"] = defender_model_spec(cfg, dataset, model)
@@ -454,7 +456,7 @@ def stage_spec(cfg: dict, stage: str, dataset: str, scenario: str | None = None,
         spec["attacks"] = scenario_attacks(ds, scenario) if scenario else []
         spec["runtime"] = runtime_spec(cfg)
     else:
-        raise ConfigError("stage", stage, "one of trigger, poison, pretrain, features, score, plan, train, evaluate")
+        raise ConfigError("stage", stage, "one of trigger, poison, bonafide, pretrain, features, score, plan, train, evaluate")
     return spec
 
 

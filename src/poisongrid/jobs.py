@@ -30,6 +30,7 @@ def cell_jobs(cfg: dict, dataset: str, scenario: str, seed: int, defenses: list[
             jobs.append(("trigger", {**c, "attack": a}))
     c["scenario"] = scenario
     jobs.append(("poison", dict(c)))
+    jobs.append(("bonafide", dict(c)))
     from .detectors import DETECTORS
 
     models, feats, detectors = [], [], []

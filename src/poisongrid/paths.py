@@ -14,6 +14,7 @@ PATTERNS = {
     "trigger": "{results}/{dataset}/triggers/{attack}-seed{seed}.npz",
     "manifest": CELL + "/poison/manifest.parquet",
     "poisoned": CELL + "/poison/poisoned.npz",
+    "bona_fide": CELL + "/bona_fide.parquet",
     "defender_model": CELL + "/models/{model}/model.pt",
     "losses": CELL + "/models/{model}/trajectories.parquet",
     "features": CELL + "/models/{model}/features.npz",
@@ -28,6 +29,7 @@ LOG_CELL = "{logs}/{stage}/{dataset}/{scenario}/seed{seed}"
 LOGS = {
     "trigger": "{logs}/trigger/{dataset}/{attack}-seed{seed}.log",
     "poison": LOG_CELL + ".log",
+    "bonafide": LOG_CELL + ".log",
     "pretrain": LOG_CELL + "/{model}.log",
     "features": LOG_CELL + "/{model}.log",
     "score": LOG_CELL + "/{detector}.log",
@@ -123,7 +125,7 @@ def _score_inputs(spec: dict) -> dict[str, Input]:
     from .detectors import DETECTORS
 
     needs = DETECTORS.get(spec["type"], "detector type").needs
-    out: dict[str, Input] = {"manifest": ("manifest", {})}
+    out: dict[str, Input] = {"manifest": ("manifest", {}), "bona_fide": ("bona_fide", {})}
     for name in needs:
         if name == "images":
             out[name] = ("poisoned", {})
@@ -133,7 +135,7 @@ def _score_inputs(spec: dict) -> dict[str, Input]:
 
 
 def _plan_inputs(spec: dict) -> dict[str, Input]:
-    out: dict[str, Input] = {"manifest": ("manifest", {})}
+    out: dict[str, Input] = {"manifest": ("manifest", {}), "bona_fide": ("bona_fide", {})}
     if spec.get("detector"):
         out["scores"] = ("scores", {"detector": spec["detector"]})
     return out
@@ -152,7 +154,7 @@ def _evaluate_inputs(spec: dict) -> dict[str, Input]:
 def _train_inputs(spec: dict) -> dict[str, Input]:
     from .remedies import REMEDIES
 
-    out = {**_poisoned(spec), "plan": ("plan", {})}
+    out = {**_poisoned(spec), "bona_fide": ("bona_fide", {}), "plan": ("plan", {})}
     d = spec.get("defense") or {}
     model = REMEDIES.get(d["remedy"], "remedy").reads_model(d) if d else None
     if model:
@@ -169,6 +171,7 @@ CELL_W = ("dataset", "scenario", "seed")
 STAGES: dict[str, Stage] = {
     "trigger": Stage(("dataset", "attack", "seed"), {"out": "trigger"}, lambda spec: {}),
     "poison": Stage(CELL_W, {"manifest": "manifest", "images": "poisoned"}, lambda spec: _triggers(spec["attacks"])),
+    "bonafide": Stage(CELL_W, {"out": "bona_fide"}, lambda spec: {"manifest": ("manifest", {})}),
     "pretrain": Stage(CELL_W + ("model",), {"weights": "defender_model", "trajectories": "losses"}, _poisoned),
     "features": Stage(CELL_W + ("model",), {"out": "features"},
                       lambda spec: {**_poisoned(spec), "weights": ("defender_model", {})}),

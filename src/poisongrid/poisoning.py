@@ -1,4 +1,4 @@
-"""Scenarios: choose targets and images, apply the attacks, mark bona fide examples.
+"""Scenarios: choose targets and images, apply the attacks; then, apart, the bona fide examples.
 
 Targets are drawn per attack from (seed, attack name) alone, so `single-x` and `multi` with the
 same seed share each attack's target (and the Narcissus trigger made for it)."""
@@ -56,13 +56,13 @@ def _count(cfg: dict, n: int) -> int:
 
 @dataclass
 class PoisonedSet:
-    manifest: pd.DataFrame  # index, label, orig_label, attack, target, bona_fide
+    manifest: pd.DataFrame  # index, label, orig_label, attack, target
     index: np.ndarray  # rows whose image changed
     images: np.ndarray  # their new uint8 images
     meta: dict  # targets, per-attack seeds and params, counts
 
 
-def poison(ds: Dataset, attacks: dict[str, dict], all_attacks: list[str], seed: int, bona_fide: dict,
+def poison(ds: Dataset, attacks: dict[str, dict], all_attacks: list[str], seed: int,
            artifacts: dict[str, dict] | None = None) -> PoisonedSet:
     artifacts = artifacts or {}
     labels = ds.train.labels
@@ -96,11 +96,10 @@ def poison(ds: Dataset, attacks: dict[str, dict], all_attacks: list[str], seed: 
             new_labels[chosen] = t
         info[name] = {"target": t, "seed": attack_seed(seed, name), "count": int(k), "clean_label": atk.clean_label,
                       "params": attack_params(cfg)}
-    bona = _bona_fide(~used, labels, ds.num_classes, bona_fide, rng)
     manifest = pd.DataFrame({
         "index": np.arange(n, dtype=np.int64), "label": new_labels.astype(np.int64),
         "orig_label": labels.astype(np.int64), "attack": pd.array(attack_col, dtype="string"),
-        "target": target_col, "bona_fide": bona,
+        "target": target_col,
     })
     index = np.concatenate(idx_parts) if idx_parts else np.zeros(0, dtype=np.int64)
     images = np.concatenate(img_parts) if img_parts else np.zeros((0, *ds.image_shape), dtype=np.uint8)
@@ -116,7 +115,11 @@ def _build(name: str, cfg: dict, shape, seed: int, artifacts: dict) -> Attack:
     return build_attack(name, shape, attack_seed(seed, name), attack_params(cfg), artifacts.get(name))
 
 
-def _bona_fide(pool: np.ndarray, labels: np.ndarray, num_classes: int, cfg: dict, rng) -> np.ndarray:
+def draw_bona_fide(untouched: np.ndarray, labels: np.ndarray, num_classes: int, seed: int, cfg: dict) -> np.ndarray:
+    """Which untouched examples the defender knows to be clean. A stream of its own, so the
+    poisoned set (and every model trained on it) does not depend on this choice."""
+    rng = np.random.default_rng([seed, 3])
+    pool = np.asarray(untouched, dtype=bool)
     n_clean = int(cfg["n_clean"])
     cand = np.flatnonzero(pool)
     if n_clean > len(cand):
@@ -142,12 +145,48 @@ def write(ps: PoisonedSet, manifest_path, images_path) -> None:
     write_table(manifest_path, pa.Table.from_pandas(ps.manifest, preserve_index=False), MANIFEST_KIND, ps.meta)
 
 
-MANIFEST_COLUMNS = ("index", "label", "orig_label", "attack", "target", "bona_fide")
+MANIFEST_COLUMNS = ("index", "label", "orig_label", "attack", "target")
+BONA_FIDE_KIND = "bona_fide"
 
 
-def read_manifest(path) -> tuple[pd.DataFrame, dict]:
-    table, meta = read_table(path, MANIFEST_KIND, require=MANIFEST_COLUMNS)
-    return table.to_pandas(), meta
+def read_manifest(path, bona_fide_path=None, columns=None) -> tuple[pd.DataFrame, dict]:
+    """The manifest (all columns, or `columns`), with the `bona_fide` mask joined from its own file
+    when one is given."""
+    table, meta = read_table(path, MANIFEST_KIND, require=MANIFEST_COLUMNS, columns=columns)
+    man = table.to_pandas()
+    if bona_fide_path is not None:
+        man["bona_fide"] = read_bona_fide(bona_fide_path, man["index"].to_numpy(), meta)
+    return man, meta
+
+
+def write_bona_fide(path, index: np.ndarray, mask: np.ndarray, meta: dict) -> None:
+    write_table(path, pa.table({"index": np.asarray(index, dtype=np.int64), "bona_fide": np.asarray(mask, dtype=bool)}),
+                BONA_FIDE_KIND, meta)
+
+
+def read_bona_fide(path, index: np.ndarray, manifest_meta: dict) -> np.ndarray:
+    """The bona fide mask aligned to the manifest's `index`, checked to be drawn from that manifest."""
+    from . import provenance
+
+    table, meta = read_table(path, BONA_FIDE_KIND, require=("index", "bona_fide"))
+    provenance.same_cell(path, meta, provenance.of(manifest_meta, "the manifest"))
+    if meta.get("manifest_n") != len(index) or meta.get("manifest_fingerprint") != manifest_fingerprint(manifest_meta):
+        raise ArtifactError(f"{path}: drawn from another poisoned set than this manifest; delete it and rerun the bonafide stage")
+    got = table.column("index").to_numpy()
+    if len(got) != len(index) or not np.array_equal(np.sort(got), np.sort(index)):
+        raise ArtifactError(f"{path}: covers other examples than the manifest; delete it and rerun the bonafide stage")
+    mask = np.zeros(int(index.max()) + 1 if len(index) else 0, dtype=bool)
+    mask[got] = table.column("bona_fide").to_numpy(zero_copy_only=False)
+    return mask[index]
+
+
+def manifest_fingerprint(meta: dict) -> str:
+    """What identifies a poisoned set: its cell, attacks (targets, counts, parameters) and size."""
+    import hashlib
+    import json
+
+    keys = {k: meta.get(k) for k in ("cell", "attacks", "n_train", "dataset", "seed")}
+    return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class TrainingImages:

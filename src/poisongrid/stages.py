@@ -91,7 +91,7 @@ def poison(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
         got = int(z["target"])
         if got != want_t:
             raise ArtifactError(f"{path}: trigger was optimised for class {got}, but this seed's {name} target is {want_t}")
-    ps = poisoning.poison(ds, spec["attacks"], spec["all_attacks"], spec["seed"], spec["bona_fide"], trig)
+    ps = poisoning.poison(ds, spec["attacks"], spec["all_attacks"], spec["seed"], trig)
     ps.meta["scenario"] = spec["scenario"]
     ps.meta["cell"] = provenance.cell(spec["dataset"]["name"], spec["scenario"], spec["seed"])
     poisoning.write(ps, out["manifest"], out["images"])
@@ -99,17 +99,34 @@ def poison(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
     return ps.meta
 
 
-def _manifest(spec: dict, manifest_path, ground_truth: bool = True):
-    """The cell's manifest (the defender's columns only unless ground_truth), checked against the
-    dataset and seed of the job reading it."""
-    man, meta = poisoning.read_manifest(manifest_path) if ground_truth else defender_manifest(manifest_path)
+def bonafide(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
+    """Draw the examples the defender knows to be clean, among those no attack touched. Its own
+    artifact: changing `bona_fide` reruns this and what reads it, never poisoning or pretraining."""
+    man, mmeta = _manifest(spec, inp["manifest"])
+    cfg = spec["bona_fide"]
+    mask = poisoning.draw_bona_fide(man["attack"].isna().to_numpy(), man["orig_label"].to_numpy(),
+                                    int(mmeta["num_classes"]), spec["seed"], cfg)
+    meta = {"cell": provenance.of(mmeta, inp["manifest"]), "n_clean": int(mask.sum()), "settings": cfg,
+            "manifest_n": len(man), "manifest_fingerprint": poisoning.manifest_fingerprint(mmeta)}
+    poisoning.write_bona_fide(out["out"], man["index"].to_numpy(), mask, meta)
+    log(f"bona fide: {meta['n_clean']} examples" + (" (stratified)" if cfg.get("stratified") else ""))
+    return meta
+
+
+def _manifest(spec: dict, manifest_path, ground_truth: bool = True, bona_fide_path=None):
+    """The cell's manifest (the defender's columns only unless ground_truth; with the bona fide
+    mask when its file is given), checked against the dataset and seed of the job reading it."""
+    if ground_truth:
+        man, meta = poisoning.read_manifest(manifest_path, bona_fide_path)
+    else:
+        man, meta = defender_manifest(manifest_path, bona_fide_path)
     provenance.check(manifest_path, meta, dataset=(spec.get("dataset") or {}).get("name"), seed=spec.get("seed"))
     return man, meta
 
 
-def _poisoned_training_set(spec: dict, manifest_path, images_path):
+def _poisoned_training_set(spec: dict, manifest_path, images_path, bona_fide_path=None):
     ds = get_dataset(spec)
-    man, meta = _manifest(spec, manifest_path)
+    man, meta = _manifest(spec, manifest_path, bona_fide_path=bona_fide_path)
     return ds, man, meta, poisoning.training_images(ds, images_path, man)
 
 
@@ -212,7 +229,7 @@ def plan(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
     """Per-example weights of a defense: 1 train as usual, 0 drop, < 0 gradient ascent."""
     cls = REMEDIES.get(spec["remedy"], "remedy")
     remedy = cls(**{k: v for k, v in spec.items() if k in cls.params})
-    man, mmeta = _manifest({}, inp["manifest"], ground_truth=cls.ground_truth)
+    man, mmeta = _manifest({}, inp["manifest"], ground_truth=cls.ground_truth, bona_fide_path=inp["bona_fide"])
     ref = provenance.of(mmeta, inp["manifest"])
     n = len(man)
     sc, smeta = np.full(n, np.nan), {}
@@ -250,7 +267,7 @@ def train(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
     from .training import load_model, remove_checkpoint, save_model, setup_runtime
 
     device = setup_runtime(spec["runtime"])
-    ds, man, mmeta, x = _poisoned_training_set(spec, inp["manifest"], inp["images"])
+    ds, man, mmeta, x = _poisoned_training_set(spec, inp["manifest"], inp["images"], inp["bona_fide"])
     pl, pmeta = read_plan(inp["plan"], len(man))
     ref = provenance.of(mmeta, inp["manifest"])
     d = spec["defense"]

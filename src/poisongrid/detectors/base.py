@@ -138,7 +138,7 @@ class Context:
 
     @property
     def manifest(self):
-        return self._get("manifest", lambda: defender_manifest(self.paths["manifest"])[0])
+        return self._get("manifest", lambda: defender_manifest(self.paths["manifest"], self.paths.get("bona_fide"))[0])
 
     @property
     def labels(self) -> np.ndarray:
@@ -195,9 +195,15 @@ class Context:
         return torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, *stream]).generate_state(1)[0]))
 
 
-def defender_manifest(path):
-    table, meta = read_table(path, "manifest", columns=DEFENDER_COLUMNS)
-    return table.to_pandas(), meta
+def defender_manifest(path, bona_fide_path=None):
+    """The manifest as the defender sees it: `index`, `label` and, from the bona fide file, `bona_fide`."""
+    from ..poisoning import read_bona_fide
+
+    table, meta = read_table(path, "manifest", columns=DEFENDER_COLUMNS[:2])
+    man = table.to_pandas()
+    if bona_fide_path is not None:
+        man["bona_fide"] = read_bona_fide(bona_fide_path, man["index"].to_numpy(), meta)
+    return man, meta
 
 
 def knn_log_distance(x: np.ndarray, ref: np.ndarray, k: int, eps: float = 1e-8, chunk: int = 16384,
@@ -286,7 +292,7 @@ def _manifest_and_trajectories(paths: dict) -> tuple:
     row per example (its own row count, not only what its metadata claims)."""
     from ..io import table_meta
 
-    man, _ = defender_manifest(paths["manifest"])
+    man, _ = defender_manifest(paths["manifest"], paths.get("bona_fide"))
     pf, tmeta = table_meta(paths["trajectories"], trajectories.KIND)
     n, rows = len(man), pf.metadata.num_rows
     if tmeta.get("n_examples") != n or rows != n:
