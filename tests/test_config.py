@@ -72,6 +72,8 @@ def test_defaults_filled_and_cells():
     ({"detectors__badloss__log_losses": "no"}, "detectors.badloss.log_losses", "true or false"),
     ({"detectors__badloss__k": True}, "detectors.badloss.k", "integer"),
     ({"datasets__digits__epochs": 0}, "datasets.digits.epochs", "minimum"),
+    ({"datasets__digits__overlap": "yes"}, "datasets.digits.overlap", "boolean"),
+    ({"datasets__digits__overlap": 1}, "datasets.digits.overlap", "boolean"),
 ])
 def test_bad_input_names_key_value_and_allowed(patch, key, allowed):
     with pytest.raises(ConfigError) as e:
@@ -191,3 +193,19 @@ def test_problems_in_several_parts_are_reported_together():
         config.validate(c)
     msg = str(e.value)
     assert msg.startswith("2 problems") and "datasets.digits.model" in msg and "cluster.gpus_per_job" in msg
+
+
+def test_overlap_option_reaches_only_the_poison_specs_where_attacks_can_meet():
+    off, on = config.validate(cfg()), config.validate(cfg(datasets__digits__overlap=True))
+    assert off["datasets"]["digits"]["overlap"] is False
+    assert "overlap" not in config.stage_spec(off, "poison", "digits", "multi", 0)
+    assert config.stage_spec(on, "poison", "digits", "multi", 0)["overlap"] is True
+    # One attack alone cannot share an image: its cached poisoned set stays valid.
+    assert config.stage_spec(on, "poison", "digits", "single-patch", 0) == config.stage_spec(off, "poison", "digits", "single-patch", 0)
+    for stage, kw in (("pretrain", {"model": "pretrain"}), ("train", {"defense": "badloss"})):
+        assert config.stage_spec(on, stage, "digits", "multi", 0, **kw) == config.stage_spec(off, stage, "digits", "multi", 0, **kw)
+    # Ratios may then sum to 1 or more (each still below 1).
+    big = {"patch": {"ratio": 0.6}, "blend_random": {"ratio": 0.5}}
+    config.validate(cfg(datasets__digits__attacks=big, datasets__digits__overlap=True))
+    with pytest.raises(ConfigError, match="overlap: true"):
+        config.validate(cfg(datasets__digits__attacks=big))
