@@ -209,3 +209,25 @@ def test_overlap_option_reaches_only_the_poison_specs_where_attacks_can_meet():
     config.validate(cfg(datasets__digits__attacks=big, datasets__digits__overlap=True))
     with pytest.raises(ConfigError, match="overlap: true"):
         config.validate(cfg(datasets__digits__attacks=big))
+
+
+def test_shipped_imagenette_and_imagenet_blends_use_alpha_015():
+    """The authors' code blends at one alpha, 0.15, on Imagenette and ImageNet for all three blends
+    (Blend-R, Blend-P, Sinusoid); elsewhere 0.075 / 0.025 / 0.075."""
+    import glob
+
+    from poisongrid.attacks import ATTACKS
+
+    seen = set()
+    for path in ["config.yaml", *sorted(glob.glob("configs/*.yaml"))]:
+        for name, ds in (yaml.safe_load(open(path)).get("datasets") or {}).items():
+            if ds.get("loader", name) not in ("imagenette", "imagenet"):
+                continue
+            for attack in ("blend_random", "blend_pattern", "sinusoid"):
+                if attack in ds["attacks"]:
+                    alpha = ds["attacks"][attack].get("alpha", ATTACKS.get(attack).defaults["alpha"])
+                    assert alpha == 0.15, (path, name, attack, alpha)
+                    seen.add((path, attack))
+    # Every paper preset with these datasets carries all three blends.
+    for path in ("config.yaml", "configs/badloss-paper.yaml", "configs/imagenet.yaml"):
+        assert {a for p, a in seen if p == path} == {"blend_random", "blend_pattern", "sinusoid"}, path
