@@ -297,3 +297,20 @@ def test_detection_quality_counts_a_shared_image_for_each_of_its_attacks():
     q = detection_quality(man, scores, flagged=np.array([True, True, False, False, False]))
     assert q["recall_per_attack"] == {"patch": 1.0, "sinusoid": 0.5}
     assert q["auroc_per_attack"]["patch"] == 1.0 and q["auroc_per_attack"]["sinusoid"] == 0.5
+
+
+def test_poison_stage_passes_overlap_from_the_config_and_the_defender_never_sees_it(tmp_path):
+    from poisongrid import config, stages
+    from poisongrid.detectors import defender_manifest
+
+    big = {"patch": {"ratio": 0.6}, "blend_random": {"ratio": 0.5, "alpha": 0.1}}
+    c = config.validate({"datasets": {"digits": {"model": "smallcnn", "image_size": 16, "overlap": True, "attacks": big}},
+                         "bona_fide": {"n_clean": 10}, "detectors": {}, "defenses": {"none": {"remedy": "none"}}}, deep=False)
+    out = {"manifest": tmp_path / "m.parquet", "images": tmp_path / "p.npz"}
+    meta = stages.poison(config.stage_spec(c, "poison", "digits", "multi", 0), {}, out)
+    man, _ = poisoning.read_manifest(out["manifest"])
+    assert meta["overlap"] is True and (man["attack"] == "patch+blend_random").sum() == meta["n_shared"] > 0
+    for name, cfg in big.items():
+        assert poisoning.carries(man["attack"], name).sum() == int(len(man) * cfg["ratio"])
+    seen, _ = defender_manifest(out["manifest"])
+    assert list(seen.columns) == ["index", "label", "bona_fide"]
