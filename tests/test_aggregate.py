@@ -274,3 +274,19 @@ def test_clean_scenario_and_the_per_attack_table(tmp_path):
     clean_rows = table_rows(md, "digits — clean")
     assert clean_rows["none"][1] == "96.00" and clean_rows["none"][-1] == "–"
     assert not any("clean" in p.name for p in out["asr"])
+
+
+def test_figures_group_images_several_attacks_share(tmp_path):
+    """With overlap a manifest row may name several attacks (joined by '+'): each attack's group keeps
+    the rows carrying it alone, the shared rows form one more group."""
+    col = pd.Series(pd.array(["sinusoid+patch", "patch", None, "single_pixel", "patch+single_pixel"], dtype="string"))
+    attacks, shared = aggregate._attack_groups(col)
+    assert attacks == ["patch", "single_pixel", "sinusoid"] and shared.tolist() == [True, False, False, False, True]
+    t2, _ = pretrain_cell(tmp_path, epochs=1, skipped=(), model="teacher")
+    t, m = pretrain_cell(tmp_path)  # the same manifest as the teacher's cell
+    man, meta = read_table(m, "manifest")
+    df = man.to_pandas()
+    df.loc[:9, "attack"] = "sinusoid+patch"
+    write_table(m, pa.Table.from_pandas(df, preserve_index=False), "manifest", meta)
+    assert is_png(aggregate.trajectory_figure(t, m, tmp_path / "traj.png", "x"))
+    assert is_png(aggregate.teacher_figure(t2, m, tmp_path / "teacher.png", "x"))

@@ -72,6 +72,8 @@ def test_defaults_filled_and_cells():
     ({"detectors__badloss__log_losses": "no"}, "detectors.badloss.log_losses", "true or false"),
     ({"detectors__badloss__k": True}, "detectors.badloss.k", "integer"),
     ({"datasets__digits__epochs": 0}, "datasets.digits.epochs", "minimum"),
+    ({"datasets__digits__overlap": "yes"}, "datasets.digits.overlap", "boolean"),
+    ({"datasets__digits__overlap": 1}, "datasets.digits.overlap", "boolean"),
 ])
 def test_bad_input_names_key_value_and_allowed(patch, key, allowed):
     with pytest.raises(ConfigError) as e:
@@ -191,3 +193,41 @@ def test_problems_in_several_parts_are_reported_together():
         config.validate(c)
     msg = str(e.value)
     assert msg.startswith("2 problems") and "datasets.digits.model" in msg and "cluster.gpus_per_job" in msg
+
+
+def test_overlap_option_reaches_only_the_poison_specs_where_attacks_can_meet():
+    off, on = config.validate(cfg()), config.validate(cfg(datasets__digits__overlap=True))
+    assert off["datasets"]["digits"]["overlap"] is False
+    assert "overlap" not in config.stage_spec(off, "poison", "digits", "multi", 0)
+    assert config.stage_spec(on, "poison", "digits", "multi", 0)["overlap"] is True
+    # One attack alone cannot share an image: its cached poisoned set stays valid.
+    assert config.stage_spec(on, "poison", "digits", "single-patch", 0) == config.stage_spec(off, "poison", "digits", "single-patch", 0)
+    for stage, kw in (("pretrain", {"model": "pretrain"}), ("train", {"defense": "badloss"})):
+        assert config.stage_spec(on, stage, "digits", "multi", 0, **kw) == config.stage_spec(off, stage, "digits", "multi", 0, **kw)
+    # Ratios may then sum to 1 or more (each still below 1).
+    big = {"patch": {"ratio": 0.6}, "blend_random": {"ratio": 0.5}}
+    config.validate(cfg(datasets__digits__attacks=big, datasets__digits__overlap=True))
+    with pytest.raises(ConfigError, match="overlap: true"):
+        config.validate(cfg(datasets__digits__attacks=big))
+
+
+def test_shipped_imagenette_and_imagenet_blends_use_alpha_015():
+    """The authors' code blends at one alpha, 0.15, on Imagenette and ImageNet for all three blends
+    (Blend-R, Blend-P, Sinusoid); elsewhere 0.075 / 0.025 / 0.075."""
+    import glob
+
+    from poisongrid.attacks import ATTACKS
+
+    seen = set()
+    for path in ["config.yaml", *sorted(glob.glob("configs/*.yaml"))]:
+        for name, ds in (yaml.safe_load(open(path)).get("datasets") or {}).items():
+            if ds.get("loader", name) not in ("imagenette", "imagenet"):
+                continue
+            for attack in ("blend_random", "blend_pattern", "sinusoid"):
+                if attack in ds["attacks"]:
+                    alpha = ds["attacks"][attack].get("alpha", ATTACKS.get(attack).defaults["alpha"])
+                    assert alpha == 0.15, (path, name, attack, alpha)
+                    seen.add((path, attack))
+    # Every paper preset with these datasets carries all three blends.
+    for path in ("config.yaml", "configs/badloss-paper.yaml", "configs/imagenet.yaml"):
+        assert {a for p, a in seen if p == path} == {"blend_random", "blend_pattern", "sinusoid"}, path

@@ -211,3 +211,147 @@ def test_every_attack_joins_one_multi_scenario(ds):
             assert (rows["label"] == t).all(), a
     untouched = np.setdiff1d(np.arange(len(m)), ps.index)
     assert (m["label"].to_numpy()[untouched] == ds.train.labels[untouched]).all()
+
+
+# ---- overlap: attacks sharing images (BaDLoss Appendix F) ----------------------------------------
+
+def _planted(n=60, size=16):
+    """Two classes taking turns; image i is a flat grey of its own level, so each trigger's effect
+    can be computed by hand."""
+    from poisongrid.data import Dataset, Split
+
+    levels = 40 + 2 * np.arange(n)
+    x = np.broadcast_to(levels[:, None, None, None], (n, 3, size, size)).astype(np.uint8)
+    y = (np.arange(n) % 2).astype(np.int64)
+    return Dataset("planted", Split(x, y), Split(x[:4], y[:4]), ["a", "b"])
+
+
+# Together 84 of 60 images: pigeonhole forces sharing; sinusoid (clean-label) on 24 of class 0's 30.
+OVERLAP = {"sinusoid": {"ratio": 0.4, "alpha": 0.1, "target": 0}, "patch": {"ratio": 0.5, "target": 1},
+           "blend_pattern": {"ratio": 0.5, "alpha": 0.2, "target": 0}}
+
+
+def _by_hand(v: float, name: str, size: int) -> np.ndarray:
+    """Image of grey level v after attack `name` alone, from the triggers' definitions."""
+    img = np.full((3, size, size), float(v))
+    if name == "patch":  # white at (H-2,W-2), (H-4,W-2), (H-2,W-4), (H-3,W-3)
+        for r, c in ((2, 2), (4, 2), (2, 4), (3, 3)):
+            img[:, size - r, size - c] = 255
+        return img
+    if name == "blend_pattern":  # white dots on even rows and even columns
+        p = np.zeros((size, size))
+        p[::2, ::2] = 255
+        return 0.8 * img + 0.2 * p
+    col = 255 * (1 - np.cos(2 * np.pi * 6 * np.arange(size) / size))  # sinusoid: vertical stripes
+    return np.clip(0.9 * img + 0.1 * col, 0, 255)
+
+
+def _compose(v: float, names: list[str], size: int) -> np.ndarray:
+    img = np.full((3, size, size), float(v))
+    for name in names:
+        if name == "patch":
+            img[:, _by_hand(0, "patch", size)[0] == 255] = 255
+        else:  # blends are affine in the image: (1-a) x + a p, and a p is the blend of a black image
+            a = 0.2 if name == "blend_pattern" else 0.1
+            img = np.clip(np.rint((1 - a) * img + _by_hand(0.0, name, size)), 0, 255)
+    return img
+
+
+@pytest.mark.parametrize("all_attacks", [["patch", "blend_pattern", "sinusoid"], ["blend_pattern", "patch", "sinusoid"]])
+def test_overlap_stacks_triggers_in_order_and_keeps_each_ratio(all_attacks):
+    ds = _planted()
+    n, size = len(ds.train.labels), ds.image_shape[-1]
+    ps = poisoning.poison(ds, OVERLAP, all_attacks, seed=0, overlap=True)
+    m = ps.manifest
+    col = m["attack"]
+    for name, cfg in OVERLAP.items():  # every attack still poisons exactly its ratio
+        assert poisoning.carries(col, name).sum() == int(n * cfg["ratio"])
+    shared = col.fillna("").str.contains("+", regex=False).to_numpy()
+    assert shared.sum() >= 24 and ps.meta["n_shared"] == shared.sum() and ps.meta["overlap"] is True
+    assert (col.fillna("").str.count(r"\+") == 2).any()  # some image carries all three
+    # One stored image per poisoned row, carrying every trigger of its row in the documented order:
+    # clean-label first, then the dataset's attack order.
+    assert len(np.unique(ps.index)) == len(ps.index) and np.array_equal(ps.index, np.flatnonzero(col.notna()))
+    order = ["sinusoid"] + [a for a in all_attacks if a != "sinusoid"]
+    for i, img in zip(ps.index, ps.images):
+        names = col[i].split("+")
+        assert names == [a for a in order if a in names]
+        want = _compose(ds.train.images[i, 0, 0, 0], names, size)
+        assert np.abs(img.astype(float) - want).max() <= 1, (i, names)
+        # The label is the last label-flipping attack's target; clean-label alone keeps the label.
+        flips = [a for a in names if a != "sinusoid"]
+        assert m.loc[i, "label"] == (OVERLAP[flips[-1]]["target"] if flips else ds.train.labels[i]) == m.loc[i, "target"]
+    # The patch drawn last is pure white; drawn before the blend it is blended like any pixel (at
+    # (H-3,W-3), off the dot lattice: 0.8 * 255).
+    both = [i for i in ps.index if {"patch", "blend_pattern"} <= set(col[i].split("+"))]
+    corner = ps.images[np.searchsorted(ps.index, both)][:, :, size - 3, size - 3]
+    assert set(np.unique(corner)) <= {204, 255}
+    assert (corner == 255).all() == (all_attacks.index("patch") > all_attacks.index("blend_pattern"))
+    bona = poisoning.draw_bona_fide(col.isna().to_numpy(), m["orig_label"].to_numpy(), 2, 0, {"n_clean": 2})
+    assert not (bona & col.notna().to_numpy()).any() and bona.sum() == 2
+
+
+def test_without_overlap_no_image_carries_two_triggers():
+    ds = _planted()
+    attacks = {**OVERLAP, "patch": {"ratio": 0.3, "target": 1}, "blend_pattern": {"ratio": 0.25, "alpha": 0.2, "target": 0}}
+    ps = poisoning.poison(ds, attacks, list(attacks), seed=0)
+    col = ps.manifest["attack"]
+    assert not col.fillna("").str.contains("+", regex=False).any() and "overlap" not in ps.meta
+    for name, cfg in attacks.items():
+        assert (col == name).sum() == int(60 * cfg["ratio"])
+    for i, img in zip(ps.index, ps.images):
+        assert np.abs(img.astype(float) - _compose(ds.train.images[i, 0, 0, 0], [col[i]], 16)).max() <= 1
+    with pytest.raises(ConfigError, match="available"):
+        poisoning.poison(ds, OVERLAP, list(OVERLAP), seed=0)
+
+
+def test_detection_quality_counts_a_shared_image_for_each_of_its_attacks():
+    import pandas as pd
+
+    from poisongrid.stages import detection_quality
+
+    man = pd.DataFrame({"attack": pd.array(["patch", "patch+sinusoid", "sinusoid", None, None], dtype="string")})
+    scores = np.array([0.9, 0.8, 0.1, 0.2, 0.3])
+    q = detection_quality(man, scores, flagged=np.array([True, True, False, False, False]))
+    assert q["recall_per_attack"] == {"patch": 1.0, "sinusoid": 0.5}
+    assert q["auroc_per_attack"]["patch"] == 1.0 and q["auroc_per_attack"]["sinusoid"] == 0.5
+
+
+def test_poison_stage_passes_overlap_from_the_config_and_the_defender_never_sees_it(tmp_path):
+    from poisongrid import config, stages
+    from poisongrid.detectors import defender_manifest
+
+    big = {"patch": {"ratio": 0.6}, "blend_random": {"ratio": 0.5, "alpha": 0.1}}
+    c = config.validate({"datasets": {"digits": {"model": "smallcnn", "image_size": 16, "overlap": True, "attacks": big}},
+                         "bona_fide": {"n_clean": 10}, "detectors": {}, "defenses": {"none": {"remedy": "none"}}}, deep=False)
+    out = {"manifest": tmp_path / "m.parquet", "images": tmp_path / "p.npz"}
+    meta = stages.poison(config.stage_spec(c, "poison", "digits", "multi", 0), {}, out)
+    man, _ = poisoning.read_manifest(out["manifest"])
+    assert meta["overlap"] is True and (man["attack"] == "patch+blend_random").sum() == meta["n_shared"] > 0
+    for name, cfg in big.items():
+        assert poisoning.carries(man["attack"], name).sum() == int(len(man) * cfg["ratio"])
+    bf = tmp_path / "bf.parquet"
+    stages.bonafide(config.stage_spec(c, "bonafide", "digits", "multi", 0), {"manifest": out["manifest"]}, {"out": bf})
+    seen, _ = defender_manifest(out["manifest"], bf)
+    assert list(seen.columns) == ["index", "label", "bona_fide"] and seen["bona_fide"].sum() == 10
+    assert not (seen["bona_fide"] & man["attack"].notna()).any()
+
+
+def test_a_bona_fide_file_from_another_poisoned_set_is_refused(ds, tmp_path):
+    """Same cell, other attacks: the bona fide draw of one poisoned set never passes for another's."""
+    from poisongrid import stages
+    from poisongrid.errors import ArtifactError
+
+    cell = {"dataset": "digits", "scenario": "multi", "seed": 0}
+    sets = {}
+    for name, attacks in {"a": ATTACKS, "b": {"patch": ATTACKS["patch"]}}.items():
+        ps = poisoning.poison(ds, attacks, list(ATTACKS), seed=0)
+        ps.meta["cell"] = cell
+        poisoning.write(ps, tmp_path / f"{name}.parquet", tmp_path / f"{name}.npz")
+        stages.bonafide({"seed": 0, "bona_fide": BONA}, {"manifest": tmp_path / f"{name}.parquet"},
+                        {"out": tmp_path / f"{name}.bf.parquet"})
+        sets[name] = ps
+    man, _ = poisoning.read_manifest(tmp_path / "a.parquet", tmp_path / "a.bf.parquet")
+    assert man["bona_fide"].sum() == 100 and not (man["bona_fide"] & man["attack"].notna()).any()
+    with pytest.raises(ArtifactError, match=r"b.bf.parquet: drawn from another poisoned set"):
+        poisoning.read_manifest(tmp_path / "a.parquet", tmp_path / "b.bf.parquet")

@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from .config import capacity_swept, figure_name, model_of_path, swept_detectors
 from .errors import ArtifactError
 from .io import atomic_path, read_json, read_table, table_meta, write_table
+from .poisoning import SEP, attack_names
 
 ATTACK_NAMES = {"patch": "Patch", "single_pixel": "Single-Pix", "blend_random": "Blend-R",
                 "blend_pattern": "Blend-P", "sinusoid": "Sinusoid", "narcissus": "Narcissus", "frequency": "Freq",
@@ -137,6 +138,17 @@ def write_summary(df: pd.DataFrame, out_dir) -> list[Path]:
 
 
 # ---------------------------------------------------------------- ordering and formatting
+
+# The figures' group of examples that several attacks share (datasets with `overlap: true`).
+SHARED = "several attacks"
+
+
+def _attack_groups(attack_col: pd.Series) -> tuple[list[str], np.ndarray]:
+    """The attacks of a manifest's `attack` column in paper order, and which rows carry several
+    (those go to their own group; each attack's group holds the rows carrying it alone)."""
+    shared = attack_col.fillna("").str.contains(SEP, regex=False).to_numpy(bool)
+    return attack_order(attack_names(attack_col)), shared
+
 
 def attack_order(attacks: Iterable[str]) -> list[str]:
     """Paper order (Fig. 3) for known attacks, then any others in order of appearance."""
@@ -432,12 +444,13 @@ def trajectory_figure(trajectories_path, manifest_path, out_path, title: str) ->
     if missing := [c for c in cols if c not in pf.schema_arrow.names]:
         raise ArtifactError(f"{trajectories_path}: accepted epoch columns {missing} are missing; rerun pretrain")
     man = _with_bona_fide(manifest_path)
-    attacks = attack_order(man["attack"].dropna())
-    groups = ["clean", "bona fide", *attacks]
+    attacks, shared = _attack_groups(man["attack"])
+    groups = ["clean", "bona fide", *attacks] + ([SHARED] if shared.any() else [])
     # Each example goes to exactly one group; poisoned wins over a (mis-set) bona fide flag.
     code = man["bona_fide"].fillna(False).to_numpy(bool).astype(np.int64)
     for i, a in enumerate(attacks):
         code[(man["attack"] == a).fillna(False).to_numpy(bool)] = i + 2
+    code[shared] = len(attacks) + 2
     lookup = np.full(int(man["index"].max()) + 1 if len(man) else 0, -1, dtype=np.int64)
     lookup[man["index"].to_numpy()] = code
     # Stream row groups and keep per-group sums: a trajectories file may be larger than memory.
@@ -459,7 +472,8 @@ def trajectory_figure(trajectories_path, manifest_path, out_path, title: str) ->
     ax = fig.add_subplot()
     # Bona fide in heavy green as in the paper's Fig. 9; clean drawn over it since the two usually coincide.
     styles = [dict(color="0.35", lw=2, zorder=3), dict(color="green", lw=3.5)] + \
-             [dict(color=ATTACK_LINE_COLORS[i % len(ATTACK_LINE_COLORS)], lw=1.5) for i in range(len(attacks))]
+             [dict(color=ATTACK_LINE_COLORS[i % len(ATTACK_LINE_COLORS)], lw=1.5) for i in range(len(attacks))] + \
+             [dict(color="k", lw=1.5, ls="--")]
     for i, (name, st) in enumerate(zip(groups, styles)):
         if counts[i]:
             # A group whose mean loss reaches 0 would vanish on a log axis; clip to a tiny positive floor.
@@ -481,12 +495,13 @@ def teacher_figure(losses_path, manifest_path, out_path, title: str, gamma_alpha
     df = loss.merge(man, on="index", how="left", validate="one_to_one")
     if len(loss) != len(man) or not np.array_equal(np.sort(loss["index"].to_numpy()), np.sort(man["index"].to_numpy())):
         raise ArtifactError(f"{losses_path}: examples differ from {manifest_path}; the two come from different runs")
-    attacks = attack_order(df["attack"].dropna())
+    attacks, shared = _attack_groups(df["attack"])
     v = np.maximum(df[col].to_numpy(np.float64), 1e-8)
     bins = np.logspace(np.log10(v.min()), np.log10(max(v.max(), v.min() * 10)), 40)
     fig = Figure(figsize=(7.5, 4.2))
     ax = fig.add_subplot()
-    groups = [("clean", df["attack"].isna().to_numpy())] + [(a, (df["attack"] == a).fillna(False).to_numpy(bool)) for a in attacks]
+    groups = [("clean", df["attack"].isna().to_numpy())] + [(a, (df["attack"] == a).fillna(False).to_numpy(bool)) for a in attacks] + \
+             [(SHARED, shared)]
     for i, (name, m) in enumerate(groups):
         if m.any():
             st = dict(color="0.2", lw=2.5) if i == 0 else dict(color=ATTACK_LINE_COLORS[(i - 1) % len(ATTACK_LINE_COLORS)], lw=1.4)

@@ -228,8 +228,9 @@ def _check_dataset(name: str, ds: dict, deep: bool = True) -> None:
             # what it learns: the trigger stage makes that later).
             shape = (3, ds["image_size"] or 32, ds["image_size"] or 32)
             cls(shape, 0, **params)
-    if total >= 1:
-        raise ConfigError(f"datasets.{name}.attacks", f"ratios summing to {total:g}", "ratios summing to less than 1")
+    if total >= 1 and not ds["overlap"]:
+        raise ConfigError(f"datasets.{name}.attacks", f"ratios summing to {total:g}",
+                          "ratios summing to less than 1 (or overlap: true, letting attacks share images)")
     ds.setdefault("scenarios", ["multi"] + [f"single-{a}" for a in ds["attacks"]])
     for s in ds["scenarios"]:
         scenario_attacks(ds, s, key=f"datasets.{name}.scenarios")
@@ -320,7 +321,9 @@ def _check_budgets(cfg: dict) -> None:
         n = train_size(ds, cfg["data_dir"])
         if n is None:
             continue
-        poisoned = sum(max(int(n * a["ratio"]), a["min_count"]) for a in ds["attacks"].values())
+        counts = [max(int(n * a["ratio"]), a["min_count"]) for a in ds["attacks"].values()]
+        # With overlap the poisoned set is at least the largest attack's (its union is drawn at random).
+        poisoned = max(counts) if ds["overlap"] else sum(counts)
         pool = n - poisoned
         if n_clean > pool:
             raise ConfigError("bona_fide.n_clean", n_clean, f"at most {pool}, the untouched examples of '{name}' ({n} training images, {poisoned} poisoned)")
@@ -424,6 +427,9 @@ def stage_spec(cfg: dict, stage: str, dataset: str, scenario: str | None = None,
         spec["scenario"] = scenario
         spec["attacks"] = {a: ds["attacks"][a] for a in names}
         spec["all_attacks"] = list(ds["attacks"])  # targets are drawn in this order for every scenario
+        if ds["overlap"] and len(names) > 1:
+            # Only where attacks can meet, so turning it on reruns just those scenarios.
+            spec["overlap"] = True
     elif stage == "bonafide":
         spec["scenario"] = scenario
         spec["bona_fide"] = cfg["bona_fide"]

@@ -1,7 +1,16 @@
 """Scenarios: choose targets and images, apply the attacks; then, apart, the bona fide examples.
 
 Targets are drawn per attack from (seed, attack name) alone, so `single-x` and `multi` with the
-same seed share each attack's target (and the Narcissus trigger made for it)."""
+same seed share each attack's target (and the Narcissus trigger made for it).
+
+By default attacks never share an image (BaDLoss §3.1.1). With `overlap` (the case its Appendix F
+discusses) each attack draws from every image it could use, including those an earlier attack
+took. Attacks then apply in the order they choose (clean-label ones first, then the others in the
+dataset's attack order), each trigger on top of the image as the earlier ones left it; the label
+is the target of the last label-flipping attack (a clean-label attack never relabels, so a
+clean-label image also taken by a label-flipping attack gets that attack's target). The manifest
+keeps one row per example: `attack` names every attack on it joined by `+`, in that order, and
+`target` is the last one's (always the row's label)."""
 from __future__ import annotations
 
 import zlib
@@ -62,8 +71,24 @@ class PoisonedSet:
     meta: dict  # targets, per-attack seeds and params, counts
 
 
+# Joins the attacks of an image several attacks share in the manifest's `attack` column.
+SEP = "+"
+
+
+def carries(attack_col, name: str) -> np.ndarray:
+    """Which rows of a manifest's `attack` column carry attack `name` (alone or with others)."""
+    col = pd.Series(attack_col, dtype="string").fillna("")
+    return col.str.split(SEP, regex=False).apply(lambda names: name in names).to_numpy(bool)
+
+
+def attack_names(attack_col) -> list[str]:
+    """Every attack named in an `attack` column, in order of first appearance."""
+    col = pd.Series(attack_col, dtype="string").dropna()
+    return list(dict.fromkeys(a for v in col for a in v.split(SEP)))
+
+
 def poison(ds: Dataset, attacks: dict[str, dict], all_attacks: list[str], seed: int,
-           artifacts: dict[str, dict] | None = None) -> PoisonedSet:
+           artifacts: dict[str, dict] | None = None, overlap: bool = False) -> PoisonedSet:
     artifacts = artifacts or {}
     labels = ds.train.labels
     n = len(labels)
@@ -73,24 +98,27 @@ def poison(ds: Dataset, attacks: dict[str, dict], all_attacks: list[str], seed: 
     new_labels = labels.copy()
     attack_col = np.full(n, None, dtype=object)
     target_col = np.full(n, -1, dtype=np.int64)
-    idx_parts, img_parts, info = [], [], {}
+    # The poisoned rows so far (sorted) and their current images.
+    index, images, info = np.zeros(0, dtype=np.int64), np.zeros((0, *ds.image_shape), dtype=np.uint8), {}
     # Clean-label attacks choose first: they are confined to one class, the others can go anywhere.
     order = sorted(attacks, key=lambda a: (not ATTACKS.get(a).clean_label, all_attacks.index(a)))
     for name in order:
         cfg = attacks[name]
         atk = _build(name, cfg, ds.image_shape, seed, artifacts)
         t = targets[name]
-        pool = np.flatnonzero(~used & (labels == t)) if atk.clean_label else np.flatnonzero(~used)
+        free = np.ones(n, dtype=bool) if overlap else ~used
+        pool = np.flatnonzero(free & (labels == t)) if atk.clean_label else np.flatnonzero(free)
         k = _count(cfg, n)
         if k < 1:
             raise ConfigError(f"attacks.{name}.ratio", cfg["ratio"], f"a ratio that poisons at least one of {n} images (or set min_count)")
         if k > len(pool):
             raise ConfigError(f"attacks.{name}.ratio", cfg["ratio"], f"at most {len(pool)} available images ({k} requested)")
         chosen = np.sort(rng.choice(pool, size=k, replace=False))
+        # Each trigger goes onto the image as earlier attacks left it (only ever clean without overlap).
+        current = TrainingImages(ds.train.images, index, images)[chosen]
+        index, images = _replace(index, images, chosen, atk.poison(current, chosen))
+        attack_col[chosen] = [name if prev is None else f"{prev}{SEP}{name}" for prev in attack_col[chosen]]
         used[chosen] = True
-        idx_parts.append(chosen)
-        img_parts.append(atk.poison(ds.train.images[chosen], chosen))
-        attack_col[chosen] = name
         target_col[chosen] = t
         if not atk.clean_label:
             new_labels[chosen] = t
@@ -101,12 +129,21 @@ def poison(ds: Dataset, attacks: dict[str, dict], all_attacks: list[str], seed: 
         "orig_label": labels.astype(np.int64), "attack": pd.array(attack_col, dtype="string"),
         "target": target_col,
     })
-    index = np.concatenate(idx_parts) if idx_parts else np.zeros(0, dtype=np.int64)
-    images = np.concatenate(img_parts) if img_parts else np.zeros((0, *ds.image_shape), dtype=np.uint8)
-    order = np.argsort(index)
     meta = {"dataset": ds.name, "seed": seed, "attacks": info, "n_train": n, "num_classes": ds.num_classes,
             "image_shape": list(ds.image_shape)}
-    return PoisonedSet(manifest, index[order].astype(np.int64), images[order], meta)
+    if overlap:
+        meta["overlap"] = True
+        meta["n_shared"] = int(sum(a is not None and SEP in a for a in attack_col))
+    return PoisonedSet(manifest, index, images, meta)
+
+
+def _replace(index: np.ndarray, images: np.ndarray, rows: np.ndarray, new: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The sorted poisoned rows and their images with `rows` set to `new` (added or replaced)."""
+    keep = ~np.isin(index, rows)
+    idx = np.concatenate([index[keep], rows.astype(np.int64)])
+    img = np.concatenate([images[keep], new])
+    order = np.argsort(idx, kind="stable")
+    return idx[order], img[order]
 
 
 def _build(name: str, cfg: dict, shape, seed: int, artifacts: dict) -> Attack:

@@ -91,7 +91,8 @@ def poison(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
         got = int(z["target"])
         if got != want_t:
             raise ArtifactError(f"{path}: trigger was optimised for class {got}, but this seed's {name} target is {want_t}")
-    ps = poisoning.poison(ds, spec["attacks"], spec["all_attacks"], spec["seed"], trig)
+    ps = poisoning.poison(ds, spec["attacks"], spec["all_attacks"], spec["seed"], trig,
+                          overlap=spec.get("overlap", False))
     ps.meta["scenario"] = spec["scenario"]
     ps.meta["cell"] = provenance.cell(spec["dataset"]["name"], spec["scenario"], spec["seed"])
     poisoning.write(ps, out["manifest"], out["images"])
@@ -331,14 +332,14 @@ def detection_quality(man: pd.DataFrame, scores: np.ndarray, flagged: np.ndarray
     if np.isnan(scores).all():
         return None
     poisoned = man["attack"].notna().to_numpy()
-    attack = man["attack"].fillna("").to_numpy(dtype=str)
     clean = ~poisoned
     out = {"auroc": _auroc(scores, poisoned, clean), "auroc_per_attack": {}, "recall_per_attack": {},
            "recall_removed": float(flagged[poisoned].mean()) if poisoned.any() else None,
            "precision_removed": float(poisoned[flagged].mean()) if flagged.any() else None,
            "clean_removed_fraction": float(flagged[clean].mean())}
-    for a in pd.unique(attack[poisoned]):
-        m = attack == a
+    # An image several attacks share (overlap) counts for each of them.
+    for a in poisoning.attack_names(man["attack"]):
+        m = poisoning.carries(man["attack"], a)
         out["auroc_per_attack"][a] = _auroc(scores, m, clean)
         out["recall_per_attack"][a] = float(flagged[m].mean())
     return out
