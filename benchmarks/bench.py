@@ -6,9 +6,11 @@
 
 Sections: trainer (images/s of the training loop with per-example loss recording against a bare
 hand-written PyTorch loop on the same model, data and batch size), scoring (BaDLoss scores of
-`--rows` trajectories against 250 bona fide ones, time and peak memory against scikit-learn's
-brute-force NearestNeighbors, plus the streaming path from a Parquet file), parquet (size, write
-and read time of the trajectory file under several encodings)."""
+`--rows` trajectories against 250 bona fide ones, wall and CPU time and peak memory against
+scikit-learn's brute-force NearestNeighbors, then the machine's floors: the distance GEMM in float32
+and float64, np.partition of the N x 250 matrix at k, both in the scorer's chunks and threads, and
+memory bandwidth; plus the streaming path from a Parquet file), parquet (size, write and read time
+of the trajectory file under several encodings)."""
 from __future__ import annotations
 
 import argparse
