@@ -36,6 +36,32 @@ def test_knn_k_equal_ref_and_self_distance():
         knn_log_distance(ref, ref, k=6)
 
 
+def test_knn_score_equals_sklearn_with_duplicates_chunks_and_threads():
+    from sklearn.neighbors import NearestNeighbors
+
+    rng = np.random.default_rng(3)
+    base = rng.gamma(2.0, 0.5, size=(60, 30)).astype(np.float32)
+    ref = np.concatenate([base[:40], base[:5], base[:5]])  # each of the first five three times
+    x = np.concatenate([base, base[:10], rng.gamma(2.0, 0.5, size=(931, 30)).astype(np.float32)])
+    for k in (1, 4, 7, 50):
+        dist, _ = NearestNeighbors(n_neighbors=k, algorithm="brute").fit(ref).kneighbors(x)
+        want = dist.mean(1)
+        # Chunk boundaries that do not divide the row count, one thread and two.
+        for chunk, workers in ((1024, 1), (97, 2), (64, 1)):
+            got = np.exp(knn_log_distance(x, ref, k, eps=1e-8, chunk=chunk, workers=workers)) - 1e-8
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"k={k} chunk={chunk}")
+    # Rows that equal a reference row three times over are at distance 0 from their three nearest.
+    np.testing.assert_array_equal(knn_log_distance(base[:5], ref, 3), np.log(1e-8))
+
+
+def test_knn_score_float64_input_and_empty():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(300, 8))
+    ref = rng.normal(size=(20, 8))
+    np.testing.assert_allclose(knn_log_distance(x, ref, 5, chunk=50, workers=2), brute_force(x, ref, 5, 1e-8), rtol=1e-5, atol=1e-5)
+    assert knn_log_distance(x[:0], ref, 5).shape == (0,)
+
+
 def test_spike_epochs_skipped():
     means = [2.0, 1.5, 1.2, 1.0, 9.0, 0.9, 0.8, 5.0, 0.7]
     for rule in ("paper", "reference"):
