@@ -74,22 +74,25 @@ def test_table_paper_convention_order_and_seeds(tmp_path):
     paths = [cell(tmp_path, seed=s, clean=c, asr=(a, 0.05, 0.10)) for s, c, a in [(0, 0.93, 0.02), (1, 0.91, 0.04)]]
     paths += [cell(tmp_path, defense="none", seed=s, asr=(0.98, 0.90, 0.30), boosted=0.99, clean=0.95) for s in (0, 1)]
     md = aggregate.markdown_tables(aggregate.collect(paths))
-    assert "### digits — multi" in md and "2 seeds, mean ± std" in md
+    assert "### digits — multi" in md and "2 seeds, mean ± sample std over seeds" in md
     block = md.split("### digits — multi\n")[1].split("###")[0]
     header = pct(next(line for line in block.splitlines() if line.startswith("| Defense")))
-    assert header == ["Defense", "Clean Acc.", "Patch", "Single-Pix", "Blend-R†", "Avg. ASR", "AUROC", "Recall (removed)"]
+    assert header == ["Defense", "n", "Clean Acc.", "Patch", "Single-Pix", "Blend-R†", "Avg. ASR plain",
+                      "Avg. ASR boosted†", "AUROC", "Recall (removed)"]
     rows = [pct(line)[0] for line in block.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert rows == ["none", "badloss"]
     assert "† ASR measured with the blended trigger boosted 2×" in block
     r = table_rows(md, "digits — multi")
-    assert r["none"][1:5] == ["95.00 ± 0.00", "98.00 ± 0.00", "90.00 ± 0.00", "99.00 ± 0.00"]
-    assert r["badloss"][1] == "92.00 ± 1.41" and r["badloss"][2] == "3.00 ± 1.41"  # sample std over seeds
-    assert r["badloss"][4] == "20.00 ± 0.00" and r["badloss"][6:] == ["91.00 ± 0.00", "95.00 ± 0.00"]
-    assert r["none"][6:] == ["–", "–"]
+    assert r["none"][1:6] == ["2", "95.00 ± 0.00", "98.00 ± 0.00", "90.00 ± 0.00", "99.00 ± 0.00"]
+    assert r["badloss"][2] == "92.00 ± 1.41" and r["badloss"][3] == "3.00 ± 1.41"  # sample std over seeds
+    assert r["badloss"][5] == "20.00 ± 0.00" and r["badloss"][8:] == ["91.00 ± 0.00", "95.00 ± 0.00"]
+    # Avg. ASR plain (2+5+10)/3, (4+5+10)/3 and boosted (2+5+20)/3, (4+5+20)/3, side by side.
+    assert r["badloss"][6:8] == ["6.00 ± 0.47", "9.33 ± 0.47"]
+    assert r["none"][8:] == ["–", "–"]
     block = md.split("### digits — plain-trigger ASR\n")[1]
     plain = [pct(line) for line in block.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert [p[:2] for p in plain] == [["multi", "none"], ["multi", "badloss"]]
-    assert plain[0][4] == "30.00 ± 0.00" and plain[1][4] == "10.00 ± 0.00"  # un-boosted Blend-R
+    assert [p[:3] for p in plain] == [["multi", "none", "2"], ["multi", "badloss", "2"]]
+    assert plain[0][5] == "30.00 ± 0.00" and plain[1][5] == "10.00 ± 0.00"  # un-boosted Blend-R
 
 
 def test_single_seed_without_std_and_rreject_order(tmp_path):
@@ -97,8 +100,10 @@ def test_single_seed_without_std_and_rreject_order(tmp_path):
     paths.append(cell(tmp_path, defense="none", asr=(0.98, 0.9, 0.3)))
     df = aggregate.collect(paths)
     assert aggregate.defense_order(df) == ["none", "badloss_r20", "badloss_r60"]
-    r = table_rows(aggregate.markdown_tables(df), "digits — multi")
-    assert r["none"][2] == "98.00" and "±" not in "".join(r["none"])
+    md = aggregate.markdown_tables(df)
+    r = table_rows(md, "digits — multi")
+    assert r["none"][1] == "1" and r["none"][3] == "98.00" and "±" not in "".join(r["none"])
+    assert "n=1 seed: single values, no spread" in md
 
 
 def test_bad_metrics_names_file_and_key(tmp_path):
@@ -230,12 +235,12 @@ def test_single_vs_multi_and_cost_tables(tmp_path):
     md = (tmp_path / "agg" / "tables.md").read_text()
     rows = table_rows(md, "digits — single vs multi-attack ASR")
     # badloss, patch: alone 1.00 and 2.00 over the two seeds -> 1.50 ± 0.71; multi 30.00 on both.
-    assert rows["badloss"][1] == "1.50 ± 0.71 / 30.00 ± 0.00"
-    assert rows["none"][1].endswith("/ 90.00 ± 0.00")
+    assert rows["badloss"][1:3] == ["2", "1.50 ± 0.71 / 30.00 ± 0.00"]
+    assert rows["none"][2].endswith("/ 90.00 ± 0.00")
     cost = table_rows(md, "digits — cost of each defense")
     # Only the single cells carry a cost record: badloss 9 model + 30 final epochs, 74/84 s total.
-    assert cost["badloss"][1:4] == ["9", "30", "39"] and cost["badloss"][-1] == "1.3 ± 0.1"
-    assert cost["none"][1:4] == ["30", "0", "30"]
+    assert cost["badloss"][1:5] == ["6", "9", "30", "39"] and cost["badloss"][-1] == "1.3 ± 0.1"
+    assert cost["none"][1:5] == ["6", "30", "0", "30"]
     assert len(out["singlemulti"]) == 1 and is_png(out["singlemulti"][0])
 
 
@@ -263,9 +268,10 @@ def test_clean_scenario_and_the_per_attack_table(tmp_path):
     out = aggregate.run(paths, tmp_path / "agg")
     md = (tmp_path / "agg" / "tables.md").read_text()
     rows = table_rows(md, "digits — per attack (LfD Table 2 shape)")
-    assert rows["No attack"] == ["No attack", "96.00", "–", "94.00", "–"]
-    assert rows["Patch"] == ["Patch", "95.00", "99.00", "93.00", "2.00"]
-    assert rows["Single-Pix"][2] == "98.00" and rows["Single-Pix"][4] == "5.00"
+    assert rows["No attack"] == ["No attack", "1", "96.00", "–", "94.00", "–"]
+    assert rows["Patch"] == ["Patch", "1", "95.00", "99.00", "93.00", "2.00"]
+    assert rows["Single-Pix"][3] == "98.00" and rows["Single-Pix"][5] == "5.00"
     clean_rows = table_rows(md, "digits — clean")
-    assert clean_rows["none"][1] == "96.00" and clean_rows["none"][-1] == "–"
+    assert clean_rows["Defense"] == ["Defense", "n", "Clean Acc."]  # no attack: no ASR columns
+    assert clean_rows["none"][1:] == ["1", "96.00"]
     assert not any("clean" in p.name for p in out["asr"])
