@@ -275,3 +275,92 @@ def test_clean_scenario_and_the_per_attack_table(tmp_path):
     assert clean_rows["Defense"] == ["Defense", "n", "Clean Acc."]  # no attack: no ASR columns
     assert clean_rows["none"][1:] == ["1", "96.00"]
     assert not any("clean" in p.name for p in out["asr"])
+
+
+def planted_seeds(root):
+    """Three seeds of a multi cell and each single-<attack> cell for two defenses, values drawn at random
+    (fixed seed) so every metric has its own spread; blend_random's boosted ASR is planted far below its
+    plain ASR for the undefended model (the case the ‡ mark is for)."""
+    rng = np.random.default_rng(7)
+    paths = []
+    for seed in (0, 1, 2):
+        for d in ("none", "badloss"):
+            hi = d == "none"
+            asr = tuple(rng.uniform(0.85, 1.0, 3) if hi else rng.uniform(0.0, 0.2, 3))
+            boosted = float(rng.uniform(0.1, 0.3)) if hi else float(rng.uniform(0.0, 0.2))
+            for sc in ["multi", *[f"single-{a}" for a in ATTACKS]]:
+                clean = float(rng.uniform(0.85, 0.95))
+                p = cell(root, defense=d, scenario=sc, seed=seed, asr=asr, boosted=boosted, clean=clean)
+                if sc != "multi":
+                    a = sc[len("single-"):]
+                    m = read_json(p)
+                    b = {a: boosted} if a == "blend_random" else {}
+                    m.update(attacks=[a], targets={a: 3}, asr={a: m["asr"][a]}, asr_boosted=b,
+                             mean_asr=m["asr"][a], mean_asr_boosted=b.get(a, m["asr"][a]))
+                    write_json(p, m)
+                paths.append(p)
+    return paths
+
+
+def fmt(values):  # the tables' "mean ± std" from a direct computation
+    v = pd.Series(values) * 100
+    return f"{v.mean():.2f} ± {v.std(ddof=1):.2f}"
+
+
+def test_mean_std_n_equal_a_direct_groupby_of_the_per_seed_rows(tmp_path):
+    w = aggregate.run(planted_seeds(tmp_path), tmp_path / "agg")
+    per_seed = pd.read_csv(tmp_path / "agg" / "summary.csv")
+    assert len(per_seed) == 3 * 2 * (3 + 3) and sorted(per_seed["seed"].unique()) == [0, 1, 2]
+    stats = pd.read_csv(w["summary_stats"][0])
+    keys = ["dataset", "scenario", "defense", "attack"]
+    direct = per_seed.groupby(keys).agg(n=("seed", "nunique"), asr_mean=("asr", "mean"), asr_std=("asr", "std"),
+                                        asr_paper_mean=("asr_paper", "mean"), asr_paper_std=("asr_paper", "std"),
+                                        clean_accuracy_mean=("clean_accuracy", "mean"),
+                                        clean_accuracy_std=("clean_accuracy", "std"))
+    got = stats.set_index(keys)[direct.columns].loc[direct.index]
+    assert (got["n"] == 3).all()
+    pd.testing.assert_frame_equal(got, direct, check_dtype=False)
+
+    # The table cells are those same numbers: multi, badloss, every attack and clean accuracy.
+    md = (tmp_path / "agg" / "tables.md").read_text()
+    r = table_rows(md, "digits — multi")
+    bl = per_seed[(per_seed["scenario"] == "multi") & (per_seed["defense"] == "badloss")]
+    assert r["badloss"][1] == "3"
+    assert r["badloss"][2] == fmt(bl.drop_duplicates("seed")["clean_accuracy"])
+    for i, a in enumerate(ATTACKS):
+        assert r["badloss"][3 + i] == fmt(bl.loc[bl["attack"] == a, "asr_paper"]), a
+    cells = bl.drop_duplicates("seed")
+    assert r["badloss"][6:8] == [fmt(cells["mean_asr"]), fmt(cells["mean_asr_boosted"])]
+
+    # Per-seed table: one row per defense and seed with the cell's own values.
+    ps = (tmp_path / "agg" / "tables_per_seed.md").read_text()
+    block = ps.split("### digits — multi, per seed\n")[1].split("###")[0]
+    rows = [pct(line) for line in block.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [row[:2] for row in rows] == [["none", "0"], ["none", "1"], ["none", "2"],
+                                         ["badloss", "0"], ["badloss", "1"], ["badloss", "2"]]
+    one = bl[(bl["seed"] == 1) & (bl["attack"] == "patch")].iloc[0]
+    assert rows[4][3] == f"{one['asr_paper'] * 100:.2f}"
+
+
+def test_single_attack_table_and_understated_boosted_asr(tmp_path):
+    paths = planted_seeds(tmp_path)
+    aggregate.run(paths, tmp_path / "agg")
+    df = pd.read_csv(tmp_path / "agg" / "summary.csv")
+    md = (tmp_path / "agg" / "tables.md").read_text()
+    r = table_rows(md, "digits — single attack (Table 1 shape)")
+    assert r["Defense"] == ["Defense", "n", "Clean Acc. (mean)", "Patch", "Single-Pix", "Blend-R†",
+                            "Avg. ASR plain", "Avg. ASR boosted†"]
+    assert list(r) == ["Defense", "none", "badloss"]
+    single = df[df["scenario"] == "single-" + df["attack"]]
+    for d in ("none", "badloss"):
+        g = single[single["defense"] == d]
+        per_seed = g.groupby("seed").agg(clean=("clean_accuracy", "mean"), plain=("asr", "mean"), paper=("asr_paper", "mean"))
+        assert r[d][1] == "3" and r[d][2] == fmt(per_seed["clean"])
+        assert r[d][3] == fmt(g.loc[g["attack"] == "patch", "asr_paper"])
+        assert r[d][6] == fmt(per_seed["plain"]) and r[d][7].rstrip("‡") == fmt(per_seed["paper"])
+    # Undefended Blend-R: plain ~0.9 but boosted 0.1-0.3 -> marked, with the plain mean beside it.
+    g = single[(single["defense"] == "none") & (single["attack"] == "blend_random")]
+    assert r["none"][5] == f"{fmt(g['asr_boosted'])}‡ (plain {g['asr'].mean() * 100:.2f})"
+    assert "‡" not in r["badloss"][5]  # boosted and plain both low: no gap
+    assert "‡ the boosted-trigger ASR is more than 20 points below" in md.split("single attack (Table 1 shape)")[1].split("###")[0]
+    assert aggregate.understated([0.987], [0.198]) and not aggregate.understated([0.5], [0.31])

@@ -539,8 +539,13 @@ def _save(fig: Figure, path) -> Path:
 
 
 def _spread_title(title: str, df: pd.DataFrame) -> str:
-    n = df["seed"].nunique()
-    return f"{title}\n(n=1 seed, no spread)" if n == 1 else f"{title}\n(mean ± std over n={n} seeds)"
+    """The title plus what the bars and error bars are; n is the most seeds any point has (the
+    tables give each row's n)."""
+    per = df.groupby(["scenario", "defense"])["seed"].nunique()
+    n = int(per.max())
+    if n == 1:
+        return f"{title}\n(n=1 seed, no spread)"
+    return f"{title}\n(mean ± sample std over n{'=' if per.min() == n else ' ≤ '}{n} seeds)"
 
 
 def _pct_top(values: Iterable[float]) -> float:
@@ -577,23 +582,27 @@ def single_multi_figure(df: pd.DataFrame, out_path, title: str) -> Path | None:
         return None
     attacks = attack_order(sm["attack"])
     defenses = [d for d in defense_order(df) if d in set(sm["defense"])]
-    cols = min(3, len(defenses))
+    cols = min(3 if len(attacks) <= 4 else 2, len(defenses))
     rows = -(-len(defenses) // cols)
-    panel_w = max(3.0, 0.8 + 0.55 * len(attacks))
+    panel_w = max(3.4, 1.0 + 0.6 * len(attacks))
     fig = Figure(figsize=(panel_w * cols, 3.3 * rows + 0.6))
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False, sharey=True)).ravel()
     x = np.arange(len(attacks))
+    boosted = set(df.loc[df["asr_boosted"].notna(), "attack"])
     tops = []
     for ax, d in zip(axes, defenses):
         s = sm[sm["defense"] == d].set_index("attack")
         for off, col, color, name in ((-0.2, "single", "tab:orange", "alone"), (0.2, "multi", "tab:red", "multi-attack")):
             vals = [s.loc[a, col] * 100 if a in s.index else pd.Series(dtype=float) for a in attacks]
             mean = [v.mean() if len(v) else np.nan for v in vals]
-            std = [v.std(ddof=1) if len(v) > 1 else 0.0 for v in vals]
+            std = [v.std(ddof=1) if len(v) > 1 else np.nan for v in vals]  # one seed: no error bar, not a ± 0 one
             ax.bar(x + off, mean, 0.4, yerr=std, color=color, label=name, capsize=3, error_kw={"lw": 1})
-            tops += [m + e for m, e in zip(mean, std)]
-        ax.set_xticks(x, [_label(a) for a in attacks], rotation=30 if len(attacks) > 3 else 0, ha="right" if len(attacks) > 3 else "center")
-        ax.set_title(d)
+            tops += [m + (0.0 if np.isnan(e) else e) for m, e in zip(mean, std)]
+        ax.set_xticks(x, [_label(a, a in boosted) for a in attacks], rotation=30 if len(attacks) > 3 else 0,
+                      ha="right" if len(attacks) > 3 else "center")
+        n = df.loc[(df["defense"] == d) & df["attack"].isin(s.index) &
+                   df["scenario"].isin(["multi", *[f"single-{a}" for a in s.index]]), "seed"].nunique()
+        ax.set_title(f"{d} (n={n})")
         ax.grid(axis="y", lw=0.5, alpha=0.5)
     for i, ax in enumerate(axes):
         if i % cols == 0:
@@ -601,7 +610,8 @@ def single_multi_figure(df: pd.DataFrame, out_path, title: str) -> Path | None:
     axes[0].set_ylim(0, _pct_top(tops))
     for ax in axes[len(defenses):]:
         ax.set_visible(False)
-    axes[0].legend(fontsize="small", loc="upper left")
+    # Outside the panels, right of the first row: inside it would cover bars near 100%.
+    axes[cols - 1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1))
     fig.suptitle(_spread_title(title, df))
     return _save(fig, out_path)
 
