@@ -204,6 +204,11 @@ def test_run_writes_everything(tmp_path):
     assert table.num_rows == len(csv)
     md = (out / "tables.md").read_text()
     assert w["tables"] == [out / "tables.md"] and "### digits — patch" in md and "98.00 ± 0.00" in md
+    assert w["summary_stats"] == [out / "summary_stats.csv"] and w["tables_per_seed"] == [out / "tables_per_seed.md"]
+    assert w["table_sections"] == [out / f"tables_{k}.html" for k in ("multi", "single", "singlemulti", "cost")]
+    # No single-attack scenario, no cost record here: those pages are written and say so.
+    assert "No attack ran both alone" in (out / "tables_singlemulti.html").read_text()
+    assert "<h3>digits — multi</h3>" in (out / "tables_multi.html").read_text()
 
 
 def test_run_without_cells_is_an_error(tmp_path):

@@ -152,6 +152,10 @@ TABLE_SECTIONS = {"multi": "multi-attack results (the BaDLoss paper's Table 2 sh
                   "single": "single-attack results (the BaDLoss paper's Table 1 shape) and each single scenario",
                   "singlemulti": "each attack alone vs in the multi-attack scenario (the paper's Fig. 10)",
                   "cost": "the cost of each defense"}
+SECTION_EMPTY = {"multi": "This grid has no multi-attack scenario.",
+                 "single": "This grid has no single-attack or clean scenario.",
+                 "singlemulti": "No attack ran both alone (single-<attack>) and in the multi scenario under one defense.",
+                 "cost": "No cell of this grid has a cost record (metrics from before cost was recorded)."}
 
 
 def table_section_name(kind: str) -> str:
@@ -794,7 +798,7 @@ def run(metrics_paths: Iterable, out_dir, trajectory_paths: Iterable = (), teach
     sections = table_sections(df)
     for kind, what in TABLE_SECTIONS.items():
         # Always written, so the workflow can declare it; a grid without this analysis gets a line saying so.
-        body = "\n".join(sections[kind]) or f"This grid has no {what.split(' (')[0]}."
+        body = "\n".join(sections[kind]) or SECTION_EMPTY[kind]
         path = out / table_section_name(kind)
         with atomic_path(path) as tmp:
             tmp.write_text(html_tables(body, title=f"poisongrid: {what}"), encoding="utf-8")
