@@ -469,7 +469,8 @@ def cost_table(g: pd.DataFrame) -> list[str]:
     rows = []
     for d in defense_order(g):
         c = cells[cells["defense"] == d]
-        rows.append([d, str(int(c["cost_epochs"].notna().sum())), _epochs(c["cost_epochs_models"]), _epochs(c["cost_epochs_final"]), _epochs(c["cost_epochs"]),
+        n_cells = int(c["cost_epochs"].notna().sum())
+        rows.append([d, str(n_cells), _epochs(c["cost_epochs_models"]), _epochs(c["cost_epochs_final"]), _epochs(c["cost_epochs"]),
                      _minutes(c["cost_wall_models_s"]), _minutes(c["cost_wall_score_s"]), _minutes(c["cost_wall_final_s"]),
                      _minutes(c["cost_wall_s"])])
     return [f"### {g['dataset'].iloc[0]} — cost of each defense", "",
@@ -634,8 +635,8 @@ def rreject_figure(df: pd.DataFrame, out_path, title: str) -> Path | None:
     for ax, col, name in zip(fig.subplots(1, 2), ["clean_accuracy", "mean_asr_boosted"], ["Clean accuracy", "Avg. ASR (boosted†)"]):
         sns.lineplot(data=sweep.assign(y=sweep[col] * 100), x="r_reject", y="y", hue="detector", marker="o",
                      errorbar="sd", err_style="bars", err_kws={"capsize": 3}, ax=ax)
-        ys = [*(sweep.groupby(["detector", "r_reject"])[col].agg(lambda v: v.mean() + v.std(ddof=1) if len(v) > 1 else v.mean()) * 100)]
-        lows = [*(sweep.groupby(["detector", "r_reject"])[col].agg(lambda v: v.mean() - v.std(ddof=1) if len(v) > 1 else v.mean()) * 100)]
+        pts = sweep.groupby(["detector", "r_reject"])[col].agg(["mean", "std"]).fillna(0) * 100
+        ys, lows = [*(pts["mean"] + pts["std"])], [*(pts["mean"] - pts["std"])]
         if not base.empty:  # the undefended model has no r_reject: a reference line (± std band), not an r=0 point
             m, sd = base[col].mean() * 100, (base[col].std(ddof=1) * 100 if len(base) > 1 else 0.0)
             ax.axhline(m, ls="--", color="0.4", label="no defense")
