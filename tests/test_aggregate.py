@@ -75,22 +75,25 @@ def test_table_paper_convention_order_and_seeds(tmp_path):
     paths = [cell(tmp_path, seed=s, clean=c, asr=(a, 0.05, 0.10)) for s, c, a in [(0, 0.93, 0.02), (1, 0.91, 0.04)]]
     paths += [cell(tmp_path, defense="none", seed=s, asr=(0.98, 0.90, 0.30), boosted=0.99, clean=0.95) for s in (0, 1)]
     md = aggregate.markdown_tables(aggregate.collect(paths))
-    assert "### digits — multi" in md and "2 seeds, mean ± std" in md
+    assert "### digits — multi" in md and "2 seeds, mean ± sample std over seeds" in md
     block = md.split("### digits — multi\n")[1].split("###")[0]
     header = pct(next(line for line in block.splitlines() if line.startswith("| Defense")))
-    assert header == ["Defense", "Clean Acc.", "Patch", "Single-Pix", "Blend-R†", "Avg. ASR", "AUROC", "Recall (removed)"]
+    assert header == ["Defense", "n", "Clean Acc.", "Patch", "Single-Pix", "Blend-R†", "Avg. ASR plain",
+                      "Avg. ASR boosted†", "AUROC", "Recall (removed)"]
     rows = [pct(line)[0] for line in block.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert rows == ["none", "badloss"]
     assert "† ASR measured with the blended trigger boosted 2×" in block
     r = table_rows(md, "digits — multi")
-    assert r["none"][1:5] == ["95.00 ± 0.00", "98.00 ± 0.00", "90.00 ± 0.00", "99.00 ± 0.00"]
-    assert r["badloss"][1] == "92.00 ± 1.41" and r["badloss"][2] == "3.00 ± 1.41"  # sample std over seeds
-    assert r["badloss"][4] == "20.00 ± 0.00" and r["badloss"][6:] == ["91.00 ± 0.00", "95.00 ± 0.00"]
-    assert r["none"][6:] == ["–", "–"]
+    assert r["none"][1:6] == ["2", "95.00 ± 0.00", "98.00 ± 0.00", "90.00 ± 0.00", "99.00 ± 0.00"]
+    assert r["badloss"][2] == "92.00 ± 1.41" and r["badloss"][3] == "3.00 ± 1.41"  # sample std over seeds
+    assert r["badloss"][5] == "20.00 ± 0.00" and r["badloss"][8:] == ["91.00 ± 0.00", "95.00 ± 0.00"]
+    # Avg. ASR plain (2+5+10)/3, (4+5+10)/3 and boosted (2+5+20)/3, (4+5+20)/3, side by side.
+    assert r["badloss"][6:8] == ["6.00 ± 0.47", "9.33 ± 0.47"]
+    assert r["none"][8:] == ["–", "–"]
     block = md.split("### digits — plain-trigger ASR\n")[1]
     plain = [pct(line) for line in block.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert [p[:2] for p in plain] == [["multi", "none"], ["multi", "badloss"]]
-    assert plain[0][4] == "30.00 ± 0.00" and plain[1][4] == "10.00 ± 0.00"  # un-boosted Blend-R
+    assert [p[:3] for p in plain] == [["multi", "none", "2"], ["multi", "badloss", "2"]]
+    assert plain[0][5] == "30.00 ± 0.00" and plain[1][5] == "10.00 ± 0.00"  # un-boosted Blend-R
 
 
 def test_single_seed_without_std_and_rreject_order(tmp_path):
@@ -98,8 +101,10 @@ def test_single_seed_without_std_and_rreject_order(tmp_path):
     paths.append(cell(tmp_path, defense="none", asr=(0.98, 0.9, 0.3)))
     df = aggregate.collect(paths)
     assert aggregate.defense_order(df) == ["none", "badloss_r20", "badloss_r60"]
-    r = table_rows(aggregate.markdown_tables(df), "digits — multi")
-    assert r["none"][2] == "98.00" and "±" not in "".join(r["none"])
+    md = aggregate.markdown_tables(df)
+    r = table_rows(md, "digits — multi")
+    assert r["none"][1] == "1" and r["none"][3] == "98.00" and "±" not in "".join(r["none"])
+    assert "n=1 seed: single values, no spread" in md
 
 
 def test_bad_metrics_names_file_and_key(tmp_path):
@@ -204,6 +209,11 @@ def test_run_writes_everything(tmp_path):
     assert table.num_rows == len(csv)
     md = (out / "tables.md").read_text()
     assert w["tables"] == [out / "tables.md"] and "### digits — patch" in md and "98.00 ± 0.00" in md
+    assert w["summary_stats"] == [out / "summary_stats.csv"] and w["tables_per_seed"] == [out / "tables_per_seed.md"]
+    assert w["table_sections"] == [out / f"tables_{k}.html" for k in ("multi", "single", "singlemulti", "cost")]
+    # No single-attack scenario, no cost record here: those pages are written and say so.
+    assert "No attack ran both alone" in (out / "tables_singlemulti.html").read_text()
+    assert "<h3>digits — multi</h3>" in (out / "tables_multi.html").read_text()
 
 
 def test_run_without_cells_is_an_error(tmp_path):
@@ -235,12 +245,12 @@ def test_single_vs_multi_and_cost_tables(tmp_path):
     md = (tmp_path / "agg" / "tables.md").read_text()
     rows = table_rows(md, "digits — single vs multi-attack ASR")
     # badloss, patch: alone 1.00 and 2.00 over the two seeds -> 1.50 ± 0.71; multi 30.00 on both.
-    assert rows["badloss"][1] == "1.50 ± 0.71 / 30.00 ± 0.00"
-    assert rows["none"][1].endswith("/ 90.00 ± 0.00")
+    assert rows["badloss"][1:3] == ["2", "1.50 ± 0.71 / 30.00 ± 0.00"]
+    assert rows["none"][2].endswith("/ 90.00 ± 0.00")
     cost = table_rows(md, "digits — cost of each defense")
     # Only the single cells carry a cost record: badloss 9 model + 30 final epochs, 74/84 s total.
-    assert cost["badloss"][1:4] == ["9", "30", "39"] and cost["badloss"][-1] == "1.3 ± 0.1"
-    assert cost["none"][1:4] == ["30", "0", "30"]
+    assert cost["badloss"][1:5] == ["6", "9", "30", "39"] and cost["badloss"][-1] == "1.3 ± 0.1"
+    assert cost["none"][1:5] == ["6", "30", "0", "30"]
     assert len(out["singlemulti"]) == 1 and is_png(out["singlemulti"][0])
 
 
@@ -268,11 +278,12 @@ def test_clean_scenario_and_the_per_attack_table(tmp_path):
     out = aggregate.run(paths, tmp_path / "agg")
     md = (tmp_path / "agg" / "tables.md").read_text()
     rows = table_rows(md, "digits — per attack (LfD Table 2 shape)")
-    assert rows["No attack"] == ["No attack", "96.00", "–", "94.00", "–"]
-    assert rows["Patch"] == ["Patch", "95.00", "99.00", "93.00", "2.00"]
-    assert rows["Single-Pix"][2] == "98.00" and rows["Single-Pix"][4] == "5.00"
+    assert rows["No attack"] == ["No attack", "1", "96.00", "–", "94.00", "–"]
+    assert rows["Patch"] == ["Patch", "1", "95.00", "99.00", "93.00", "2.00"]
+    assert rows["Single-Pix"][3] == "98.00" and rows["Single-Pix"][5] == "5.00"
     clean_rows = table_rows(md, "digits — clean")
-    assert clean_rows["none"][1] == "96.00" and clean_rows["none"][-1] == "–"
+    assert clean_rows["Defense"] == ["Defense", "n", "Clean Acc."]  # no attack: no ASR columns
+    assert clean_rows["none"][1:] == ["1", "96.00"]
     assert not any("clean" in p.name for p in out["asr"])
 
 
@@ -290,3 +301,92 @@ def test_figures_group_images_several_attacks_share(tmp_path):
     write_table(m, pa.Table.from_pandas(df, preserve_index=False), "manifest", meta)
     assert is_png(aggregate.trajectory_figure(t, m, tmp_path / "traj.png", "x"))
     assert is_png(aggregate.teacher_figure(t2, m, tmp_path / "teacher.png", "x"))
+
+
+def planted_seeds(root):
+    """Three seeds of a multi cell and each single-<attack> cell for two defenses, values drawn at random
+    (fixed seed) so every metric has its own spread; blend_random's boosted ASR is planted far below its
+    plain ASR for the undefended model (the case the ‡ mark is for)."""
+    rng = np.random.default_rng(7)
+    paths = []
+    for seed in (0, 1, 2):
+        for d in ("none", "badloss"):
+            hi = d == "none"
+            asr = tuple(rng.uniform(0.85, 1.0, 3) if hi else rng.uniform(0.0, 0.2, 3))
+            boosted = float(rng.uniform(0.1, 0.3)) if hi else float(rng.uniform(0.0, 0.2))
+            for sc in ["multi", *[f"single-{a}" for a in ATTACKS]]:
+                clean = float(rng.uniform(0.85, 0.95))
+                p = cell(root, defense=d, scenario=sc, seed=seed, asr=asr, boosted=boosted, clean=clean)
+                if sc != "multi":
+                    a = sc[len("single-"):]
+                    m = read_json(p)
+                    b = {a: boosted} if a == "blend_random" else {}
+                    m.update(attacks=[a], targets={a: 3}, asr={a: m["asr"][a]}, asr_boosted=b,
+                             mean_asr=m["asr"][a], mean_asr_boosted=b.get(a, m["asr"][a]))
+                    write_json(p, m)
+                paths.append(p)
+    return paths
+
+
+def fmt(values):  # the tables' "mean ± std" from a direct computation
+    v = pd.Series(values) * 100
+    return f"{v.mean():.2f} ± {v.std(ddof=1):.2f}"
+
+
+def test_mean_std_n_equal_a_direct_groupby_of_the_per_seed_rows(tmp_path):
+    w = aggregate.run(planted_seeds(tmp_path), tmp_path / "agg")
+    per_seed = pd.read_csv(tmp_path / "agg" / "summary.csv")
+    assert len(per_seed) == 3 * 2 * (3 + 3) and sorted(per_seed["seed"].unique()) == [0, 1, 2]
+    stats = pd.read_csv(w["summary_stats"][0])
+    keys = ["dataset", "scenario", "defense", "attack"]
+    direct = per_seed.groupby(keys).agg(n=("seed", "nunique"), asr_mean=("asr", "mean"), asr_std=("asr", "std"),
+                                        asr_paper_mean=("asr_paper", "mean"), asr_paper_std=("asr_paper", "std"),
+                                        clean_accuracy_mean=("clean_accuracy", "mean"),
+                                        clean_accuracy_std=("clean_accuracy", "std"))
+    got = stats.set_index(keys)[direct.columns].loc[direct.index]
+    assert (got["n"] == 3).all()
+    pd.testing.assert_frame_equal(got, direct, check_dtype=False)
+
+    # The table cells are those same numbers: multi, badloss, every attack and clean accuracy.
+    md = (tmp_path / "agg" / "tables.md").read_text()
+    r = table_rows(md, "digits — multi")
+    bl = per_seed[(per_seed["scenario"] == "multi") & (per_seed["defense"] == "badloss")]
+    assert r["badloss"][1] == "3"
+    assert r["badloss"][2] == fmt(bl.drop_duplicates("seed")["clean_accuracy"])
+    for i, a in enumerate(ATTACKS):
+        assert r["badloss"][3 + i] == fmt(bl.loc[bl["attack"] == a, "asr_paper"]), a
+    cells = bl.drop_duplicates("seed")
+    assert r["badloss"][6:8] == [fmt(cells["mean_asr"]), fmt(cells["mean_asr_boosted"])]
+
+    # Per-seed table: one row per defense and seed with the cell's own values.
+    ps = (tmp_path / "agg" / "tables_per_seed.md").read_text()
+    block = ps.split("### digits — multi, per seed\n")[1].split("###")[0]
+    rows = [pct(line) for line in block.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [row[:2] for row in rows] == [["none", "0"], ["none", "1"], ["none", "2"],
+                                         ["badloss", "0"], ["badloss", "1"], ["badloss", "2"]]
+    one = bl[(bl["seed"] == 1) & (bl["attack"] == "patch")].iloc[0]
+    assert rows[4][3] == f"{one['asr_paper'] * 100:.2f}"
+
+
+def test_single_attack_table_and_understated_boosted_asr(tmp_path):
+    paths = planted_seeds(tmp_path)
+    aggregate.run(paths, tmp_path / "agg")
+    df = pd.read_csv(tmp_path / "agg" / "summary.csv")
+    md = (tmp_path / "agg" / "tables.md").read_text()
+    r = table_rows(md, "digits — single attack (Table 1 shape)")
+    assert r["Defense"] == ["Defense", "n", "Clean Acc. (mean)", "Patch", "Single-Pix", "Blend-R†",
+                            "Avg. ASR plain", "Avg. ASR boosted†"]
+    assert list(r) == ["Defense", "none", "badloss"]
+    single = df[df["scenario"] == "single-" + df["attack"]]
+    for d in ("none", "badloss"):
+        g = single[single["defense"] == d]
+        per_seed = g.groupby("seed").agg(clean=("clean_accuracy", "mean"), plain=("asr", "mean"), paper=("asr_paper", "mean"))
+        assert r[d][1] == "3" and r[d][2] == fmt(per_seed["clean"])
+        assert r[d][3] == fmt(g.loc[g["attack"] == "patch", "asr_paper"])
+        assert r[d][6] == fmt(per_seed["plain"]) and r[d][7].rstrip("‡") == fmt(per_seed["paper"])
+    # Undefended Blend-R: plain ~0.9 but boosted 0.1-0.3 -> marked, with the plain mean beside it.
+    g = single[(single["defense"] == "none") & (single["attack"] == "blend_random")]
+    assert r["none"][5] == f"{fmt(g['asr_boosted'])}‡ (plain {g['asr'].mean() * 100:.2f})"
+    assert "‡" not in r["badloss"][5]  # boosted and plain both low: no gap
+    assert "‡ the boosted-trigger ASR is more than 20 points below" in md.split("single attack (Table 1 shape)")[1].split("###")[0]
+    assert aggregate.understated([0.987], [0.198]) and not aggregate.understated([0.5], [0.31])

@@ -1,8 +1,10 @@
 """`snakemake --report`: a tiny grid, then a self-contained HTML report with the tables, figures and captions."""
+import json
 import re
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -37,9 +39,21 @@ def test_report_has_tables_figures_captions_and_runtimes(tmp_path):
     assert sorted(p.name for p in (res / "figures").iterdir()) == sorted(figures)
     tables = (res / "tables.html").read_text(encoding="utf-8")
     assert tables.startswith("<!DOCTYPE html>") and "<h3>digits — multi</h3>" in tables
-    # multi, single-patch, plain-trigger ASR, single vs multi (Fig. 10), the cost of each defense.
-    assert tables.count("<table>") == 5 and "<td>badloss_r20</td>" in tables and "<td>lfd</td>" in tables
-    assert "<h3>digits — single vs multi-attack ASR</h3>" in tables and "<h3>digits — cost of each defense</h3>" in tables
+    # multi (Table 2 shape), single attack (Table 1 shape), single-patch, single vs multi (Fig. 10),
+    # plain-trigger ASR, the cost of each defense.
+    assert tables.count("<table>") == 6 and "<td>badloss_r20</td>" in tables and "<td>lfd</td>" in tables
+    for h in ("single attack (Table 1 shape)", "single vs multi-attack ASR", "cost of each defense"):
+        assert f"<h3>digits — {h}</h3>" in tables, h
+    # One seed: values without a fake ± 0, and n=1 said.
+    assert "n=1 seed" in tables and "±" not in tables.split("<tbody>")[1].split("</tbody>")[0]
+    assert "Avg. ASR plain" in tables and "Avg. ASR boosted†" in tables
+    sections = {k: (res / f"tables_{k}.html").read_text(encoding="utf-8") for k in ("multi", "single", "singlemulti", "cost")}
+    assert sections["multi"].count("<table>") == 1 and "<h3>digits — multi</h3>" in sections["multi"]
+    assert "<h3>digits — single attack (Table 1 shape)</h3>" in sections["single"]
+    assert sections["singlemulti"].count("<table>") == 1 and sections["cost"].count("<table>") == 1
+    per_seed = (res / "tables_per_seed.md").read_text()
+    assert "### digits — multi, per seed" in per_seed and "| none | 0 |" in per_seed
+    assert set(pd.read_csv(res / "summary_stats.csv")["n"]) == {1}
 
     out = snakemake(tmp_path, "--configfile", str(cfgfile), "--report", "report.html")
     report = tmp_path / "report.html"
@@ -53,13 +67,22 @@ def test_report_has_tables_figures_captions_and_runtimes(tmp_path):
     assert not re.search(r"<link[^>]*\shref=[\"']?(?:https?:)?//", html, re.I)
     assert html.count("data:image/png") >= len(figures) and "data:text/html" in html
 
-    for name in [*figures, "tables.html", "summary.csv"]:
+    for name in [*figures, "tables.html", "summary.csv", "summary_stats.csv", "tables_per_seed.md",
+                 *[f"tables_{k}.html" for k in ("multi", "single", "singlemulti", "cost")]]:
         assert f'"{name}"' in html, name
     categories = re.search(r"var categories = (\{.*?\});", html).group(1)
-    for cat in ("Tables", "ASR", "r_reject", "Trajectories", "LfD teacher losses", "Single vs multi-attack"):
-        assert f'"{cat}"' in categories, (cat, categories)
+    cats = list(json.loads(categories))
+    # A section per analysis; the report lists them sorted, so their numbers give the order: tables first.
+    assert sorted(cats) == ["1 Multi-attack (Table 2)", "2 Single-attack (Table 1)", "3 Single vs multi-attack",
+                            "4 r_reject", "6 Trajectories", "7 LfD teacher losses", "8 Cost",
+                            "9 All tables and downloads"], cats
+    # The front page (shown first) carries the multi- and single-attack tables themselves.
+    front = json.loads(re.search(r"var workflow_desc = (.*?);\n", html).group(1))
+    assert "<h3>digits — multi</h3>" in front and "<h3>digits — single attack (Table 1 shape)</h3>" in front
+    assert front.count("<table>") == sections["multi"].count("<table>") + sections["single"].count("<table>")
     # Captions from workflow/report/*.rst (rendered to HTML, so compare their first words).
-    for rst in ("workflow", "asr", "rreject", "tables", "trajectories", "teacher", "singlemulti"):
+    for rst in ("workflow", "asr", "rreject", "tables", "trajectories", "teacher", "singlemulti", "tables_multi",
+                "tables_single", "tables_singlemulti", "tables_cost"):
         words = (ROOT / "workflow/report" / f"{rst}.rst").read_text().split()[:6]
         assert " ".join(words) in html, rst
     # Snakemake's own per-rule runtimes.

@@ -35,7 +35,10 @@ COLUMNS = [*CELL, "detector", "detector_type", "defender_model", "defender_arch"
 REQUIRED = ("dataset", "scenario", "seed", "defense", "detector", "remedy", "attacks", "targets",
             "clean_accuracy", "asr", "mean_asr", "mean_asr_boosted", "n_train", "n_poisoned", "n_removed")
 DAGGER_NOTE = ("† ASR measured with the blended trigger boosted 2× at test time (the paper's convention, after "
-               "Zeng et al. 2022b); Avg. ASR uses the same values. Plain-trigger ASR is in the per-dataset table.")
+               "Zeng et al. 2022b); Avg. ASR boosted uses these values, Avg. ASR plain the plain trigger for every "
+               "attack. Plain-trigger ASR per attack is in the per-dataset plain-trigger table.")
+GAP_NOTE = ("‡ the boosted-trigger ASR is more than 20 points below the plain trigger's (means over seeds; plain "
+            "value in brackets): boosting breaks this trigger, so the boosted number understates the attack.")
 ATTACK_LINE_COLORS = ["tab:red", "tab:orange", "tab:purple", "tab:blue", "tab:brown", "tab:pink", "tab:olive",
                       "tab:cyan"]
 
@@ -137,6 +140,47 @@ def write_summary(df: pd.DataFrame, out_dir) -> list[Path]:
     return [csv, parquet]
 
 
+# ---------------------------------------------------------------- seed statistics
+
+# Boosted-trigger ASR (the headline, paper convention) more than this far below the plain
+# trigger's ASR means the headline understates the attack: such cells get a ‡ and the plain value.
+BOOST_GAP = 0.20
+STAT_KEYS = ["dataset", "scenario", "defense", "attack"]
+STAT_METRICS = ["clean_accuracy", "asr", "asr_boosted", "asr_paper", "mean_asr", "mean_asr_boosted", "auroc",
+                "recall_removed"]
+# Table files, one per analysis, for the report's sections; tables.md / tables.html hold them all.
+TABLE_SECTIONS = {"multi": "multi-attack results (the BaDLoss paper's Table 2 shape)",
+                  "single": "single-attack results (the BaDLoss paper's Table 1 shape) and each single scenario",
+                  "singlemulti": "each attack alone vs in the multi-attack scenario (the paper's Fig. 10)",
+                  "cost": "the cost of each defense"}
+SECTION_EMPTY = {"multi": "This grid has no multi-attack scenario.",
+                 "single": "This grid has no single-attack or clean scenario.",
+                 "singlemulti": "No attack ran both alone (single-<attack>) and in the multi scenario under one defense.",
+                 "cost": "No cell of this grid has a cost record (metrics from before cost was recorded)."}
+
+
+def table_section_name(kind: str) -> str:
+    return f"tables_{kind}.html"
+
+
+def seed_stats(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean, sample std (ddof=1) and n over seeds per (dataset, scenario, defense, attack) for every
+    metric; std is NaN with one seed. Cell-level metrics repeat once per seed on each attack row."""
+    g = df.groupby(STAT_KEYS, sort=False, dropna=False)
+    out = g["seed"].nunique().rename("n").to_frame()
+    for m in STAT_METRICS:
+        out[f"{m}_mean"] = g[m].mean()
+        out[f"{m}_std"] = g[m].std(ddof=1)
+    return out.reset_index()
+
+
+def write_stats(df: pd.DataFrame, out_dir) -> list[Path]:
+    path = Path(out_dir) / "summary_stats.csv"
+    with atomic_path(path) as tmp:
+        seed_stats(df).to_csv(tmp, index=False)
+    return [path]
+
+
 # ---------------------------------------------------------------- ordering and formatting
 
 # The figures' group of examples that several attacks share (datasets with `overlap: true`).
@@ -171,12 +215,28 @@ def _label(attack: str, dagger: bool = False) -> str:
     return ATTACK_NAMES.get(attack, attack) + ("†" if dagger else "")
 
 
-def _pct(values: pd.Series) -> str:
-    v = values.dropna() * 100
+def _pct(values, n: int | None = None) -> str:
+    """Mean ± sample std (ddof=1) over seeds in percent; one seed: the value alone (no ± 0).
+    n: the row's seed count; a cell with fewer values says how many it has."""
+    v = pd.Series(values, dtype=float).dropna() * 100
     if v.empty:
         return "–"
-    # Sample std (ddof=1) across seeds: the spread one would see rerunning with a fresh seed.
-    return f"{v.mean():.2f}" if len(v) == 1 else f"{v.mean():.2f} ± {v.std(ddof=1):.2f}"
+    s = f"{v.mean():.2f}" if len(v) == 1 else f"{v.mean():.2f} ± {v.std(ddof=1):.2f}"
+    return s + (f" (n={len(v)})" if n is not None and len(v) != n else "")
+
+
+def understated(plain, boosted) -> bool:
+    """The boosted (headline) ASR is more than BOOST_GAP below the plain one, on the means over seeds."""
+    p, b = pd.Series(plain, dtype=float).dropna(), pd.Series(boosted, dtype=float).dropna()
+    return not p.empty and not b.empty and b.mean() < p.mean() - BOOST_GAP
+
+
+def _asr_cell(rows: pd.DataFrame, n: int | None) -> tuple[str, bool]:
+    """The paper-convention ASR of one attack over seeds; ‡ and the plain value when boosting understates it."""
+    s = _pct(rows["asr_paper"], n)
+    if understated(rows["asr"], rows["asr_boosted"]):
+        return f"{s}‡ (plain {rows['asr'].dropna().mean() * 100:.2f})", True
+    return s, False
 
 
 def _md_table(header: list[str], rows: list[list[str]], text_cols: int = 1) -> list[str]:
@@ -192,37 +252,157 @@ def _cells(df: pd.DataFrame) -> pd.DataFrame:
 
 def _seeds_note(df: pd.DataFrame) -> str:
     n = df["seed"].nunique()
-    return f"{n} seed" if n == 1 else f"{n} seeds, mean ± std"
+    if n == 1:
+        return "n=1 seed: single values, no spread"
+    return f"{n} seeds, mean ± sample std over seeds; n = seeds in the row"
+
+
+def _n(df: pd.DataFrame) -> int:
+    return int(df["seed"].nunique())
+
+
+def _footnotes(boosted: bool, gap: bool) -> list[str]:
+    return (["", DAGGER_NOTE] if boosted else []) + (["", GAP_NOTE] if gap else [])
+
+
+def _avg_columns(boosted: bool) -> list[str]:
+    return ["Avg. ASR plain", "Avg. ASR boosted†"] if boosted else ["Avg. ASR"]
+
+
+def _avg_cells(cells: pd.DataFrame, boosted: bool, n: int) -> list[str]:
+    if not boosted:
+        return [_pct(cells["mean_asr"], n)]
+    b = _pct(cells["mean_asr_boosted"], n)
+    return [_pct(cells["mean_asr"], n), b + ("‡" if understated(cells["mean_asr"], cells["mean_asr_boosted"]) else "")]
+
+
+def scenario_table(g: pd.DataFrame, ds: str, sc: str) -> list[str]:
+    """One dataset and scenario in the paper's Table 2 shape: clean accuracy, ASR per attack (paper
+    convention), Avg. ASR plain and boosted, and the detector's AUROC and recall where it has one."""
+    attacks = attack_order(g["attack"])
+    boosted = g["asr_boosted"].notna().any()
+    boosted_attacks = set(g.loc[g["asr_boosted"].notna(), "attack"])
+    detects = g["auroc"].notna().any() or g["recall_removed"].notna().any()
+    header = ["Defense", "n", "Clean Acc.", *[_label(a, a in boosted_attacks) for a in attacks]]
+    header += (_avg_columns(boosted) if attacks else []) + (["AUROC", "Recall (removed)"] if detects else [])
+    rows, gap = [], False
+    for d in defense_order(g):
+        gd = g[g["defense"] == d]
+        cd, n = _cells(gd), _n(gd)
+        row = [d, str(n), _pct(cd["clean_accuracy"], n)]
+        for a in attacks:
+            text, flag = _asr_cell(gd[gd["attack"] == a], n)
+            row.append(text)
+            gap |= flag
+        if attacks:
+            avg = _avg_cells(cd, boosted, n)
+            gap |= avg[-1].endswith("‡")
+            row += avg
+        rows.append(row + ([_pct(cd["auroc"], n), _pct(cd["recall_removed"], n)] if detects else []))
+    return [f"### {ds} — {sc}", "", f"All numbers in percent ({_seeds_note(g)}).", "", *_md_table(header, rows, 2),
+            *_footnotes(bool(boosted_attacks), gap), ""]
+
+
+def single_attack_table(g: pd.DataFrame) -> list[str]:
+    """The BaDLoss paper's Table 1 shape: per defense, each attack's ASR when it is the only attack
+    (its single-<attack> scenario), the mean clean accuracy over those scenarios and the Avg. ASR.
+    Averages are taken per seed first (over the attacks a seed has all of), then over seeds."""
+    singles = [a for a in attack_order(g["attack"]) if f"single-{a}" in set(g["scenario"])]
+    if not singles:
+        return []
+    rows_of = g[g["scenario"].isin([f"single-{a}" for a in singles])]
+    rows_of = rows_of[rows_of["attack"] == rows_of["scenario"].str[len("single-"):]]
+    boosted_attacks = set(rows_of.loc[rows_of["asr_boosted"].notna(), "attack"])
+    boosted = bool(boosted_attacks)
+    header = ["Defense", "n", "Clean Acc. (mean)", *[_label(a, a in boosted_attacks) for a in singles],
+              *_avg_columns(boosted)]
+    rows, gap = [], False
+    for d in defense_order(rows_of):
+        gd = rows_of[rows_of["defense"] == d]
+        n = _n(gd)
+        per_seed = gd.groupby("seed").agg(clean=("clean_accuracy", "mean"), plain=("asr", "mean"),
+                                         paper=("asr_paper", "mean"), k=("attack", "nunique"))
+        full = per_seed[per_seed["k"] == gd["attack"].nunique()]
+        row = [d, str(n), _pct(per_seed["clean"], n)]
+        for a in singles:
+            ga = gd[gd["attack"] == a]
+            text, flag = _asr_cell(ga, n) if len(ga) else ("–", False)
+            row.append(text)
+            gap |= flag
+        if boosted:
+            flag = understated(full["plain"], full["paper"])
+            row += [_pct(full["plain"], n), _pct(full["paper"], n) + ("‡" if flag else "")]
+            gap |= flag
+        else:
+            row.append(_pct(full["plain"], n))
+        rows.append(row)
+    ds = g["dataset"].iloc[0]
+    return [f"### {ds} — single attack (Table 1 shape)", "",
+            "Each attack's ASR when it is the only attack (its single-<attack> scenario); Clean Acc. is the mean over "
+            f"those scenarios; in percent ({_seeds_note(rows_of)}).", "", *_md_table(header, rows, 2),
+            *_footnotes(boosted, gap), ""]
+
+
+def plain_table(g: pd.DataFrame) -> list[str]:
+    attacks = attack_order(g["attack"])
+    if not attacks:
+        return []
+    rows = []
+    for sc, gs in g.groupby("scenario", sort=False):
+        if gs["attack"].isna().all():
+            continue
+        for d in defense_order(gs):
+            gd = gs[gs["defense"] == d]
+            n = _n(gd)
+            rows.append([sc, d, str(n), *[_pct(gd.loc[gd["attack"] == a, "asr"], n) for a in attacks],
+                         _pct(_cells(gd)["mean_asr"], n)])
+    ds = g["dataset"].iloc[0]
+    return [f"### {ds} — plain-trigger ASR", "", f"ASR with the un-boosted test trigger, in percent "
+            f"({_seeds_note(g)}).", "", *_md_table(["Scenario", "Defense", "n", *map(_label, attacks), "Avg. ASR"], rows, 3), ""]
+
+
+def table_sections(df: pd.DataFrame) -> dict[str, list[str]]:
+    """Markdown of every table, per analysis (TABLE_SECTIONS), datasets in order of appearance."""
+    out: dict[str, list[str]] = {k: [] for k in TABLE_SECTIONS}
+    out["plain"] = []
+    for ds, g in df.groupby("dataset", sort=False):
+        scenarios = list(dict.fromkeys(g["scenario"]))
+        if "multi" in scenarios:
+            out["multi"] += scenario_table(g[g["scenario"] == "multi"], ds, "multi")
+        out["single"] += single_attack_table(g)
+        for sc in scenarios:
+            if sc != "multi":
+                out["single"] += scenario_table(g[g["scenario"] == sc], ds, sc)
+        out["single"] += per_attack_table(g)
+        out["singlemulti"] += single_vs_multi_table(g)
+        out["plain"] += plain_table(g)
+        out["cost"] += cost_table(g)
+    return out
 
 
 def markdown_tables(df: pd.DataFrame) -> str:
-    out = []
+    s = table_sections(df)
+    return "\n".join(s["multi"] + s["single"] + s["singlemulti"] + s["plain"] + s["cost"])
+
+
+def per_seed_tables(df: pd.DataFrame) -> str:
+    """Every cell's own numbers, one row per defense and seed: what the mean ± std tables aggregate."""
+    out = ["Per-seed results in percent: one row per defense and seed, before averaging over seeds. ASR follows "
+           "the paper's convention (boosted trigger for † attacks); Avg. ASR plain uses the plain trigger.", ""]
     for (ds, sc), g in df.groupby(["dataset", "scenario"], sort=False):
         attacks = attack_order(g["attack"])
         boosted = set(g.loc[g["asr_boosted"].notna(), "attack"])
-        detects = g["auroc"].notna().any() or g["recall_removed"].notna().any()
-        header = ["Defense", "Clean Acc.", *[_label(a, a in boosted) for a in attacks], "Avg. ASR"]
-        header += ["AUROC", "Recall (removed)"] if detects else []
+        header = ["Defense", "Seed", "Clean Acc.", *[_label(a, a in boosted) for a in attacks]]
+        header += ["Avg. ASR plain", "Avg. ASR boosted†"] if attacks else []
         rows = []
         for d in defense_order(g):
-            gd, cd = g[g["defense"] == d], _cells(g[g["defense"] == d])
-            row = [d, _pct(cd["clean_accuracy"]), *[_pct(gd.loc[gd["attack"] == a, "asr_paper"]) for a in attacks],
-                   _pct(cd["mean_asr_boosted"])]
-            rows.append(row + ([_pct(cd["auroc"]), _pct(cd["recall_removed"])] if detects else []))
-        out += [f"### {ds} — {sc}", "", f"All numbers in percent ({_seeds_note(g)}).", "", *_md_table(header, rows)]
-        out += ["", DAGGER_NOTE] if boosted else []
-        out.append("")
-    for ds, g in df.groupby("dataset", sort=False):
-        attacks = attack_order(g["attack"])
-        rows = []
-        for sc, gs in g.groupby("scenario", sort=False):
-            for d in defense_order(gs):
-                gd = gs[gs["defense"] == d]
-                rows.append([sc, d, *[_pct(gd.loc[gd["attack"] == a, "asr"]) for a in attacks],
-                             _pct(_cells(gd)["mean_asr"])])
-        out += [f"### {ds} — plain-trigger ASR", "", f"ASR with the un-boosted test trigger, in percent "
-                f"({_seeds_note(g)}).", "", *_md_table(["Scenario", "Defense", *map(_label, attacks), "Avg. ASR"], rows, 2), ""]
-        out += single_vs_multi_table(g) + per_attack_table(g) + cost_table(g)
+            gd = g[g["defense"] == d]
+            for seed, gs in gd.groupby("seed", sort=True):
+                c = gs.iloc[0]
+                row = [d, str(seed), _pct([c["clean_accuracy"]])]
+                row += [_pct(gs.loc[gs["attack"] == a, "asr_paper"]) for a in attacks]
+                rows.append(row + ([_pct([c["mean_asr"]]), _pct([c["mean_asr_boosted"]])] if attacks else []))
+        out += [f"### {ds} — {sc}, per seed", "", *_md_table(header, rows, 2), ""]
     return "\n".join(out)
 
 
@@ -233,7 +413,8 @@ def _single_vs_multi(g: pd.DataFrame) -> pd.DataFrame:
     for (d, a), ga in g.groupby(["defense", "attack"], sort=False):
         single, multi = ga[ga["scenario"] == f"single-{a}"], ga[ga["scenario"] == "multi"]
         if len(single) and len(multi):
-            rows.append({"defense": d, "attack": a, "single": single["asr_paper"], "multi": multi["asr_paper"]})
+            rows.append({"defense": d, "attack": a, "single": single["asr_paper"].dropna(),
+                         "multi": multi["asr_paper"].dropna()})
     return pd.DataFrame(rows)
 
 
@@ -246,11 +427,13 @@ def single_vs_multi_table(g: pd.DataFrame) -> list[str]:
     rows = []
     for d in [d for d in defense_order(g) if d in set(sm["defense"])]:
         s = sm[sm["defense"] == d].set_index("attack")
-        rows.append([d, *[(f"{_pct(s.loc[a, 'single'])} / {_pct(s.loc[a, 'multi'])}" if a in s.index else "–") for a in attacks]])
+        n = _n(g[(g["defense"] == d) & g["scenario"].isin(["multi", *[f"single-{a}" for a in s.index]])])
+        rows.append([d, str(n), *[(f"{_pct(s.loc[a, 'single'], n)} / {_pct(s.loc[a, 'multi'], n)}"
+                                   if a in s.index else "–") for a in attacks]])
     return [f"### {g['dataset'].iloc[0]} — single vs multi-attack ASR", "",
             "ASR of each attack trained alone / with all the others at once (the multi scenario), in percent "
             f"({_seeds_note(g)}); blended triggers boosted as in the main table (the paper's Fig. 10).", "",
-            *_md_table(["Defense", *map(_label, attacks)], rows), ""]
+            *_md_table(["Defense", "n", *map(_label, attacks)], rows, 2), ""]
 
 
 def per_attack_table(g: pd.DataFrame) -> list[str]:
@@ -263,17 +446,18 @@ def per_attack_table(g: pd.DataFrame) -> list[str]:
     scen = ["clean"] + [f"single-{a}" for a in singles]
     gs = g[g["scenario"].isin(scen)]
     defenses = defense_order(gs)
-    header = ["Attack", *[f"{d} {k}" for d in defenses for k in ("CA", "ASR")]]
+    header = ["Attack", "n", *[f"{d} {k}" for d in defenses for k in ("CA", "ASR")]]
     rows = []
     for sc in scen:
-        row = ["No attack" if sc == "clean" else _label(sc[len("single-"):])]
+        n = _n(gs[gs["scenario"] == sc])
+        row = ["No attack" if sc == "clean" else _label(sc[len("single-"):]), str(n)]
         for d in defenses:
             c = gs[(gs["scenario"] == sc) & (gs["defense"] == d)]
-            row += [_pct(_cells(c)["clean_accuracy"]), "–" if sc == "clean" else _pct(c["asr_paper"])]
+            row += [_pct(_cells(c)["clean_accuracy"], n), "–" if sc == "clean" else _pct(c["asr_paper"], n)]
         rows.append(row)
     return [f"### {g['dataset'].iloc[0]} — per attack (LfD Table 2 shape)", "",
             "Each attack alone (its single scenario) and no attack (the clean scenario): clean accuracy (CA) and "
-            f"attack success rate (ASR) per defense, in percent ({_seeds_note(gs)}).", "", *_md_table(header, rows), ""]
+            f"attack success rate (ASR) per defense, in percent ({_seeds_note(gs)}).", "", *_md_table(header, rows, 2), ""]
 
 
 def _minutes(v: pd.Series) -> str:
@@ -297,15 +481,17 @@ def cost_table(g: pd.DataFrame) -> list[str]:
     rows = []
     for d in defense_order(g):
         c = cells[cells["defense"] == d]
-        rows.append([d, _epochs(c["cost_epochs_models"]), _epochs(c["cost_epochs_final"]), _epochs(c["cost_epochs"]),
+        n_cells = int(c["cost_epochs"].notna().sum())
+        rows.append([d, str(n_cells), _epochs(c["cost_epochs_models"]), _epochs(c["cost_epochs_final"]), _epochs(c["cost_epochs"]),
                      _minutes(c["cost_wall_models_s"]), _minutes(c["cost_wall_score_s"]), _minutes(c["cost_wall_final_s"]),
                      _minutes(c["cost_wall_s"])])
     return [f"### {g['dataset'].iloc[0]} — cost of each defense", "",
             "Epochs of training (defender models it reads, e.g. the attacked model or a pretraining run, each counted "
-            "once; and its own final training) and wall time in minutes, mean over the cells it ran in "
-            f"({_cells(g)['scenario'].nunique()} scenarios, {_seeds_note(g)}). Scoring includes any optimisation a "
+            "once; and its own final training) and wall time in minutes: mean (± sample std where more than one) over "
+            f"the cells with a cost record, counted in Cells ({cells['scenario'].nunique()} scenarios × "
+            f"{cells['seed'].nunique()} seeds at most). Scoring includes any optimisation a "
             "detector does itself (trigger reverse-engineering, masks, its own classifier).", "",
-            *_md_table(["Defense", "Model epochs", "Final epochs", "Total epochs", "Models (min)", "Scoring (min)",
+            *_md_table(["Defense", "Cells", "Model epochs", "Final epochs", "Total epochs", "Models (min)", "Scoring (min)",
                         "Final (min)", "Total (min)"], rows), ""]
 
 
@@ -364,51 +550,86 @@ def _save(fig: Figure, path) -> Path:
     FigureCanvasAgg(fig)
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)  # tmp has a .tmp suffix, so name the format
+        # bbox_inches="tight" grows the canvas to whatever sticks out (suptitles, outside legends) instead of clipping it.
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight", pad_inches=0.15)  # tmp has a .tmp suffix: name the format
     return Path(path)
 
 
+def _spread_title(title: str, df: pd.DataFrame) -> str:
+    """The title plus what the bars and error bars are; n is the most seeds any point has (the
+    tables give each row's n)."""
+    per = df.groupby(["scenario", "defense"])["seed"].nunique()
+    n = int(per.max())
+    if n == 1:
+        return f"{title}\n(n=1 seed, no spread)"
+    return f"{title}\n(mean ± sample std over n{'=' if per.min() == n else ' ≤ '}{n} seeds)"
+
+
+def _pct_top(values: Iterable[float]) -> float:
+    """A y limit in percent that fits the data (bars plus error bars) with headroom, within 0-105."""
+    v = [x for x in values if x is not None and np.isfinite(x)]
+    return min(105.0, max(10.0, 1.12 * max(v, default=0.0)))
+
+
 def asr_figure(df: pd.DataFrame, out_path, title: str) -> Path:
-    """Grouped bars: ASR (paper convention) per attack, one bar per defense (paper Fig. 5/6)."""
+    """Grouped bars: ASR (paper convention) per attack, one bar per defense (paper Fig. 5/6); with
+    several seeds the bar is the mean and the error bar the sample std."""
     import seaborn as sns
 
     attacks, defenses = attack_order(df["attack"]), defense_order(df)
     boosted = set(df.loc[df["asr_boosted"].notna(), "attack"])
     data = df.assign(ASR=df["asr_paper"] * 100, Attack=[_label(a, a in boosted) for a in df["attack"]])
-    fig = Figure(figsize=(1.2 + 0.35 * len(attacks) * max(len(defenses), 2), 4))
+    stats = data.groupby(["Attack", "defense"])["ASR"].agg(["mean", "std"]).fillna(0)
+    fig = Figure(figsize=(max(6.5, 1.5 + 0.3 * len(attacks) * max(len(defenses), 2)), 4.2))
     ax = fig.add_subplot()
     sns.barplot(data=data, x="Attack", y="ASR", hue="defense", order=[_label(a, a in boosted) for a in attacks],
-                hue_order=defenses, errorbar="sd" if df["seed"].nunique() > 1 else None, ax=ax)
-    ax.set(ylim=(0, 105), ylabel="Attack success rate (%)", xlabel="", title=title)
+                hue_order=defenses, errorbar="sd" if df["seed"].nunique() > 1 else None, capsize=0.1, ax=ax)
+    ax.set(ylim=(0, _pct_top(stats["mean"] + stats["std"])), ylabel="Attack success rate (%)", xlabel="")
+    ax.set_title(_spread_title(title, df))
     ax.legend(title="Defense", bbox_to_anchor=(1.01, 1), loc="upper left", fontsize="small")
     return _save(fig, out_path)
 
 
 def single_multi_figure(df: pd.DataFrame, out_path, title: str) -> Path | None:
-    """Each attack's ASR alone vs in the multi-attack scenario, one panel per defense (the paper's
-    Fig. 10); None when no attack ran both alone and in the multi scenario."""
+    """Each attack's ASR alone vs in the multi-attack scenario, one panel per defense, one figure per
+    dataset (the paper's Fig. 10): bars are means over seeds, error bars the sample std; None when
+    no attack ran both alone and in the multi scenario."""
     sm = _single_vs_multi(df)
     if sm.empty:
         return None
     attacks = attack_order(sm["attack"])
     defenses = [d for d in defense_order(df) if d in set(sm["defense"])]
-    cols = min(3, len(defenses))
+    cols = min(3 if len(attacks) <= 4 else 2, len(defenses))
     rows = -(-len(defenses) // cols)
-    fig = Figure(figsize=(1.0 + 0.55 * len(attacks) * cols, 2.6 * rows))
-    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    panel_w = max(3.4, 1.0 + 0.6 * len(attacks))
+    fig = Figure(figsize=(panel_w * cols, 3.3 * rows + 0.6))
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False, sharey=True)).ravel()
     x = np.arange(len(attacks))
+    boosted = set(df.loc[df["asr_boosted"].notna(), "attack"])
+    tops = []
     for ax, d in zip(axes, defenses):
         s = sm[sm["defense"] == d].set_index("attack")
         for off, col, color, name in ((-0.2, "single", "tab:orange", "alone"), (0.2, "multi", "tab:red", "multi-attack")):
-            mean = [s.loc[a, col].mean() * 100 if a in s.index else np.nan for a in attacks]
-            std = [s.loc[a, col].std(ddof=1) * 100 if a in s.index and len(s.loc[a, col]) > 1 else 0 for a in attacks]
-            ax.bar(x + off, mean, 0.4, yerr=std, color=color, label=name, capsize=2)
-        ax.set_xticks(x, [_label(a) for a in attacks], rotation=45, ha="right", fontsize="small")
-        ax.set(ylim=(0, 105), title=d, ylabel="ASR (%)")
+            vals = [s.loc[a, col] * 100 if a in s.index else pd.Series(dtype=float) for a in attacks]
+            mean = [v.mean() if len(v) else np.nan for v in vals]
+            std = [v.std(ddof=1) if len(v) > 1 else np.nan for v in vals]  # one seed: no error bar, not a ± 0 one
+            ax.bar(x + off, mean, 0.4, yerr=std, color=color, label=name, capsize=3, error_kw={"lw": 1})
+            tops += [m + (0.0 if np.isnan(e) else e) for m, e in zip(mean, std)]
+        ax.set_xticks(x, [_label(a, a in boosted) for a in attacks], rotation=30 if len(attacks) > 3 else 0,
+                      ha="right" if len(attacks) > 3 else "center")
+        n = df.loc[(df["defense"] == d) & df["attack"].isin(s.index) &
+                   df["scenario"].isin(["multi", *[f"single-{a}" for a in s.index]]), "seed"].nunique()
+        ax.set_title(f"{d} (n={n})")
+        ax.grid(axis="y", lw=0.5, alpha=0.5)
+    for i, ax in enumerate(axes):
+        if i % cols == 0:
+            ax.set_ylabel("ASR (%)")
+    axes[0].set_ylim(0, _pct_top(tops))
     for ax in axes[len(defenses):]:
         ax.set_visible(False)
-    axes[0].legend(fontsize="small")
-    fig.suptitle(title)
+    # Outside the panels, right of the first row: inside it would cover bars near 100%.
+    axes[cols - 1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1))
+    fig.suptitle(_spread_title(title, df))
     return _save(fig, out_path)
 
 
@@ -422,15 +643,25 @@ def rreject_figure(df: pd.DataFrame, out_path, title: str) -> Path | None:
     if sweep.empty:
         return None
     base = cells[cells["remedy"] == "none"]
-    fig = Figure(figsize=(9, 3.8))
-    for ax, col, name in zip(fig.subplots(1, 2), ["clean_accuracy", "mean_asr_boosted"], ["Clean accuracy", "Avg. ASR"]):
+    fig = Figure(figsize=(10, 4.2))
+    for ax, col, name in zip(fig.subplots(1, 2), ["clean_accuracy", "mean_asr_boosted"], ["Clean accuracy", "Avg. ASR (boosted†)"]):
         sns.lineplot(data=sweep.assign(y=sweep[col] * 100), x="r_reject", y="y", hue="detector", marker="o",
-                     errorbar="sd", ax=ax)
-        if not base.empty:  # the undefended model has no r_reject: a reference line, not an r=0 point
-            ax.axhline(base[col].mean() * 100, ls="--", color="0.4", label="no defense")
-        ax.set(xlabel="$r_{reject}$", ylabel=f"{name} (%)", ylim=(0, 102))
+                     errorbar="sd", err_style="bars", err_kws={"capsize": 3}, ax=ax)
+        pts = sweep.groupby(["detector", "r_reject"])[col].agg(["mean", "std"]).fillna(0) * 100
+        ys, lows = [*(pts["mean"] + pts["std"])], [*(pts["mean"] - pts["std"])]
+        if not base.empty:  # the undefended model has no r_reject: a reference line (± std band), not an r=0 point
+            m, sd = base[col].mean() * 100, (base[col].std(ddof=1) * 100 if len(base) > 1 else 0.0)
+            ax.axhline(m, ls="--", color="0.4", label="no defense")
+            if sd > 0:
+                ax.axhspan(m - sd, m + sd, color="0.4", alpha=0.12, lw=0)
+            ys.append(m + sd)
+            lows.append(m - sd)
+        # Clean accuracy lives in a narrow band near the top: zoom to it; ASR from 0 to what the data reach.
+        ylim = (max(0.0, min(lows) - 5), min(102.0, max(ys) + 3)) if col == "clean_accuracy" else (0, _pct_top(ys))
+        ax.set(xlabel="$r_{reject}$", ylabel=f"{name} (%)", ylim=ylim)
+        ax.grid(lw=0.5, alpha=0.5)
         ax.legend(fontsize="small")
-    fig.suptitle(title)
+    fig.suptitle(_spread_title(title, df))
     return _save(fig, out_path)
 
 
@@ -546,7 +777,7 @@ def capacity_figure(df: pd.DataFrame, out_path, title: str) -> Path | None:
         ax.legend(fontsize="small")
         ax.set_xticks(range(len(order)), [f"{a}\n{size[a]:,}" for a in order], fontsize="small")
         ax.set(xlabel="teacher (parameters)", ylabel=f"{name} (%)", ylim=(0, 102))
-    fig.suptitle(title)
+    fig.suptitle(_spread_title(title, sweep))
     return _save(fig, out_path)
 
 
@@ -581,14 +812,26 @@ def run(metrics_paths: Iterable, out_dir, trajectory_paths: Iterable = (), teach
     df = collect(metrics_paths)
     if df.empty:
         raise ArtifactError("no metrics.json files (or none with attacks) to aggregate")
-    written: dict[str, list[Path]] = {"summary": write_summary(df, out), "tables": [out / "tables.md"],
-                                      "tables_html": [out / "tables.html"], "asr": [], "rreject": [],
-                                      "capacity": [], "trajectories": [], "teacher": [], "singlemulti": []}
+    written: dict[str, list[Path]] = {"summary": write_summary(df, out), "summary_stats": write_stats(df, out),
+                                      "tables": [out / "tables.md"], "tables_per_seed": [out / "tables_per_seed.md"],
+                                      "tables_html": [out / "tables.html"], "table_sections": [],
+                                      "asr": [], "rreject": [], "capacity": [], "trajectories": [], "teacher": [],
+                                      "singlemulti": []}
     md = markdown_tables(df)
     with atomic_path(out / "tables.md") as tmp:
         tmp.write_text(md)
     with atomic_path(out / "tables.html") as tmp:
         tmp.write_text(html_tables(md), encoding="utf-8")
+    with atomic_path(out / "tables_per_seed.md") as tmp:
+        tmp.write_text(per_seed_tables(df))
+    sections = table_sections(df)
+    for kind, what in TABLE_SECTIONS.items():
+        # Always written, so the workflow can declare it; a grid without this analysis gets a line saying so.
+        body = "\n".join(sections[kind]) or SECTION_EMPTY[kind]
+        path = out / table_section_name(kind)
+        with atomic_path(path) as tmp:
+            tmp.write_text(html_tables(body, title=f"poisongrid: {what}"), encoding="utf-8")
+        written["table_sections"].append(path)
     for (ds, sc), g in df.groupby(["dataset", "scenario"], sort=False):
         if g["attack"].notna().any():
             written["asr"].append(asr_figure(g, figs / figure_name("asr", ds, sc), f"{ds} — {sc}"))

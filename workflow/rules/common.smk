@@ -92,17 +92,36 @@ def all_teacher_losses():
 
 # Outputs flagged with report() make up `snakemake --report results/report.html` (captions: workflow/report/).
 REPORT_CAPTIONS = "../report/"
+# One report section per analysis. The report lists sections in alphabetical order, so the number
+# sets their order: the tables first, the downloads last. (The front page, workflow/report/workflow.rst,
+# shows the multi- and single-attack tables too.)
+REPORT_CATEGORY = {"multi": "1 Multi-attack (Table 2)", "single": "2 Single-attack (Table 1)",
+                   "singlemulti": "3 Single vs multi-attack", "rreject": "4 r_reject", "capacity": "5 LfD teacher capacity",
+                   "trajectories": "6 Trajectories", "teacher": "7 LfD teacher losses", "cost": "8 Cost",
+                   "all": "9 All tables and downloads"}
+# The tables of each analysis, one HTML page each (poisongrid.aggregate.TABLE_SECTIONS).
+REPORT_TABLES = {"multi": "multi-attack tables", "single": "single-attack tables", "singlemulti": "single vs multi table",
+                 "cost": "cost table"}
+
+
+def report_tables():
+    """The per-analysis table pages `poisongrid aggregate` writes, each first in its report section."""
+    return [report(f"{RESULTS}/tables_{kind}.html", caption=f"{REPORT_CAPTIONS}tables_{kind}.rst",
+                   category=REPORT_CATEGORY[kind], subcategory="0 Tables (all datasets)", labels={"table": f"tables_{kind}.html: {what}"})
+            for kind, what in REPORT_TABLES.items()]
 
 
 def report_figures():
     """The figures `poisongrid aggregate` draws, each flagged for the report with the caption of its kind.
 
     Listed from the config rather than declared as one directory(), because a report() flag carries one
-    caption and each kind needs its own; poisongrid.config.figure_names decides them for aggregate too."""
-    category = {"asr": "ASR", "rreject": "r_reject", "capacity": "LfD teacher capacity", "trajectories": "Trajectories",
-                "teacher": "LfD teacher losses", "singlemulti": "Single vs multi-attack"}
+    caption and each kind needs its own; poisongrid.config.figure_names decides them for aggregate too.
+    ASR bar charts go to the multi- or single-attack section by their scenario."""
     out = []
     for kind, name, label, subcat in pgc.figure_names(config, all_trajectories(), all_teacher_losses()):
-        out.append(report(f"{RESULTS}/figures/{name}", caption=f"{REPORT_CAPTIONS}{kind}.rst", category=category[kind],
-                          subcategory=subcat, labels={"figure": label}))
+        section = kind
+        if kind == "asr":
+            section = "multi" if label.rsplit(" — ", 1)[-1] == "multi" else "single"
+        out.append(report(f"{RESULTS}/figures/{name}", caption=f"{REPORT_CAPTIONS}{kind}.rst",
+                          category=REPORT_CATEGORY[section], subcategory=subcat, labels={"figure": label}))
     return out
