@@ -29,6 +29,8 @@ def _build(name, seed=0, shape=SHAPE, trigger=None, **params):
         artifact = {"trigger": _trigger(shape, eps=1 / 255)}  # l2 norm < 2 at 32 px
     elif name == "label_consistent":
         artifact = {"index": np.zeros(0, np.int64), "delta": np.zeros((0, *shape), np.int8)}
+    elif name == "adaptive_blend":
+        artifact = {"alpha": np.float64(0.1), "pattern": np.random.default_rng(2).integers(0, 256, shape, dtype=np.uint8)}
     elif name == "dynamic":  # untrained nets: the contract holds for any weights
         from poisongrid.attacks.dynamic import initial_artifact
 
@@ -49,10 +51,11 @@ def _diff(a, b):
 def test_registry_names_and_flags():
     assert ATTACKS.names() == sorted(["patch", "single_pixel", "blend_random", "blend_pattern", "sinusoid",
                                       "frequency", "narcissus", "badnets_white", "badnets_grid", "sig",
-                                      "trojan_square", "trojan_watermark", "l2_invisible", "label_consistent", "dynamic"])
-    assert BLEND_TYPE == {"blend_random", "blend_pattern", "sinusoid", "narcissus", "frequency"}
+                                      "trojan_square", "trojan_watermark", "l2_invisible", "label_consistent", "dynamic",
+                                      "adaptive_blend"])
+    assert BLEND_TYPE == {"blend_random", "blend_pattern", "sinusoid", "narcissus", "frequency", "adaptive_blend"}
     assert {n for n in ATTACKS.names() if ATTACKS.get(n).clean_label} == {"sinusoid", "narcissus", "sig", "label_consistent"}
-    assert [n for n in ATTACKS.names() if ATTACKS.get(n).learns()] == ["dynamic", "l2_invisible", "label_consistent", "narcissus",
+    assert [n for n in ATTACKS.names() if ATTACKS.get(n).learns()] == ["adaptive_blend", "dynamic", "l2_invisible", "label_consistent", "narcissus",
                                                                        "trojan_square", "trojan_watermark"]
 
 

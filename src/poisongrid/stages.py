@@ -59,7 +59,8 @@ def trigger(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
     target = poisoning.draw_target(name, spec["params"], ds.train.labels, ds.num_classes, spec["seed"])
     params = {k: v for k, v in spec["params"].items() if k in cls.defaults}
     job = LearnJob(dataset=ds, target=target, seed=spec["seed"], params=params, settings=spec["learn"],
-                   training=spec["training"], device=device, log=log)
+                   training=spec["training"], device=device, log=log,
+                   ratio=spec["params"].get("ratio"))
     arrays = cls.learn(job)
     clash = sorted(set(arrays) & set(ARTIFACT_PROVENANCE))
     if clash:

@@ -2,7 +2,7 @@
 
 Importing this package registers the BaDLoss and LfD attacks in `ATTACKS`."""
 from .base import ATTACKS, Attack, build_attack
-from . import simple, frequency, narcissus, lfd_simple, trojan, l2_invisible, label_consistent, dynamic  # noqa: F401  (registers the attacks)
+from . import simple, frequency, narcissus, lfd_simple, trojan, l2_invisible, label_consistent, dynamic, adaptive  # noqa: F401  (registers the attacks)
 
 # Attacks whose ASR is also reported with a 2x boosted trigger (the paper's "blend-type" attacks).
 BLEND_TYPE = frozenset(n for n in ATTACKS.names() if ATTACKS.get(n).boostable)

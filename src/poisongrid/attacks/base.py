@@ -19,7 +19,8 @@ _CHUNK = 256  # images converted to float at once: bounds memory on 224-px test 
 class LearnJob:
     """What an attack's learning step (the `trigger` stage) may use: the clean dataset, the
     attack's target class, the cell's seed, the attack's own parameters and `learn` settings, the
-    dataset's training settings (a surrogate's optimiser, batch size, augmentation), the device."""
+    dataset's training settings (a surrogate's optimiser, batch size, augmentation), the device,
+    and the attack's poisoning `ratio` (None where unknown)."""
 
     dataset: Any
     target: int
@@ -29,6 +30,7 @@ class LearnJob:
     training: dict
     device: Any
     log: Callable[[str], None] = field(default=lambda msg: None)
+    ratio: float | None = None
 
     def fit(self, images, labels, model: str, epochs: int, **kw):
         """Train an attacker's model with the training loop (the dataset's settings, this model
