@@ -63,7 +63,7 @@ def test_poisoned_labels_are_the_target_and_only_chosen_rows_change():
     ds = _dataset()
     art = _artifact(0.2)
     ps = poisoning.poison(ds, {"adaptive_blend": {"ratio": 0.1, "target": 2}}, ["adaptive_blend"], seed=0,
-                          bona_fide={"n_clean": 10, "stratified": False}, artifacts={"adaptive_blend": art})
+                          artifacts={"adaptive_blend": art})
     m = ps.manifest
     rows = m[m["attack"] == "adaptive_blend"]
     assert len(rows) == 9 and (rows["label"] == 2).all()
