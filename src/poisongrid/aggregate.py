@@ -29,7 +29,7 @@ CELL_COLUMNS = ["clean_accuracy", "mean_asr", "mean_asr_boosted", "auroc", "reca
                 "n_train", "n_poisoned", "n_removed", "n_ascent", "wall_time_total_s", "cost_epochs_models",
                 "cost_epochs_final", "cost_epochs", "cost_wall_models_s", "cost_wall_score_s", "cost_wall_final_s",
                 "cost_wall_s"]
-COLUMNS = [*CELL, "detector", "detector_type", "defender_model", "defender_arch", "remedy", "defense_params", "r_reject", "alpha", "attack", "target", "asr", "asr_boosted", "asr_paper",
+COLUMNS = [*CELL, "detector", "detector_type", "defender_model", "defender_arch", "arch", "remedy", "defense_params", "r_reject", "alpha", "attack", "target", "asr", "asr_boosted", "asr_paper",
            "auroc_attack", "recall_attack", *CELL_COLUMNS]
 REQUIRED = ("dataset", "scenario", "seed", "defense", "detector", "remedy", "attacks", "targets",
             "clean_accuracy", "asr", "mean_asr", "mean_asr_boosted", "n_train", "n_poisoned", "n_removed")
@@ -74,7 +74,7 @@ def _cell_rows(path) -> list[dict]:
     cell = {"dataset": m["dataset"], "scenario": m["scenario"], "seed": int(m["seed"]), "defense": m["defense"],
             "detector": m["detector"], "remedy": m["remedy"], "detector_type": m.get("detector_type"),
             "defender_model": (m.get("defender_model") or {}).get("model_name"),
-            "defender_arch": (m.get("defender_model") or {}).get("model"),
+            "defender_arch": (m.get("defender_model") or {}).get("model"), "arch": m.get("arch"),
             "n_ascent": int(m.get("n_ascent") or 0),
             "r_reject": _num((m.get("defense_params") or {}).get("r_reject")),
             "alpha": _num((m.get("defense_params") or {}).get("alpha")),
@@ -146,10 +146,13 @@ def attack_order(attacks: Iterable[str]) -> list[str]:
 
 
 def defense_order(df: pd.DataFrame) -> list[str]:
-    """No-defense baseline first; then grouped by detector (first appearance), by r_reject within a group."""
-    cells = df.drop_duplicates("defense").assign(detector=lambda c: c["detector"].fillna(""))  # NaN != NaN as a key
+    """Per final-model architecture (first appearance): no-defense baseline first; then grouped by
+    detector (first appearance), by r_reject within a group."""
+    cells = (df.drop_duplicates("defense")
+             .assign(detector=lambda c: c["detector"].fillna(""), arch=lambda c: c["arch"].fillna("")))  # NaN != NaN as a key
     det_rank = {d: i for i, d in enumerate(dict.fromkeys(cells["detector"]))}
-    key = {r.defense: (r.defense != "none" and r.remedy != "none", det_rank[r.detector],
+    arch_rank = {a: i for i, a in enumerate(dict.fromkeys(cells["arch"]))}
+    key = {r.defense: (arch_rank[r.arch], r.defense != "none" and r.remedy != "none", det_rank[r.detector],
                        -1.0 if math.isnan(r.r_reject) else r.r_reject, i)
            for i, r in enumerate(cells.itertuples())}
     return sorted(key, key=key.get)
@@ -189,15 +192,19 @@ def markdown_tables(df: pd.DataFrame) -> str:
         attacks = attack_order(g["attack"])
         boosted = set(g.loc[g["asr_boosted"].notna(), "attack"])
         detects = g["auroc"].notna().any() or g["recall_removed"].notna().any()
-        header = ["Defense", "Clean Acc.", *[_label(a, a in boosted) for a in attacks], "Avg. ASR"]
+        # Several final-model architectures (the paper's Table 5): each row names its own.
+        archs = g["arch"].nunique() > 1
+        header = ["Defense", *(["Arch."] if archs else []), "Clean Acc.", *[_label(a, a in boosted) for a in attacks],
+                  "Avg. ASR"]
         header += ["AUROC", "Recall (removed)"] if detects else []
         rows = []
         for d in defense_order(g):
             gd, cd = g[g["defense"] == d], _cells(g[g["defense"] == d])
-            row = [d, _pct(cd["clean_accuracy"]), *[_pct(gd.loc[gd["attack"] == a, "asr_paper"]) for a in attacks],
-                   _pct(cd["mean_asr_boosted"])]
+            row = [d, *([str(cd["arch"].iloc[0])] if archs else []), _pct(cd["clean_accuracy"]),
+                   *[_pct(gd.loc[gd["attack"] == a, "asr_paper"]) for a in attacks], _pct(cd["mean_asr_boosted"])]
             rows.append(row + ([_pct(cd["auroc"]), _pct(cd["recall_removed"])] if detects else []))
-        out += [f"### {ds} — {sc}", "", f"All numbers in percent ({_seeds_note(g)}).", "", *_md_table(header, rows)]
+        out += [f"### {ds} — {sc}", "", f"All numbers in percent ({_seeds_note(g)}).", "",
+                *_md_table(header, rows, 2 if archs else 1)]
         out += ["", DAGGER_NOTE] if boosted else []
         out.append("")
     for ds, g in df.groupby("dataset", sort=False):
