@@ -235,3 +235,6 @@ def test_estimates_scale_by_the_architectures_cost():
     # 4 epochs plus the per-epoch eval pass (x1.3).
     assert config.estimated_minutes(c, "pretrain", "digits", model="pretrain_d") == pytest.approx(4 * 0.5 * ratio * 1.3)
     assert config.estimated_minutes(c, "features", "digits", model="pretrain_d") == pytest.approx(0.5 * 0.5 * ratio + 2)
+    # Each train job asks the scheduler for its own architecture's time; the rule-wide default is the costliest.
+    assert config.resources(c, "train", "digits", defense="badloss")["runtime"] == int(10 + 1.5 * 10 * 0.5)
+    assert config.resources(c, "train", "digits")["runtime"] == int(10 + 1.5 * 10 * 0.5 * ratio)

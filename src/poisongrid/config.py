@@ -577,15 +577,16 @@ def on_gpu(cfg: dict, stage: str) -> bool:
     return stage in GPU_STAGES
 
 
-def resources(cfg: dict, stage: str, dataset: str, model: str | None = None) -> dict:
-    """What one job of `stage` asks the scheduler for (Snakemake resources)."""
+def resources(cfg: dict, stage: str, dataset: str, model: str | None = None, defense: str | None = None) -> dict:
+    """What one job of `stage` asks the scheduler for (Snakemake resources); without the job's
+    defender model or defense, the rule's most expensive one."""
     cl = cfg["cluster"]
     heavy = on_gpu(cfg, stage)
     gpu = heavy and cl["gpus_per_job"] > 0
     res = {}
     # Only what the config knows better than the profile's default-resources is set here.
     if heavy:
-        res["runtime"] = int(10 + cl["runtime_margin"] * estimated_minutes(cfg, stage, dataset, model))
+        res["runtime"] = int(10 + cl["runtime_margin"] * estimated_minutes(cfg, stage, dataset, model, defense=defense))
     mem = cl["gpu_mem_mb"] if heavy else cl["cpu_mem_mb"]
     if mem:
         res["mem_mb"] = mem
