@@ -272,17 +272,17 @@ def test_clean_scenario_and_the_per_attack_table(tmp_path):
 
 
 def test_rows_per_final_architecture(tmp_path):
-    paths = [cell(tmp_path, defense="none", clean=0.95), cell(tmp_path, defense="badloss", clean=0.90),
-             cell(tmp_path, defense="badloss_r18", arch="resnet18", clean=0.80),
-             cell(tmp_path, defense="none_r18", arch="resnet18", none=True, clean=0.85)]
+    paths = [cell(tmp_path, defense="badloss_r18", arch="resnet18", clean=0.80),
+             cell(tmp_path, defense="none_r18", arch="resnet18", none=True, clean=0.85),
+             cell(tmp_path, defense="none", clean=0.95), cell(tmp_path, defense="badloss", clean=0.90)]
     df = aggregate.collect(paths)
     assert df.drop_duplicates("defense").set_index("defense")["arch"].to_dict() == {
         "none": "smallcnn", "badloss": "smallcnn", "badloss_r18": "resnet18", "none_r18": "resnet18"}
-    # Grouped by architecture, each group's undefended model first.
+    # Grouped by architecture (the `none` defense's first), each group's undefended model first.
     assert aggregate.defense_order(df) == ["none", "badloss", "none_r18", "badloss_r18"]
     rows = table_rows(aggregate.markdown_tables(df), "digits — multi")
     assert rows["Defense"][:3] == ["Defense", "Arch.", "Clean Acc."]
     assert rows["none_r18"][1:3] == ["resnet18", "85.00"] and rows["badloss"][1:3] == ["smallcnn", "90.00"]
     # One architecture: no Arch. column.
-    one = table_rows(aggregate.markdown_tables(aggregate.collect(paths[:2])), "digits — multi")
+    one = table_rows(aggregate.markdown_tables(aggregate.collect(paths[2:])), "digits — multi")
     assert one["Defense"][1] == "Clean Acc."

@@ -146,12 +146,13 @@ def attack_order(attacks: Iterable[str]) -> list[str]:
 
 
 def defense_order(df: pd.DataFrame) -> list[str]:
-    """Per final-model architecture (first appearance): no-defense baseline first; then grouped by
-    detector (first appearance), by r_reject within a group."""
+    """Per final-model architecture (the `none` defense's first, then by first appearance): no-defense
+    baseline first; then grouped by detector (first appearance), by r_reject within a group."""
     cells = (df.drop_duplicates("defense")
              .assign(detector=lambda c: c["detector"].fillna(""), arch=lambda c: c["arch"].fillna("")))  # NaN != NaN as a key
     det_rank = {d: i for i, d in enumerate(dict.fromkeys(cells["detector"]))}
-    arch_rank = {a: i for i, a in enumerate(dict.fromkeys(cells["arch"]))}
+    base = cells.loc[cells["defense"] == "none", "arch"].tolist()
+    arch_rank = {a: i for i, a in enumerate(dict.fromkeys(base + cells["arch"].tolist()))}
     key = {r.defense: (arch_rank[r.arch], r.defense != "none" and r.remedy != "none", det_rank[r.detector],
                        -1.0 if math.isnan(r.r_reject) else r.r_reject, i)
            for i, r in enumerate(cells.itertuples())}
