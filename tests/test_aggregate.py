@@ -14,10 +14,10 @@ ATTACKS = ["patch", "single_pixel", "blend_random"]
 
 
 def cell(root, dataset="digits", scenario="multi", seed=0, defense="badloss", r=0.4, clean=0.93,
-         asr=(0.02, 0.05, 0.10), boosted=0.20, auroc=0.91, recall=0.95, lfd=None):
+         asr=(0.02, 0.05, 0.10), boosted=0.20, auroc=0.91, recall=0.95, lfd=None, arch="smallcnn", none=None):
     """Write one metrics.json in the results layout; defense 'none' has no detector/detection/r_reject;
     lfd=<teacher architecture> makes an LfD (teacher loss + reweight) cell."""
-    none = defense == "none"
+    none = defense == "none" if none is None else none
     plain = dict(zip(ATTACKS, asr))
     paper = {**plain, "blend_random": boosted}
     m = {"dataset": dataset, "scenario": scenario, "seed": seed, "defense": defense,
@@ -32,7 +32,7 @@ def cell(root, dataset="digits", scenario="multi", seed=0, defense="badloss", r=
              "precision_removed": 0.21},
          "n_train": 1437, "n_poisoned": 100, "n_removed": 0 if none else 570,
          "wall_time_s": {"pretrain": 12.0, "score": None if none else 0.5, "train": 30.0, "evaluate": 1.0},
-         "config": {}, "versions": {}, "device": "cpu"}
+         "config": {}, "versions": {}, "device": "cpu", "arch": arch}
     if lfd:
         m.update(detector="lfd", remedy="reweight", detector_type="teacher_loss", defense_params={"alpha": 0.15, "beta": 1e-3},
                  defender_model={"model_name": "teacher", "model": lfd}, n_ascent=150, n_removed=0)
@@ -390,3 +390,20 @@ def test_single_attack_table_and_understated_boosted_asr(tmp_path):
     assert "‡" not in r["badloss"][5]  # boosted and plain both low: no gap
     assert "‡ the boosted-trigger ASR is more than 20 points below" in md.split("single attack (Table 1 shape)")[1].split("###")[0]
     assert aggregate.understated([0.987], [0.198]) and not aggregate.understated([0.5], [0.31])
+
+
+def test_rows_per_final_architecture(tmp_path):
+    paths = [cell(tmp_path, defense="badloss_r18", arch="resnet18", clean=0.80),
+             cell(tmp_path, defense="none_r18", arch="resnet18", none=True, clean=0.85),
+             cell(tmp_path, defense="none", clean=0.95), cell(tmp_path, defense="badloss", clean=0.90)]
+    df = aggregate.collect(paths)
+    assert df.drop_duplicates("defense").set_index("defense")["arch"].to_dict() == {
+        "none": "smallcnn", "badloss": "smallcnn", "badloss_r18": "resnet18", "none_r18": "resnet18"}
+    # Grouped by architecture (the `none` defense's first), each group's undefended model first.
+    assert aggregate.defense_order(df) == ["none", "badloss", "none_r18", "badloss_r18"]
+    rows = table_rows(aggregate.markdown_tables(df), "digits — multi")
+    assert rows["Defense"][:4] == ["Defense", "Arch.", "n", "Clean Acc."]
+    assert rows["none_r18"][1:4] == ["resnet18", "1", "85.00"] and rows["badloss"][1:4] == ["smallcnn", "1", "90.00"]
+    # One architecture: no Arch. column.
+    one = table_rows(aggregate.markdown_tables(aggregate.collect(paths[2:])), "digits — multi")
+    assert one["Defense"][1] == "n"

@@ -231,3 +231,50 @@ def test_shipped_imagenette_and_imagenet_blends_use_alpha_015():
     # Every paper preset with these datasets carries all three blends.
     for path in ("config.yaml", "configs/badloss-paper.yaml", "configs/imagenet.yaml"):
         assert {a for p, a in seen if p == path} == {"blend_random", "blend_pattern", "sinusoid"}, path
+
+
+def test_a_defense_arch_sets_the_final_models_architecture():
+    from poisongrid import jobs, paths
+
+    c = config.validate(cfg(defenses__none_r18={"remedy": "none", "arch": "resnet18"},
+                            defenses__badloss_r18={"detector": "badloss", "remedy": "remove", "arch": "resnet18"}))
+    for d in ("none_r18", "badloss_r18"):
+        assert config.stage_spec(c, "train", "digits", "multi", 0, d)["training"]["model"] == "resnet18"
+    assert config.stage_spec(c, "train", "digits", "multi", 0, "badloss")["training"]["model"] == "smallcnn"
+    # Without arch, `none` is the attacked model; with one it trains its own undefended model.
+    assert paths.trains_nothing(c["defenses"]["none"]) and not paths.trains_nothing(c["defenses"]["none_r18"])
+    stages = [(s, j.get("defense")) for s, j in jobs.cell_jobs(c, "digits", "multi", 0, ["none", "none_r18"])]
+    assert ("train", "none_r18") in stages and ("train", "none") not in stages
+    ev = paths.inputs("evaluate", config.stage_spec(c, "evaluate", "digits", "multi", 0, "none_r18"),
+                      dataset="digits", scenario="multi", seed=0, defense="none_r18")
+    assert ev["weights"].endswith("/none_r18/model.pt")
+
+
+@pytest.mark.parametrize("patch,key,allowed", [
+    ({"defenses__badloss__arch": "densenet"}, "defenses.badloss.arch", "densenet121"),
+    ({"defenses__abl": {"detector": "badloss", "remedy": "unlearn", "model": "teacher", "arch": "resnet18"}},
+     "defenses.abl.arch", "defender_models.teacher.model"),
+])
+def test_bad_arch_is_named(patch, key, allowed):
+    with pytest.raises(ConfigError) as e:
+        config.validate(cfg(**patch))
+    assert key in str(e.value) and allowed in str(e.value)
+
+
+def test_estimates_scale_by_the_architectures_cost():
+    from poisongrid.costs import GMACS
+
+    c = cfg(defenses__badloss_d={"detector": "badloss_d", "remedy": "remove", "arch": "densenet121"},
+            defender_models__pretrain_d={"model": "densenet121", "epochs": 4, "record": "eval"},
+            detectors__badloss_d={"type": "badloss", "model": "pretrain_d"})
+    c["datasets"]["digits"].update(model="resnet50", image_size=32, epochs=10, minutes_per_epoch=0.5)
+    c = config.validate(c, deep=False)
+    ratio = GMACS["densenet121"][0] / GMACS["resnet50"][0]
+    assert config.estimated_minutes(c, "train", "digits", defense="badloss") == pytest.approx(10 * 0.5)
+    assert config.estimated_minutes(c, "train", "digits", defense="badloss_d") == pytest.approx(10 * 0.5 * ratio)
+    # 4 epochs plus the per-epoch eval pass (x1.3).
+    assert config.estimated_minutes(c, "pretrain", "digits", model="pretrain_d") == pytest.approx(4 * 0.5 * ratio * 1.3)
+    assert config.estimated_minutes(c, "features", "digits", model="pretrain_d") == pytest.approx(0.5 * 0.5 * ratio + 2)
+    # Each train job asks the scheduler for its own architecture's time; the rule-wide default is the costliest.
+    assert config.resources(c, "train", "digits", defense="badloss")["runtime"] == int(10 + 1.5 * 10 * 0.5)
+    assert config.resources(c, "train", "digits")["runtime"] == int(10 + 1.5 * 10 * 0.5 * ratio)

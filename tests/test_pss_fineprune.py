@@ -124,10 +124,16 @@ EXPECTED_LAST_CONV = {
     "lenet_s": "4", "mobilenetv2_s": "5.0", "resnet18": "1.layer4.1.conv2", "resnet34": "1.layer4.2.conv2",
     "resnet50": "1.layer4.2.conv3", "resnet_s": "1.stages.3.shortcut.0", "resnet_s1": "1.stages.3.shortcut.0",
     "resnet_s2": "1.stages.3.shortcut.0", "smallcnn": "5.0", "vgg_s": "12.0",
+    "densenet121": "1.features.denseblock4.denselayer16.conv2", "squeezenet1_0": "1.features.12.expand3x3",
+    "vgg16_bn": "1.features.40",
 }
+# Where the last feature map concatenates several convs (dense blocks, fire modules), its channels
+# are not the last conv's.
+MAP_CHANNELS = {"densenet121": 1024, "squeezenet1_0": 512}
 
 
-@pytest.mark.parametrize("name", [pytest.param(m, marks=pytest.mark.slow) if m.startswith("resnet") and m[6:7].isdigit()
+@pytest.mark.parametrize("name", [pytest.param(m, marks=pytest.mark.slow)
+                                  if (m.startswith("resnet") and m[6:7].isdigit()) or m in ("densenet121", "vgg16_bn")
                                   else m for m in MODELS.names()])
 def test_last_conv_of_every_registered_model(name):
     assert set(EXPECTED_LAST_CONV) == set(MODELS.names())
@@ -135,7 +141,7 @@ def test_last_conv_of_every_registered_model(name):
     got, conv = last_conv(model)
     assert got == EXPECTED_LAST_CONV[name] and dict(model.named_modules())[got] is conv
     head, c, k = conv_head(model)
-    assert c == conv.out_channels and head.in_features == c * k
+    assert c == MAP_CHANNELS.get(name, conv.out_channels) and head.in_features == c * k
     # The head reads the conv map channel-major: zeroing channel j's map zeroes inputs [j*k, (j+1)*k).
     grabbed = []
     h = head.register_forward_hook(lambda m, i, o: grabbed.append(i[0]))

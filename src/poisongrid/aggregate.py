@@ -30,7 +30,7 @@ CELL_COLUMNS = ["clean_accuracy", "mean_asr", "mean_asr_boosted", "auroc", "reca
                 "n_train", "n_poisoned", "n_removed", "n_ascent", "wall_time_total_s", "cost_epochs_models",
                 "cost_epochs_final", "cost_epochs", "cost_wall_models_s", "cost_wall_score_s", "cost_wall_final_s",
                 "cost_wall_s"]
-COLUMNS = [*CELL, "detector", "detector_type", "defender_model", "defender_arch", "remedy", "defense_params", "r_reject", "alpha", "attack", "target", "asr", "asr_boosted", "asr_paper",
+COLUMNS = [*CELL, "detector", "detector_type", "defender_model", "defender_arch", "arch", "remedy", "defense_params", "r_reject", "alpha", "attack", "target", "asr", "asr_boosted", "asr_paper",
            "auroc_attack", "recall_attack", *CELL_COLUMNS]
 REQUIRED = ("dataset", "scenario", "seed", "defense", "detector", "remedy", "attacks", "targets",
             "clean_accuracy", "asr", "mean_asr", "mean_asr_boosted", "n_train", "n_poisoned", "n_removed")
@@ -78,7 +78,7 @@ def _cell_rows(path) -> list[dict]:
     cell = {"dataset": m["dataset"], "scenario": m["scenario"], "seed": int(m["seed"]), "defense": m["defense"],
             "detector": m["detector"], "remedy": m["remedy"], "detector_type": m.get("detector_type"),
             "defender_model": (m.get("defender_model") or {}).get("model_name"),
-            "defender_arch": (m.get("defender_model") or {}).get("model"),
+            "defender_arch": (m.get("defender_model") or {}).get("model"), "arch": m.get("arch"),
             "n_ascent": int(m.get("n_ascent") or 0),
             "r_reject": _num((m.get("defense_params") or {}).get("r_reject")),
             "alpha": _num((m.get("defense_params") or {}).get("alpha")),
@@ -202,10 +202,14 @@ def attack_order(attacks: Iterable[str]) -> list[str]:
 
 
 def defense_order(df: pd.DataFrame) -> list[str]:
-    """No-defense baseline first; then grouped by detector (first appearance), by r_reject within a group."""
-    cells = df.drop_duplicates("defense").assign(detector=lambda c: c["detector"].fillna(""))  # NaN != NaN as a key
+    """Per final-model architecture (the `none` defense's first, then by first appearance): no-defense
+    baseline first; then grouped by detector (first appearance), by r_reject within a group."""
+    cells = (df.drop_duplicates("defense")
+             .assign(detector=lambda c: c["detector"].fillna(""), arch=lambda c: c["arch"].fillna("")))  # NaN != NaN as a key
     det_rank = {d: i for i, d in enumerate(dict.fromkeys(cells["detector"]))}
-    key = {r.defense: (r.defense != "none" and r.remedy != "none", det_rank[r.detector],
+    base = cells.loc[cells["defense"] == "none", "arch"].tolist()
+    arch_rank = {a: i for i, a in enumerate(dict.fromkeys(base + cells["arch"].tolist()))}
+    key = {r.defense: (arch_rank[r.arch], r.defense != "none" and r.remedy != "none", det_rank[r.detector],
                        -1.0 if math.isnan(r.r_reject) else r.r_reject, i)
            for i, r in enumerate(cells.itertuples())}
     return sorted(key, key=key.get)
@@ -283,13 +287,15 @@ def scenario_table(g: pd.DataFrame, ds: str, sc: str) -> list[str]:
     boosted = g["asr_boosted"].notna().any()
     boosted_attacks = set(g.loc[g["asr_boosted"].notna(), "attack"])
     detects = g["auroc"].notna().any() or g["recall_removed"].notna().any()
-    header = ["Defense", "n", "Clean Acc.", *[_label(a, a in boosted_attacks) for a in attacks]]
+    # Several final-model architectures (the paper's Table 5): each row names its own.
+    archs = g["arch"].nunique() > 1
+    header = ["Defense", *(["Arch."] if archs else []), "n", "Clean Acc.", *[_label(a, a in boosted_attacks) for a in attacks]]
     header += (_avg_columns(boosted) if attacks else []) + (["AUROC", "Recall (removed)"] if detects else [])
     rows, gap = [], False
     for d in defense_order(g):
         gd = g[g["defense"] == d]
         cd, n = _cells(gd), _n(gd)
-        row = [d, str(n), _pct(cd["clean_accuracy"], n)]
+        row = [d, *([str(cd["arch"].iloc[0])] if archs else []), str(n), _pct(cd["clean_accuracy"], n)]
         for a in attacks:
             text, flag = _asr_cell(gd[gd["attack"] == a], n)
             row.append(text)
@@ -299,7 +305,7 @@ def scenario_table(g: pd.DataFrame, ds: str, sc: str) -> list[str]:
             gap |= avg[-1].endswith("‡")
             row += avg
         rows.append(row + ([_pct(cd["auroc"], n), _pct(cd["recall_removed"], n)] if detects else []))
-    return [f"### {ds} — {sc}", "", f"All numbers in percent ({_seeds_note(g)}).", "", *_md_table(header, rows, 2),
+    return [f"### {ds} — {sc}", "", f"All numbers in percent ({_seeds_note(g)}).", "", *_md_table(header, rows, 3 if archs else 2),
             *_footnotes(bool(boosted_attacks), gap), ""]
 
 

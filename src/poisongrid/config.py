@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-from .paths import ATTACKED
+from .paths import ATTACKED, trains_nothing
 
 SCHEMA = json.loads(resources.files("poisongrid").joinpath("schemas/config.schema.json").read_text())
 
@@ -287,6 +287,10 @@ def _check_detectors_defenses(cfg: dict, deep: bool = True) -> None:
                     raise ConfigError(f"{key}.{where}", v, f"one of the configured {where} {sorted(allowed)}")
         cls = REMEDIES.get(d["remedy"], f"{key}.remedy")
         d.update(cls.check(d, key, cfg))
+        if deep and "arch" in d:
+            from .models import MODELS
+
+            MODELS.get(d["arch"], f"{key}.arch")
     if deep:
         _check_teachers(cfg)
 
@@ -380,6 +384,12 @@ def training_spec(cfg: dict, dataset: str) -> dict:
     return {k: ds[k] for k in TRAIN_KEYS}
 
 
+def final_training_spec(cfg: dict, dataset: str, defense: str) -> dict:
+    """The dataset's training settings with the defense's final-model architecture (`arch`), if it names one."""
+    arch = _defense(cfg, defense).get("arch")
+    return {**training_spec(cfg, dataset), **({"model": arch} if arch else {})}
+
+
 def defender_model_spec(cfg: dict, dataset: str, name: str) -> dict:
     """How one defender model of a dataset is trained: its training settings (the dataset's,
     overridden by the model's entry), how many epochs run, and what it records."""
@@ -455,7 +465,7 @@ def stage_spec(cfg: dict, stage: str, dataset: str, scenario: str | None = None,
         spec = {"defense": defense, **_defense(cfg, defense)}
     elif stage == "train":
         spec["defense"] = {"name": defense, **_defense(cfg, defense)}
-        spec["training"] = training_spec(cfg, dataset)
+        spec["training"] = final_training_spec(cfg, dataset, defense)
         spec["runtime"] = runtime_spec(cfg)
     elif stage == "evaluate":
         spec["defense"] = {"name": defense, **_defense(cfg, defense)}
@@ -526,23 +536,32 @@ def estimated_minutes(cfg: dict, stage: str, dataset: str, model: str | None = N
                       defense: str | None = None, attack: str | None = None) -> float:
     """GPU minutes one job of a stage needs, from the dataset's measured minutes per epoch; the
     most expensive defender model, detector or defense when none is named (a rule-wide limit)."""
+    from .costs import cost_factor
+
     ds = _dataset(cfg, dataset)
     mpe = ds["minutes_per_epoch"]
+
+    def arch_mpe(arch: str) -> float:
+        # minutes_per_epoch is measured with the dataset's model; another architecture scales it.
+        return mpe * cost_factor(arch, ds["model"], ds["image_size"])
+
     if stage == "pretrain":
         names = [model] if model else list(cfg["defender_models"])
         def one(name):
             m = defender_model_spec(cfg, dataset, name)
             extra = {"eval": 1.3, "final": 1.0 + 0.3 / m["run"], "train": 1.0}[m["record"]]  # eval passes
-            return m["run"] * mpe * extra
+            return m["run"] * arch_mpe(m["training"]["model"]) * extra
         return max(one(n) for n in names)
     if stage == "train":
         from .remedies import REMEDIES
 
         data = dataset_scale(cfg, dataset)
-        names = [defense] if defense else [n for n, d in cfg["defenses"].items() if d["remedy"] != "none"]
-        return max([REMEDIES.get(cfg["defenses"][n]["remedy"]).epochs(cfg["defenses"][n], data) * mpe for n in names] + [0.0])
+        names = [defense] if defense else [n for n, d in cfg["defenses"].items() if not trains_nothing(d)]
+        return max([REMEDIES.get(cfg["defenses"][n]["remedy"]).epochs(cfg["defenses"][n], data)
+                    * arch_mpe(final_training_spec(cfg, dataset, n)["model"]) for n in names] + [0.0])
     if stage == "features":
-        return 0.5 * mpe + 2
+        names = [model] if model else list(cfg["defender_models"])
+        return max(0.5 * arch_mpe(defender_model_spec(cfg, dataset, n)["training"]["model"]) for n in names) + 2
     if stage == "trigger":
         from .attacks import ATTACKS
 
@@ -566,15 +585,16 @@ def on_gpu(cfg: dict, stage: str) -> bool:
     return stage in GPU_STAGES
 
 
-def resources(cfg: dict, stage: str, dataset: str, model: str | None = None) -> dict:
-    """What one job of `stage` asks the scheduler for (Snakemake resources)."""
+def resources(cfg: dict, stage: str, dataset: str, model: str | None = None, defense: str | None = None) -> dict:
+    """What one job of `stage` asks the scheduler for (Snakemake resources); without the job's
+    defender model or defense, the rule's most expensive one."""
     cl = cfg["cluster"]
     heavy = on_gpu(cfg, stage)
     gpu = heavy and cl["gpus_per_job"] > 0
     res = {}
     # Only what the config knows better than the profile's default-resources is set here.
     if heavy:
-        res["runtime"] = int(10 + cl["runtime_margin"] * estimated_minutes(cfg, stage, dataset, model))
+        res["runtime"] = int(10 + cl["runtime_margin"] * estimated_minutes(cfg, stage, dataset, model, defense=defense))
     mem = cl["gpu_mem_mb"] if heavy else cl["cpu_mem_mb"]
     if mem:
         res["mem_mb"] = mem

@@ -8,12 +8,10 @@ import torch
 import torchvision
 from torch import nn
 
+from .costs import SMALL_IMAGE  # the stem threshold (costs.py tabulates each side of it)
 from .registry import Registry
 
 MODELS: Registry = Registry("model")
-
-# Images at or below this size get the CIFAR-style stem (3x3 stride-1 first conv).
-SMALL_IMAGE = 64
 
 
 class Normalize(nn.Module):
@@ -39,6 +37,50 @@ def _resnet(factory):
 
 for _name in ("resnet18", "resnet34", "resnet50"):
     MODELS.register(_name)(_resnet(getattr(torchvision.models, _name)))
+
+
+# --- Table 5's other architectures (the BaDLoss code builds these three from torchvision, like the ResNets).
+
+
+@MODELS.register("densenet121")
+def densenet121(num_classes: int, image_size: int) -> nn.Module:
+    net = torchvision.models.densenet121(weights=None, num_classes=num_classes)
+    if image_size <= SMALL_IMAGE:
+        # CIFAR DenseNet stem: 3x3 stride-1 conv, no max-pool (32 px reaches the last block at 4x4).
+        net.features.conv0 = nn.Conv2d(3, net.features.conv0.out_channels, kernel_size=3, stride=1, padding=1,
+                                       bias=False)
+        net.features.pool0 = nn.Identity()
+    return nn.Sequential(Normalize(), net)
+
+
+@MODELS.register("vgg16_bn")
+def vgg16_bn(num_classes: int, image_size: int) -> nn.Module:
+    """VGG-16 with batch norm, as the BaDLoss code uses it."""
+    net = torchvision.models.vgg16_bn(weights=None, num_classes=num_classes)
+    if image_size <= SMALL_IMAGE:
+        # Five pools leave 32 px at 1x1 (64 px at 2x2): pool that to one vector instead of
+        # upsampling it to the 7x7 grid the 224-px classifier reads (25088 inputs, 49 copies of each).
+        net.avgpool = nn.AdaptiveAvgPool2d(1)
+        channels = [m for m in net.features if isinstance(m, nn.Conv2d)][-1].out_channels
+        net.classifier[0] = nn.Linear(channels, net.classifier[0].out_features)
+    return nn.Sequential(Normalize(), net)
+
+
+@MODELS.register("squeezenet1_0")
+def squeezenet1_0(num_classes: int, image_size: int) -> nn.Module:
+    """SqueezeNet 1.0 (the version the BaDLoss code uses). Its classifier, a 1x1 conv to the classes
+    averaged over positions, is written as pooling then a Linear (the same map, as both are linear)
+    so the penultimate feature is a vector like every other model's; the ReLU torchvision applies to
+    the logits is left out."""
+    net = torchvision.models.squeezenet1_0(weights=None, num_classes=num_classes)
+    if image_size <= SMALL_IMAGE:
+        # Same CIFAR stem as _resnet: 3x3 stride-1 conv, max-pool kept, so 32 px ends at 4x4, not 1x1.
+        net.features[0] = nn.Conv2d(3, net.features[0].out_channels, kernel_size=3, stride=1, padding=1)
+    head = nn.Linear(net.classifier[1].in_channels, num_classes)
+    nn.init.normal_(head.weight, 0.0, 0.01)  # torchvision's init of the 1x1 conv it replaces
+    nn.init.zeros_(head.bias)
+    net.classifier = nn.Sequential(nn.Dropout(0.5), nn.AdaptiveAvgPool2d(1), nn.Flatten(), head)
+    return nn.Sequential(Normalize(), net)
 
 
 @MODELS.register("smallcnn")
@@ -234,14 +276,40 @@ def last_conv(model: nn.Module, image_size: int = 32) -> tuple[str, nn.Conv2d]:
 def conv_head(model: nn.Module, image_size: int = 32) -> tuple[nn.Linear, int, int]:
     """The first nn.Linear after the convolutional part, which reads the last conv feature map
     (pooled and flattened channel-major), with the map's channel count C and the number k of
-    Linear inputs per channel (1 after global pooling; channel c is inputs [c*k, (c+1)*k))."""
-    _, conv = last_conv(model, image_size)
-    linears = _run_order(model, nn.Linear, image_size)
-    if not linears:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear layer")
-    head = linears[0][1]
-    c = conv.out_channels
+    Linear inputs per channel (1 after global pooling; channel c is inputs [c*k, (c+1)*k)).
+    C is read off the last 4-D activation before that Linear runs, not off the last conv: in
+    DenseNet and SqueezeNet the map concatenates several convs' outputs."""
+    head, c = _head_and_map_channels(model, image_size)
     if head.in_features % c:
         raise ValueError(f"{type(model).__name__}: the first Linear has {head.in_features} inputs, not a multiple of the "
-                         f"last conv's {c} channels")
+                         f"feature map's {c} channels")
     return head, c, head.in_features // c
+
+
+def _head_and_map_channels(model: nn.Module, image_size: int) -> tuple[nn.Linear, int]:
+    """(first nn.Linear a forward pass runs, channels of the last 4-D module output before it)."""
+    state: dict = {"channels": None, "head": None}
+
+    def seen(mod, inp, out):
+        if state["head"] is not None:
+            return
+        if isinstance(mod, nn.Linear):
+            state["head"] = mod
+        elif isinstance(out, torch.Tensor) and out.dim() == 4:
+            state["channels"] = out.shape[1]
+
+    hooks = [m.register_forward_hook(seen) for m in model.modules()]
+    was_training = model.training
+    try:
+        p = next(model.parameters())
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, image_size, image_size, device=p.device, dtype=p.dtype))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    if state["head"] is None:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layer")
+    if state["channels"] is None:
+        raise ValueError(f"{type(model).__name__} has no feature map before its first nn.Linear")
+    return state["head"], int(state["channels"])

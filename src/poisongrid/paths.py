@@ -163,8 +163,9 @@ def _train_inputs(spec: dict) -> dict[str, Input]:
 
 
 def trains_nothing(defense: dict) -> bool:
-    """A defense whose plan keeps every example as is: its model is the attacked model."""
-    return defense["remedy"] == "none"
+    """A defense whose plan keeps every example as is and whose final model is the dataset's own
+    architecture: its model is the attacked model. (With another `arch` it trains its own.)"""
+    return defense["remedy"] == "none" and not defense.get("arch")
 
 
 CELL_W = ("dataset", "scenario", "seed")

@@ -389,7 +389,7 @@ def evaluate(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
     metrics = {
         "dataset": spec["dataset"]["name"], "scenario": pmeta["scenario"], "seed": spec["seed"], "defense": d["name"],
         "detector": d.get("detector"), "remedy": d["remedy"], "detector_type": smeta.get("detector"),
-        "defender_model": smeta.get("defender_model"),
+        "defender_model": smeta.get("defender_model"), "arch": mmeta.get("model"),
         "defense_params": {k: v for k, v in d.items() if k not in ("name", "detector", "remedy")},
         "attacks": list(attacks), "targets": {a: t for a, (_, t) in attacks.items()},
         "clean_accuracy": clean_acc, "asr": asr, "asr_boosted": boosted,

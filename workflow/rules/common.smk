@@ -52,14 +52,15 @@ def stage_shell(stage):
 
 def resources_of(stage):
     """Scheduler resources of a rule, from the config's `cluster` keys; runtime per dataset (and
-    per defender model for pretrain)."""
+    per defender model for pretrain and features, per defense for train: architectures differ)."""
     some = next(iter(config["datasets"]))
     keys = pgc.resources(config, stage, some)
 
     def one(k):
         def f(w):
-            model = getattr(w, "model", None) if stage == "pretrain" else None
-            return pgc.resources(config, stage, w.dataset if hasattr(w, "dataset") else some, model)[k]
+            model = getattr(w, "model", None) if stage in ("pretrain", "features") else None
+            defense = getattr(w, "defense", None) if stage == "train" else None
+            return pgc.resources(config, stage, w.dataset if hasattr(w, "dataset") else some, model, defense)[k]
 
         return f
 

@@ -103,7 +103,7 @@ class Remedy:
         """Check a defense entry's remedy parameters; return them with defaults filled in."""
         from ..config import WHERE_KEYS
 
-        allowed = set(cls.params) | {"remedy", *WHERE_KEYS} | ({"detector"} if cls.needs_detector else set())
+        allowed = set(cls.params) | {"remedy", "arch", *WHERE_KEYS} | ({"detector"} if cls.needs_detector else set())
         for k in d:
             if k not in allowed:
                 raise ConfigError(f"{key}.{k}", d[k], f"one of {sorted(allowed - {'remedy'})} for remedy '{cls.name}'")
@@ -112,6 +112,10 @@ class Remedy:
             if d.get("detector") not in cfg["detectors"]:
                 raise ConfigError(f"{key}.detector", d.get("detector"), f"one of the configured detectors {dets}")
         model = cls.reads_model(d)
+        if cls.model_param and "arch" in d:
+            # Its final model starts from (or is shaped by) that defender model: its architecture is that model's.
+            raise ConfigError(f"{key}.arch", d["arch"], f"nothing for remedy '{cls.name}': set the architecture as "
+                              f"defender_models.{model}.model")
         if cls.model_param and model not in cfg["defender_models"]:
             raise ConfigError(f"{key}.{cls.model_param}", model, f"one of the defender models {sorted(cfg['defender_models'])}")
         return {**cls.params, **{k: v for k, v in d.items() if k in cls.params}}
