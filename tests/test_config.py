@@ -153,6 +153,9 @@ def test_scheduler_resources_follow_the_config():
     assert "gpu" not in config.resources(c2, "pretrain", "digits")
     with pytest.raises(ConfigError, match="cluster.gpus_per_job"):
         config.validate(cfg(device="cuda", cluster={"gpus_per_job": 0}))
+    # Asking the scheduler for several GPUs that training would leave idle is refused.
+    with pytest.raises(ConfigError, match="'cluster.gpus_per_job' = 4"):
+        config.validate(cfg(device="cuda", cluster={"gpus_per_job": 4}))
 
 
 def test_trigger_spec_ignores_the_final_runs_model_and_epochs():

@@ -183,6 +183,10 @@ def validate(cfg: dict, deep: bool = True) -> dict:
         attempt(_check_budgets, cfg)
     if cfg["cluster"]["gpus_per_job"] == 0 and cfg["device"] == "cuda":
         problems.append(ConfigError("cluster.gpus_per_job", 0, "at least 1 when device is 'cuda' (or set device: cpu)"))
+    if cfg["cluster"]["gpus_per_job"] > 1:
+        # A job asking for N GPUs must use them; until training is data-parallel it is refused.
+        problems.append(ConfigError("cluster.gpus_per_job", cfg["cluster"]["gpus_per_job"],
+                                    "0 or 1: training uses one GPU per job (multi-GPU jobs are not supported yet)"))
     if problems:
         _raise_all(problems)
     return cfg
