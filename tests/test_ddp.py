@@ -119,3 +119,53 @@ def test_two_processes_record_every_example_once_per_epoch_and_learn(results):
         np.testing.assert_array_equal(r1["state"][k].numpy(), v.numpy(), err_msg=k)
     assert r0["train_loss"][-1] < 0.5 * r0["train_loss"][0], r0["train_loss"]
     assert (r0["pred"].numpy() == y).mean() > 0.9
+
+
+@pytest.mark.slow
+def test_torchrun_runs_the_training_stages_of_a_cell_with_two_processes(tmp_path):
+    """pretrain and train (CBD: a step_loss with its own critic) through torchrun, two gloo
+    processes on the CPU; the other stages in this process. Rank 0 alone writes and logs."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from poisongrid import config, paths, trajectories
+    from poisongrid.jobs import run_job
+
+    raw = {"device": "cpu", "threads": 1, "cluster": {"gpus_per_job": 1}, "bona_fide": {"n_clean": 60},
+           "datasets": {"digits": {"image_size": 16, "model": "smallcnn", "epochs": 3, "batch_size": 64, "lr": 0.003,
+                                   "attacks": {"patch": {"ratio": 0.05}}}},
+           "defender_models": {"backdoored": {"epochs": 2, "optimizer": "adamw", "lr": 0.001, "record": "eval"}},
+           "detectors": {"cbd": {"type": "cbd"}}, "defenses": {"cbd": {"detector": "cbd", "remedy": "cbd"}}}
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(raw))
+    cfg = config.validate(raw)
+    res = str(tmp_path / "results")
+    cell = dict(dataset="digits", scenario="multi", seed=0)
+
+    def torchrun(stage, *flags):
+        src = os.path.join(os.path.dirname(__file__), "..", "src")
+        env = {**os.environ, "PYTHONPATH": os.path.abspath(src), "OMP_NUM_THREADS": "1"}
+        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            "-m", "poisongrid.cli", stage, "--config", str(tmp_path / "grid.yaml"), "--results", res,
+                            "--dataset", "digits", "--scenario", "multi", "--seed", "0", *flags],
+                           env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return p.stderr
+
+    run_job(cfg, "poison", res, **cell)
+    run_job(cfg, "bonafide", res, **cell)
+    err = torchrun("pretrain", "--model", "backdoored")
+    assert err.count("pretrain backdoored (smallcnn): 2 epochs") == 1  # rank 0's log line, once
+    out = paths.outputs("pretrain", res, **cell, model="backdoored")
+    index, losses, meta = trajectories.read(out["trajectories"], only_accepted=False)
+    n = meta["n_examples"]
+    assert losses.shape == (n, 2) and sorted(index.tolist()) == list(range(n))
+    assert np.isfinite(losses).all() and (losses > 0).all() and meta["processes"] == 2
+    assert not os.path.exists(str(out["weights"]) + ".ckpt")
+    run_job(cfg, "score", res, **cell, detector="cbd")
+    run_job(cfg, "plan", res, **cell, defense="cbd")
+    err = torchrun("train", "--defense", "cbd")
+    assert err.count("train (cbd):") == 1
+    m, _, _ = run_job(cfg, "evaluate", res, **cell, defense="cbd")
+    assert m["clean_accuracy"] > 0.3
