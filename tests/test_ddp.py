@@ -55,10 +55,39 @@ def _train_all(out_dir: str, rank: int) -> None:
                    os.path.join(out_dir, f"{name}.rank{rank}.pt"))
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+class _Killed(Exception):
+    pass
+
+
+def _resumable(out_dir: str, rank: int, tag: str) -> None:
+    """BN model with augmentation and a checkpoint; 'killed' (every rank) once epoch 2 is saved."""
+    torch.set_num_threads(1)
+    x, y = _data()
+
+    said: list[str] = []
+
+    def kill(msg):
+        said.append(msg)
+        if tag == "killed" and msg.startswith("epoch 2/") and "checkpoint saved" in msg:
+            raise _Killed()
+
+    ckpt = os.path.join(out_dir, f"{tag if tag == 'whole' else 'resumed'}.ckpt")
+    res = fit(BN_CNN, x, y, CLASSES, seed=4, device=CPU, record="eval", checkpoint=ckpt, fingerprint="f", log=kill)
+    torch.save({"losses": torch.from_numpy(res.losses), "state": res.model.state_dict(),
+                "resumed": any(m.startswith("resumed from checkpoint") for m in said)},
+               os.path.join(out_dir, f"{tag}.rank{rank}.pt"))
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str, job: str = "all") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world))
-    _train_all(out_dir, rank)
+    if job == "all":
+        _train_all(out_dir, rank)
+    else:
+        try:
+            _resumable(out_dir, rank, job)
+        except _Killed:
+            pass
 
 
 def _free_port() -> int:
@@ -169,3 +198,16 @@ def test_torchrun_runs_the_training_stages_of_a_cell_with_two_processes(tmp_path
     assert err.count("train (cbd):") == 1
     m, _, _ = run_job(cfg, "evaluate", res, **cell, defense="cbd")
     assert m["clean_accuracy"] > 0.3
+
+
+@pytest.mark.slow
+def test_a_killed_two_process_run_resumes_to_the_same_result(tmp_path):
+    for job in ("whole", "killed", "resumed"):
+        mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), job), nprocs=2, join=True)
+    assert not (tmp_path / "killed.rank0.pt").exists()  # it really stopped after epoch 2
+    whole, resumed = (torch.load(tmp_path / f"{t}.rank0.pt", weights_only=True) for t in ("whole", "resumed"))
+    assert resumed["resumed"] and not whole["resumed"]
+    assert torch.load(tmp_path / "resumed.rank1.pt", weights_only=True)["resumed"]  # rank 1 took rank 0's state too
+    np.testing.assert_array_equal(resumed["losses"].numpy(), whole["losses"].numpy())
+    for k, v in whole["state"].items():
+        np.testing.assert_array_equal(resumed["state"][k].numpy(), v.numpy(), err_msg=k)

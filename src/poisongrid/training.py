@@ -439,7 +439,8 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
     if ddp is not None:
         from torch.nn.parallel import DistributedDataParallel
 
-        model = DistributedDataParallel(net, device_ids=[device.index] if cl else None)
+        gpu = device.index if device.index is not None else torch.cuda.current_device() if cl else None
+        model = DistributedDataParallel(net, device_ids=[gpu] if cl else None)
     aug_gen = gen
     t0 = time.perf_counter()
     n_batches = -(-n // bs)
