@@ -153,6 +153,21 @@ def test_scheduler_resources_follow_the_config():
     assert "gpu" not in config.resources(c2, "pretrain", "digits")
     with pytest.raises(ConfigError, match="cluster.gpus_per_job"):
         config.validate(cfg(device="cuda", cluster={"gpus_per_job": 0}))
+    assert config.launcher(c, "train") == "poisongrid"
+
+
+def test_several_gpus_per_job_train_data_parallel_and_only_the_training_stages_ask_for_them():
+    c = config.validate(cfg(device="cuda", cluster={"gpus_per_job": 4}))
+    for stage in ("pretrain", "train"):
+        assert config.resources(c, stage, "digits")["gpu"] == 4
+        assert config.launcher(c, stage) == "torchrun --standalone --nproc_per_node 4 -m poisongrid.cli"
+    for stage in ("trigger", "features"):
+        assert config.resources(c, stage, "digits")["gpu"] == 1
+        assert config.launcher(c, stage) == "poisongrid"
+    assert config.launcher(config.validate(cfg(device="auto", cluster={"gpus_per_job": 2})), "pretrain").startswith("torchrun")
+    # Several GPUs for a CPU job would sit idle: refused before any job runs.
+    with pytest.raises(ConfigError, match="'cluster.gpus_per_job' = 2"):
+        config.validate(cfg(device="cpu", cluster={"gpus_per_job": 2}))
 
 
 def test_trigger_spec_ignores_the_final_runs_model_and_epochs():

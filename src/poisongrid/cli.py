@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -16,6 +17,8 @@ from .errors import PoisongridError
 
 
 def _log(msg: str) -> None:
+    if os.environ.get("RANK", "0") != "0":
+        return  # data-parallel training: rank 0 speaks for all processes
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 

@@ -183,6 +183,10 @@ def validate(cfg: dict, deep: bool = True) -> dict:
         attempt(_check_budgets, cfg)
     if cfg["cluster"]["gpus_per_job"] == 0 and cfg["device"] == "cuda":
         problems.append(ConfigError("cluster.gpus_per_job", 0, "at least 1 when device is 'cuda' (or set device: cpu)"))
+    if cfg["cluster"]["gpus_per_job"] > 1 and cfg["device"] == "cpu":
+        # Several GPUs per job means data-parallel CUDA training; a CPU job would leave them idle.
+        problems.append(ConfigError("cluster.gpus_per_job", cfg["cluster"]["gpus_per_job"],
+                                    "0 or 1 with device: cpu (more than 1 trains data-parallel on CUDA GPUs: device cuda or auto)"))
     if problems:
         _raise_all(problems)
     return cfg
@@ -515,6 +519,8 @@ def cells(cfg: dict) -> list[dict]:
 # ---- scheduler resources -------------------------------------------------------------------------
 
 GPU_STAGES = ("trigger", "pretrain", "features", "train")
+# Stages whose training runs data-parallel over cluster.gpus_per_job GPUs; the other GPU stages use one.
+DATA_PARALLEL_STAGES = ("pretrain", "train")
 
 
 def dataset_scale(cfg: dict, dataset: str) -> dict:
@@ -604,10 +610,19 @@ def resources(cfg: dict, stage: str, dataset: str, model: str | None = None, def
     if cl["account"]:
         res["slurm_account"] = cl["account"]
     if gpu:
-        res["gpu"] = cl["gpus_per_job"]
+        res["gpu"] = cl["gpus_per_job"] if stage in DATA_PARALLEL_STAGES else 1
         if cl["gpu_model"]:
             res["gpu_model"] = cl["gpu_model"]
     return res
+
+
+def launcher(cfg: dict, stage: str) -> str:
+    """The command a rule runs `poisongrid <stage>` with: torchrun starting one process per GPU
+    (data-parallel training) for the training stages when a job has several GPUs, else the CLI."""
+    n = cfg["cluster"]["gpus_per_job"]
+    if stage in DATA_PARALLEL_STAGES and n > 1 and cfg["device"] != "cpu":
+        return f"torchrun --standalone --nproc_per_node {n} -m poisongrid.cli"
+    return "poisongrid"
 
 
 # ---- figures -------------------------------------------------------------------------------------

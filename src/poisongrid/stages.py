@@ -138,7 +138,7 @@ def _poisoned_training_set(spec: dict, manifest_path, images_path, bona_fide_pat
 def pretrain(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
     """Train one defender model on the cell's poisoned set; write it and its per-example losses
     (every epoch, or once after the last), with the spike epochs the trajectories skip."""
-    from .training import fit, remove_checkpoint, save_model, setup_runtime
+    from .training import fit, is_main, processes, remove_checkpoint, save_model, setup_runtime
 
     device = setup_runtime(spec["runtime"])
     ds, man, pmeta, x = _poisoned_training_set(spec, inp["manifest"], inp["images"])
@@ -156,7 +156,9 @@ def pretrain(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
             "spike_rule": m["spike_rule"], "spike_series": "train_loss", "spike_factor": m["spike_factor"],
             "epoch_mean_loss": res.losses.mean(axis=1).astype(float).tolist(), "train_loss": res.train_loss,
             "n_examples": len(man), "record": m["record"], "wall_time_s": res.wall_time_s,
-            "images_per_s": res.images_per_s, "device": str(device), "schedule_epochs": tr["epochs"]}
+            "images_per_s": res.images_per_s, "device": str(device), "processes": processes(), "schedule_epochs": tr["epochs"]}
+    if not is_main():
+        return meta  # data-parallel: rank 0 writes the outputs
     save_model(out["weights"], res.model, {"model": tr["model"], "num_classes": ds.num_classes,
                                            "image_size": int(ds.image_shape[-1]), "n_trained_on": len(man),
                                            "train_loss": res.train_loss, "wall_time_s": res.wall_time_s,
@@ -266,7 +268,7 @@ def train(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
     """The final model: the defense's remedy trains it from the plan (by default from scratch on
     the weighted loss, weight-0 examples dropped)."""
     from .remedies import FinalTraining
-    from .training import load_model, remove_checkpoint, save_model, setup_runtime
+    from .training import is_main, load_model, processes, remove_checkpoint, save_model, setup_runtime
 
     device = setup_runtime(spec["runtime"])
     ds, man, mmeta, x = _poisoned_training_set(spec, inp["manifest"], inp["images"], inp["bona_fide"])
@@ -299,10 +301,12 @@ def train(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
     seen = sum(r.images_per_s * r.wall_time_s for _, r in job.phases if r.wall_time_s > 0)
     meta = {"cell": cell, "model": spec["training"]["model"], "num_classes": ds.num_classes, "image_size": int(ds.image_shape[-1]),
             "n_trained_on": int((w != 0).sum()), "n_ascent": int((w < 0).sum()), "train_loss": res.train_loss,
-            "wall_time_s": wall, "images_per_s": seen / wall if wall > 0 else float("nan"), "device": str(device),
+            "wall_time_s": wall, "images_per_s": seen / wall if wall > 0 else float("nan"), "device": str(device), "processes": processes(),
             "epochs": sum(r.epochs_run for _, r in job.phases),
             "phases": [{"phase": p, "epochs": r.epochs_run, "wall_time_s": r.wall_time_s} for p, r in job.phases],
             "reference_model": read or None}
+    if not is_main():
+        return meta  # data-parallel: rank 0 writes the outputs
     save_model(out["out"], res.model, meta)
     for p, _ in job.phases:
         remove_checkpoint(f"{ckpt}.{p}")

@@ -60,7 +60,101 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def setup_runtime(runtime: dict) -> torch.device:
     torch.set_num_threads(int(runtime.get("threads", 1)))
-    return resolve_device(runtime.get("device", "auto"))
+    device = resolve_device(runtime.get("device", "auto"))
+    rank = world()
+    if rank is not None and device.type == "cuda":
+        # Under torchrun each process trains on its own GPU of the node.
+        torch.cuda.set_device(rank.local)
+        device = torch.device("cuda", rank.local)
+    return device
+
+
+# ---- data parallelism (processes started by torchrun) -----------------------------------------
+
+
+@dataclass(frozen=True)
+class Rank:
+    rank: int
+    world: int
+    local: int
+
+
+def world() -> Rank | None:
+    """This process's place among the data-parallel processes torchrun started (WORLD_SIZE > 1);
+    None when it trains alone."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return None
+    rank = int(os.environ["RANK"])
+    return Rank(rank, size, int(os.environ.get("LOCAL_RANK", rank)))
+
+
+def is_main() -> bool:
+    """Whether this process writes outputs and logs (rank 0, or the only process)."""
+    r = world()
+    return r is None or r.rank == 0
+
+
+def processes() -> int:
+    """How many data-parallel processes train together (1 without torchrun)."""
+    r = world()
+    return 1 if r is None else r.world
+
+
+def _process_group(device: torch.device) -> Rank | None:
+    r = world()
+    if r is None:
+        return None
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        import atexit
+
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(dist.destroy_process_group)
+    return r
+
+
+def _rank_seed(seed: int, epoch: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+def _shard(batch: torch.Tensor, r: Rank) -> tuple[torch.Tensor, int]:
+    """This rank's slice of a global batch and how many real examples it holds. A rank left
+    without one (a last batch smaller than the world) runs a weight-0 copy of the first example, so
+    every rank still takes part in the gradient all-reduce."""
+    mine = batch[r.rank::r.world]
+    return (mine, len(mine)) if len(mine) else (batch[:1], 0)
+
+
+def _sync_buffers(module: nn.Module) -> None:
+    """Rank 0's buffers (batch-norm running statistics) to every rank, so all hold one model."""
+    import torch.distributed as dist
+
+    for b in module.buffers():
+        dist.broadcast(b, 0)
+
+
+def _sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    dist.all_reduce(t)
+    return t
+
+
+def _plain_batchnorm(module: nn.Module) -> nn.Module:
+    """SyncBatchNorm layers back to BatchNorm2d (same parameters and statistics), so the returned
+    model runs without a process group."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.SyncBatchNorm):
+            bn = nn.BatchNorm2d(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+            bn.weight, bn.bias = child.weight, child.bias
+            bn.running_mean, bn.running_var, bn.num_batches_tracked = child.running_mean, child.running_var, child.num_batches_tracked
+            bn.train(child.training)
+            setattr(module, name, bn)
+        else:
+            _plain_batchnorm(child)
+    return module
 
 
 # ---- batch augmentations (uint8 batch in, uint8 batch out, on the batch's device) -----------------
@@ -150,19 +244,32 @@ def _batch(images, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 @torch.no_grad()
 def per_example_loss(model: nn.Module, images, labels: torch.Tensor, device: torch.device,
-                     batch_size: int = 1024, amp: bool = True) -> torch.Tensor:
-    """Unclamped cross-entropy of every example, eval mode, no augmentation (float32, on CPU)."""
+                     batch_size: int = 1024, amp: bool = True, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Unclamped cross-entropy of every example (or of `rows`, in their order), eval mode, no
+    augmentation (float32, on CPU)."""
     model.eval()
     cl = device.type == "cuda"
     amp = amp and cl
     labels = labels.to(device)
-    out = torch.empty(len(labels), dtype=torch.float32, device=device)
-    for s in range(0, len(labels), batch_size):
-        idx = torch.arange(s, min(s + batch_size, len(labels)), device=device)
+    rows = torch.arange(len(labels), device=device) if rows is None else rows.to(device)
+    out = torch.empty(len(rows), dtype=torch.float32, device=device)
+    for s in range(0, len(rows), batch_size):
+        idx = rows[s:s + batch_size]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(_to_float(_batch(images, idx, device), cl))
         out[s:s + len(idx)] = F.cross_entropy(logits.float(), labels[idx], reduction="none")
     return out.cpu()
+
+
+def _all_losses(model: nn.Module, images, labels: torch.Tensor, device: torch.device, amp: bool,
+                r: Rank | None) -> np.ndarray:
+    """per_example_loss of every example; data-parallel, each rank evaluates every world-th one."""
+    if r is None:
+        return per_example_loss(model, images, labels, device, amp=amp).numpy()
+    rows = torch.arange(r.rank, len(labels), r.world)
+    full = torch.zeros(len(labels), dtype=torch.float32, device=device)
+    full[rows.to(device)] = per_example_loss(model, images, labels, device, amp=amp, rows=rows).to(device)
+    return _sum_over_ranks(full).cpu().numpy()  # x + 0.0 is exact: each example is one rank's
 
 
 @torch.no_grad()
@@ -261,7 +368,18 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
     parameters and optimiser; it is not checkpointed, so a remedy using one resumes its epoch-level
     state itself or runs without a checkpoint. `epoch_start(epoch, model)` is called before each
     epoch's pass (also the first one after a resume), so such an objective can attach hooks to the
-    model and follow its own per-epoch schedule."""
+    model and follow its own per-epoch schedule.
+
+    Data-parallel (started by torchrun, WORLD_SIZE > 1; nccl on CUDA, gloo on CPU): every rank
+    draws the same permutation from `seed` and takes every world-th example of each global batch,
+    so a step still averages over `batch_size` examples (each rank's loss is scaled by its share, so
+    the all-reduced gradient is the full batch's for a per-example mean; flooding/lga on the batch
+    mean and a `step_loss` act on each rank's share). Augmentation and dropout draw from per-rank
+    generators seeded by (seed, epoch, rank). Batch norm is SyncBatchNorm on CUDA (statistics over
+    the global batch); on CPU each rank normalises its own share. Recorded losses are gathered so
+    every rank returns every example once per epoch; only rank 0 writes the checkpoint, which
+    resumes only a run with the same number of processes. A `step_loss`'s own state (CBD's
+    critic) is per rank. One process (no torchrun) is the plain path above, unchanged."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     n = len(labels)
@@ -272,6 +390,7 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
     augment = AUGMENTS.get(training.get("augment", "none"), "augment")
     cl = device.type == "cuda"
     amp = cl and training.get("precision", "bf16") == "bf16"
+    ddp = _process_group(device)
 
     if init_model is not None:
         import copy
@@ -282,6 +401,9 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
     objective = batch_objective(training.get("objective", "ce"), float(training.get("objective_level", 0.5)))
     if cl:
         model = model.to(memory_format=torch.channels_last)
+    if ddp is not None and cl:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    net = model  # the module itself; `model` is what the step calls (DDP's wrapper under torchrun)
     opt = OPTIMIZERS.get(training.get("optimizer", "adamw"), "optimizer")(model.parameters(), training)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
     data = as_tensor_data(images, device)
@@ -299,9 +421,11 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
     train_loss: list[float] = []
     seen, start, before = 0, 0, 0.0
     ident = {"fingerprint": fingerprint, "epochs_to_run": run, "record": record or "", "n": n, "seed": seed}
+    if ddp is not None:
+        ident["world"] = ddp.world
     state = _load_checkpoint(checkpoint, ident, log) if checkpoint else None
     if state is not None:
-        model.load_state_dict(state["model"])
+        net.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         gen.set_state(state["gen"])
@@ -312,6 +436,12 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
             losses[:start] = state["losses"].numpy()
         if log:
             log(f"resumed from checkpoint {checkpoint}: epochs 1-{start} done, continuing at epoch {start + 1}/{run}")
+    if ddp is not None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        gpu = device.index if device.index is not None else torch.cuda.current_device() if cl else None
+        model = DistributedDataParallel(net, device_ids=[gpu] if cl else None)
+    aug_gen = gen
     t0 = time.perf_counter()
     n_batches = -(-n // bs)
     epoch_times: list[float] = []
@@ -322,24 +452,34 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
         next_report = t_ep + progress_every if (log and progress_every is not None) else math.inf
         model.train()
         if epoch_start is not None:
-            epoch_start(epoch, model)
+            epoch_start(epoch, net)
         perm = torch.randperm(n, generator=gen)
+        if ddp is not None:
+            # Fresh per-rank draws each epoch: a resumed run needs no other rank's generator state.
+            aug_gen = torch.Generator().manual_seed(_rank_seed(seed, epoch, ddp.rank))
+            torch.manual_seed(_rank_seed(seed, epoch, ddp.rank) + 1)
         # One host-to-device copy of the order per epoch, not one per batch.
         perm_dev = perm.to(device) if isinstance(data, torch.Tensor) else perm
         ep_sum = torch.zeros((), device=device)
         rec = torch.empty(n, dtype=torch.float32, device=device) if record == "train" else None
+        if rec is not None and ddp is not None:
+            rec.zero_()  # summed over the ranks, each filling its own examples
         for s in range(0, n, bs):
             idx = perm_dev[s:s + bs]
-            xb = augment(_batch(data, idx, device), gen, training)
+            real = len(idx)
+            if ddp is not None:
+                global_size = real
+                idx, real = _shard(idx, ddp)
+            xb = augment(_batch(data, idx, device), aug_gen, training)
             yb = y_dev[idx.to(device)]
             xf = _to_float(xb, cl)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = model(xf)
             per = F.cross_entropy(logits.float(), yb, reduction="none")
-            if rec is not None:
+            if rec is not None and real:
                 rec[idx.to(device)] = per.detach()
             if step_loss is not None:
-                loss = step_loss(model, xf, yb, per, idx)
+                loss = step_loss(net, xf, yb, per, idx)
             elif w_dev is None:
                 loss = objective(per.clamp(max=clamp))
             else:
@@ -347,9 +487,14 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
                 capped = per.clamp(max=clamp) if ascent_clamp is None else torch.where(wb < 0, per.clamp(max=ascent_clamp), per.clamp(max=clamp))
                 loss = (capped * wb).mean()
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if ddp is None:
+                loss.backward()
+            else:
+                # DDP averages the ranks' gradients: weighting each by its share of the global batch
+                # makes that the gradient of the mean over the whole batch.
+                (loss * (real * ddp.world / global_size)).backward()
             opt.step()
-            ep_sum += loss.detach() * len(idx)
+            ep_sum += loss.detach() * real
             now = time.perf_counter()
             if now >= next_report:
                 done = min(s + bs, n)
@@ -357,18 +502,21 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
                 next_report = now + progress_every
         sched.step()
         seen += n
+        if ddp is not None:
+            _sum_over_ranks(ep_sum)
+            _sync_buffers(net)
         train_loss.append(float(ep_sum) / n)  # syncs the device: the pass's time is real from here
         t_pass = time.perf_counter() - t_ep
         if record == "eval":
-            losses[epoch] = per_example_loss(model, data, y, device, amp=amp).numpy()
+            losses[epoch] = _all_losses(net, data, y, device, amp, ddp)
         elif record == "train":
-            losses[epoch] = rec.cpu().numpy()
+            losses[epoch] = (rec if ddp is None else _sum_over_ranks(rec)).cpu().numpy()
         elif record == "final" and epoch == run - 1:
-            losses[0] = per_example_loss(model, data, y, device, amp=amp).numpy()
-        if checkpoint:
+            losses[0] = _all_losses(net, data, y, device, amp, ddp)
+        if checkpoint and is_main():
             _save_checkpoint(checkpoint, {
                 **ident, "epoch": epoch, "seen": seen, "wall": before + time.perf_counter() - t0,
-                "model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                "model": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                 "gen": gen.get_state(), "torch_rng": torch.get_rng_state(), "train_loss": train_loss,
                 "losses": torch.from_numpy(losses[:epoch + 1].copy()) if record in ("eval", "train") else torch.zeros(0)})
         epoch_times.append(time.perf_counter() - t_ep)
@@ -380,6 +528,8 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
     if device.type == "cuda":
         torch.cuda.synchronize()
     wall = before + time.perf_counter() - t0
+    if ddp is not None:
+        model = _plain_batchnorm(net)
     return TrainResult(model=model, losses=losses, train_loss=train_loss, wall_time_s=wall,
                        images_per_s=seen / wall if wall > 0 else float("nan"), epochs_run=run)
 

@@ -47,7 +47,8 @@ def io_flags(w, input, output):
 
 
 def stage_shell(stage):
-    return f"poisongrid {stage} --spec {{params.spec}} {{params.io}} 2> {{log}}"
+    # pretrain/train with cluster.gpus_per_job > 1: torchrun, one data-parallel process per GPU.
+    return f"{pgc.launcher(config, stage)} {stage} --spec {{params.spec}} {{params.io}} 2> {{log}}"
 
 
 def resources_of(stage):
