@@ -43,7 +43,9 @@ def _spec(args, stage: str) -> dict:
         raise PoisongridError(f"`poisongrid {stage}` needs --spec JSON or --config FILE with the cell's --dataset/--seed/...")
     from . import config
 
-    cfg = config.load(args.config)
+    # The stage checks what it uses itself; the deep checks (LfD teacher sizes build models) would
+    # import torch into every light job run by hand. `poisongrid validate` runs them.
+    cfg = config.load(args.config, deep=False)
     if args.results is None:
         args.results = config.results_dir(cfg, [args.config])
     cell = {k: getattr(args, k, None) for k in ("scenario", "defense", "detector", "model")}

@@ -203,12 +203,11 @@ def _check_dataset(name: str, ds: dict, deep: bool = True) -> None:
     ds.setdefault("loader", name)
     DATASETS.get(ds["loader"], f"datasets.{name}.loader")
     if deep:
-        from .models import MODELS
-        from .training import AUGMENTS, OPTIMIZERS
+        from .zoo import AUGMENTS, MODELS, OPTIMIZERS
 
-        MODELS.get(ds["model"], f"datasets.{name}.model")
-        AUGMENTS.get(ds["augment"], f"datasets.{name}.augment")
-        OPTIMIZERS.get(ds["optimizer"], f"datasets.{name}.optimizer")
+        MODELS.check(ds["model"], f"datasets.{name}.model")
+        AUGMENTS.check(ds["augment"], f"datasets.{name}.augment")
+        OPTIMIZERS.check(ds["optimizer"], f"datasets.{name}.optimizer")
     total = 0.0
     for aname, a in ds["attacks"].items():
         key = f"datasets.{name}.attacks.{aname}"
@@ -239,8 +238,7 @@ def _check_dataset(name: str, ds: dict, deep: bool = True) -> None:
 
 
 def _check_defender_models(cfg: dict) -> None:
-    from .models import MODELS
-    from .training import AUGMENTS, OPTIMIZERS
+    from .zoo import AUGMENTS, MODELS, OPTIMIZERS
 
     models = cfg["defender_models"]
     att = models[ATTACKED]
@@ -254,11 +252,11 @@ def _check_defender_models(cfg: dict) -> None:
         if "epochs" in m and "r_epoch" in m:
             raise ConfigError(key, {"epochs": m["epochs"], "r_epoch": m["r_epoch"]}, "either epochs or r_epoch, not both")
         if "model" in m:
-            MODELS.get(m["model"], f"{key}.model")
+            MODELS.check(m["model"], f"{key}.model")
         if "augment" in m:
-            AUGMENTS.get(m["augment"], f"{key}.augment")
+            AUGMENTS.check(m["augment"], f"{key}.augment")
         if "optimizer" in m:
-            OPTIMIZERS.get(m["optimizer"], f"{key}.optimizer")
+            OPTIMIZERS.check(m["optimizer"], f"{key}.optimizer")
         if "crop_scale" in m and not (0 < m["crop_scale"][0] <= m["crop_scale"][1] <= 1):
             raise ConfigError(f"{key}.crop_scale", m["crop_scale"], "[lo, hi] with 0 < lo <= hi <= 1")
 
@@ -293,8 +291,9 @@ def _check_detectors_defenses(cfg: dict, deep: bool = True) -> None:
 def _check_teachers(cfg: dict) -> None:
     """LfD's premise is a teacher of lower capacity than the student: a teacher with more
     parameters than a dataset's final model, wherever a reweighting defense uses it, is an error."""
-    from .models import parameter_count
+    from .zoo import parameter_count
 
+    cache = Path(cfg["data_dir"]) / ".poisongrid-cache"  # the dataset loaders' cache folder
     for fname, d in cfg["defenses"].items():
         if d["remedy"] != "reweight":
             continue
@@ -307,7 +306,7 @@ def _check_teachers(cfg: dict) -> None:
                 continue
             teacher = cfg["defender_models"][mname].get("model", ds["model"])
             size = ds["image_size"] or 32
-            t, s = parameter_count(teacher, 10, size), parameter_count(ds["model"], 10, size)
+            t, s = parameter_count(teacher, 10, size, cache), parameter_count(ds["model"], 10, size, cache)
             if t > s:
                 raise ConfigError(f"defender_models.{mname}.model", teacher,
                                   f"a model no larger than the student '{ds['model']}' of dataset '{dsname}' "

@@ -8,9 +8,7 @@ import torch
 import torchvision
 from torch import nn
 
-from .registry import Registry
-
-MODELS: Registry = Registry("model")
+from .zoo import MODELS
 
 # Images at or below this size get the CIFAR-style stem (3x3 stride-1 first conv).
 SMALL_IMAGE = 64

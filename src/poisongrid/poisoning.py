@@ -7,18 +7,22 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 
-import numpy as np
-import pandas as pd
-import pyarrow as pa
-
-from .attacks import ATTACKS, Attack, build_attack
-from .config import attack_params
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from .data import Dataset
+import numpy as np
+import pyarrow as pa
+
 from .errors import ArtifactError, ConfigError
 from .io import load_npz, read_table, save_npz, write_table
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from .attacks import Attack
+    from .data import Dataset
+
+# pandas and the attack registry are imported where used: the score and plan stages import this
+# module for the manifest's name and columns only.
 
 MANIFEST_KIND = "manifest"
 
@@ -30,6 +34,8 @@ def attack_seed(seed: int, name: str) -> int:
 def draw_target(name: str, cfg: dict, labels: np.ndarray, num_classes: int, seed: int) -> int:
     """The configured `target` class, else a uniformly random one; clean-label attacks redraw
     until the class is large enough."""
+    from .attacks import ATTACKS
+
     rng = np.random.default_rng([seed, zlib.crc32(name.encode()), 1])
     counts = np.bincount(labels, minlength=num_classes)
     need = cfg.get("min_target_count", 0)
@@ -64,6 +70,11 @@ class PoisonedSet:
 
 def poison(ds: Dataset, attacks: dict[str, dict], all_attacks: list[str], seed: int, bona_fide: dict,
            artifacts: dict[str, dict] | None = None) -> PoisonedSet:
+    import pandas as pd
+
+    from .attacks import ATTACKS
+    from .config import attack_params
+
     artifacts = artifacts or {}
     labels = ds.train.labels
     n = len(labels)
@@ -111,6 +122,9 @@ def poison(ds: Dataset, attacks: dict[str, dict], all_attacks: list[str], seed: 
 
 
 def _build(name: str, cfg: dict, shape, seed: int, artifacts: dict) -> Attack:
+    from .attacks import ATTACKS, build_attack
+    from .config import attack_params
+
     if ATTACKS.get(name).learns() and name not in artifacts:
         raise ConfigError(f"attacks.{name}", "no trigger file", "the file `poisongrid trigger` makes for it (--trigger)")
     return build_attack(name, shape, attack_seed(seed, name), attack_params(cfg), artifacts.get(name))
@@ -148,6 +162,17 @@ MANIFEST_COLUMNS = ("index", "label", "orig_label", "attack", "target", "bona_fi
 def read_manifest(path) -> tuple[pd.DataFrame, dict]:
     table, meta = read_table(path, MANIFEST_KIND, require=MANIFEST_COLUMNS)
     return table.to_pandas(), meta
+
+
+DEFENDER_COLUMNS = ["index", "label", "bona_fide"]  # what a defense may read: never the ground truth
+
+
+def manifest_table(path, ground_truth: bool = False) -> tuple[pa.Table, dict]:
+    """The manifest as an Arrow table (no pandas: the light jobs read it), the defender's columns
+    only unless `ground_truth`."""
+    if ground_truth:
+        return read_table(path, MANIFEST_KIND, require=MANIFEST_COLUMNS)
+    return read_table(path, MANIFEST_KIND, columns=DEFENDER_COLUMNS)
 
 
 class TrainingImages:
@@ -199,6 +224,8 @@ def training_images(ds: Dataset, images_path, manifest: pd.DataFrame) -> Trainin
 def test_attacks(meta: dict, shape, artifacts: dict[str, dict]) -> dict[str, tuple[Attack, int]]:
     """Rebuild each attack of a manifest (same seed and params, and what it learned) with its
     target; `apply` gives its test-time trigger."""
+    from .attacks import build_attack
+
     out = {}
     for name, info in meta["attacks"].items():
         out[name] = (build_attack(name, shape, info["seed"], dict(info["params"]), artifacts.get(name)), int(info["target"]))

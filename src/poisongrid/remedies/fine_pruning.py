@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from ..errors import ConfigError
+from ..io import to_numpy
 from .base import REMEDIES, Remedy, _number
 
 
@@ -140,7 +141,7 @@ class FinePrune(Remedy):
         return p
 
     def weights(self, scores, manifest, score_meta) -> np.ndarray:
-        return manifest["bona_fide"].to_numpy().astype(np.float32)
+        return to_numpy(manifest["bona_fide"]).astype(np.float32)
 
     def prune(self, job) -> nn.Module:
         """The attacked model with its most dormant channels pruned (a prune mask on the head)."""
