@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -21,7 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import poisongrid
 from poisongrid import config, paths
+
+# The children run the poisongrid this script imported.
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(poisongrid.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
 
 # Runs the CLI as the console script does, then says whether torch was imported.
 RUN = ("import sys\nfrom poisongrid.cli import main\nrc = main(sys.argv[1:])\n"
@@ -63,7 +68,7 @@ def _cpu() -> float:
 def run(argv: list[str]) -> tuple[float, float, bool]:
     """Wall time, CPU time (less sensitive to a busy machine) and whether torch was imported."""
     c0, t0 = _cpu(), time.perf_counter()
-    p = subprocess.run([sys.executable, "-c", RUN, *argv], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-c", RUN, *argv], capture_output=True, text=True, env=ENV)
     wall, cpu = time.perf_counter() - t0, _cpu() - c0
     if p.returncode != 0:
         raise SystemExit(f"poisongrid {' '.join(argv[:1])} failed:\n{p.stderr[-2000:]}")
