@@ -26,11 +26,13 @@ CFG = {
     "results": "results", "data_dir": "data", "device": "cpu", "threads": 1, "seeds": [0],
     "bona_fide": {"n_clean": 60},
     "defender_models": {"pretrain": {"r_epoch": 0.3, "augment": "none", "record": "train"},
-                        "teacher": {"model": "mobilenetv2_s", "epochs": 2, "augment": "none", "record": "final"}},
+                        "teacher": {"model": "mobilenetv2_s", "epochs": 2, "augment": "none", "record": "final"},
+                        "backdoored": {"epochs": 2}},
     "detectors": {"badloss": {"type": "badloss", "k": 5, "log_losses": True}, "lfd": {"type": "teacher_loss"}},
     "defenses": {"none": {"remedy": "none"}, "badloss": {"detector": "badloss", "remedy": "remove", "r_reject": 0.3},
                  "lfd": {"detector": "lfd", "remedy": "reweight", "alpha": 0.25, "beta": 0.001},
-                 "oracle": {"remedy": "oracle"}},
+                 "oracle": {"remedy": "oracle"}, "fine_prune": {"remedy": "fine_prune"},
+                 "cbd": {"remedy": "cbd", "detector": "badloss"}},
     "datasets": {"digits": {
         "image_size": 16, "model": "smallcnn", "epochs": 4, "scenarios": ["multi"],
         "attacks": {"patch": {"ratio": 0.04}, "frequency": {"ratio": 0.03, "magnitude": 30},
@@ -122,10 +124,11 @@ def test_trajectory_scores_import_neither_torch_nor_pandas(cell):
 
 def test_plans_import_neither_torch_nor_pandas(cell):
     root, man = cell["root"], cell["man"]
-    for d in ("none", "badloss", "lfd", "oracle"):
+    for d in ("none", "badloss", "lfd", "oracle", "fine_prune", "cbd"):  # the last two train with torch, plan without
         _, loaded = poisongrid(root, *spec_args(cell["cfg"], "plan", defense=d))
         assert loaded == [], d
-    plan = {d: read_table(root / paths.path("plan", "results", **CELL, defense=d), "plan")[0] for d in ("badloss", "oracle")}
+    plan = {d: read_table(root / paths.path("plan", "results", **CELL, defense=d), "plan")[0]
+            for d in ("badloss", "oracle", "fine_prune")}
     w = to_numpy(plan["badloss"]["weight"])
     s = to_numpy(plan["badloss"]["score"])
     bona = man["bona_fide"].to_numpy()
@@ -134,6 +137,7 @@ def test_plans_import_neither_torch_nor_pandas(cell):
     cut = np.sort(s[~bona])[::-1][k - 1]
     assert (w == 0).sum() == k and not (w[bona] == 0).any() and (s[w == 0] >= cut).all()
     assert np.array_equal(to_numpy(plan["oracle"]["weight"]), man["attack"].isna().to_numpy().astype(np.float32))
+    assert np.array_equal(to_numpy(plan["fine_prune"]["weight"]), bona.astype(np.float32))
 
 
 def test_plan_from_the_config_and_validate_estimate_import_no_torch(cell):
