@@ -101,15 +101,16 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError("config", where, f"valid YAML ({getattr(e, 'problem', None) or e})") from None
 
 
-def load(path: str | Path | list | None = None, overrides: dict | None = None, *, deep: bool = True) -> dict:
+def load(path: str | Path | list | None = None, overrides: dict | None = None, *, deep: bool = True,
+         sizes: bool = True) -> dict:
     """Read a YAML config (several: deep-merged in order, as Snakemake merges --configfile files;
-    then overrides), fill defaults, validate (`deep=False`: see `validate`)."""
+    then overrides), fill defaults, validate (`deep=False`, `sizes=False`: see `validate`)."""
     cfg: dict = {}
     for one in ([] if path is None else [path] if isinstance(path, (str, Path)) else path):
         cfg = _merge(cfg, read_yaml(one))
     if overrides:
         cfg = _merge(cfg, overrides)
-    return validate(cfg, deep=deep)
+    return validate(cfg, deep=deep, sizes=sizes)
 
 
 def typed_overrides(entries) -> dict:
@@ -146,12 +147,14 @@ def _merge(a: dict, b: dict) -> dict:
     return out
 
 
-def validate(cfg: dict, deep: bool = True) -> dict:
+def validate(cfg: dict, deep: bool = True, sizes: bool = True) -> dict:
     """Fill defaults in place and check everything that can be checked before a job runs.
 
     `deep=False` fills the same defaults but skips the checks that import torch or read the data
     (model, augmentation and optimizer names, attack parameters, teacher sizes, training-set
-    budgets): enough to enumerate the grid's jobs in a fraction of a second."""
+    budgets): enough to enumerate the grid's jobs in a fraction of a second. `sizes=False` skips only
+    the LfD teachers' size check, the one deep check that may import torch (to count parameters the
+    first time, see zoo.parameter_count)."""
     if not isinstance(cfg, dict):
         raise ConfigError("config", cfg, "a mapping of keys")
     for name, ds in (cfg.get("datasets") or {}).items():
@@ -178,7 +181,7 @@ def validate(cfg: dict, deep: bool = True) -> dict:
     cfg["defender_models"].setdefault(ATTACKED, {})
     models_ok = attempt(_check_defender_models, cfg) if deep else True
     if datasets_ok and models_ok:
-        attempt(_check_detectors_defenses, cfg, deep)
+        attempt(_check_detectors_defenses, cfg, deep and sizes)
     if deep and datasets_ok:
         attempt(_check_budgets, cfg)
     if cfg["cluster"]["gpus_per_job"] == 0 and cfg["device"] == "cuda":
@@ -261,7 +264,7 @@ def _check_defender_models(cfg: dict) -> None:
             raise ConfigError(f"{key}.crop_scale", m["crop_scale"], "[lo, hi] with 0 < lo <= hi <= 1")
 
 
-def _check_detectors_defenses(cfg: dict, deep: bool = True) -> None:
+def _check_detectors_defenses(cfg: dict, teachers: bool = True) -> None:
     from .detectors import DETECTORS
     from .paths import RESERVED
     from .remedies import REMEDIES
@@ -284,7 +287,7 @@ def _check_detectors_defenses(cfg: dict, deep: bool = True) -> None:
                     raise ConfigError(f"{key}.{where}", v, f"one of the configured {where} {sorted(allowed)}")
         cls = REMEDIES.get(d["remedy"], f"{key}.remedy")
         d.update(cls.check(d, key, cfg))
-    if deep:
+    if teachers:
         _check_teachers(cfg)
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-
 from typing import TYPE_CHECKING
 
 import numpy as np

@@ -1,15 +1,15 @@
 """One pure function per stage: files in, files out. The CLI and the Snakemake rules are thin
-wrappers around these. torch and scikit-learn are imported inside the stages that use them, so
-the light stages (poison, score, filter) start in a fraction of a second."""
+wrappers around these. torch, scikit-learn, pandas, the dataset loaders and the attack, detector
+and remedy registries are imported inside the stages that use them, so the light jobs (poison,
+the score of a trajectory detector, plan) start in a fraction of a second without torch
+(tests/test_light_stages.py, benchmarks/light_stages.py)."""
 from __future__ import annotations
 
 import platform
 import sys
 import time
 from pathlib import Path
-from typing import Callable
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -22,10 +22,6 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from .data import Dataset
-
-# A light job (poison, score of a trajectory detector, plan) must start in a fraction of a second:
-# pandas, the dataset loaders, the attack, detector and remedy registries (and through them scipy,
-# scikit-learn, torch) are imported inside the stages that use them.
 
 Log = Callable[[str], None]
 
