@@ -37,7 +37,7 @@ def commands(cfg_path: str, dataset: str, scenario: str, seed: int, defense: str
     cfg = config.load(cfg_path)
     res = config.results_dir(cfg, [cfg_path])
     cell = {"dataset": dataset, "scenario": scenario, "seed": seed}
-    detector = cfg["defenses"][defense]["detector"]
+    detector = cfg["defenses"][defense].get("detector")
 
     def spec_cmd(stage: str, out: dict[str, str], **extra) -> list[str]:
         spec = config.stage_spec(cfg, stage, dataset, seed=seed, scenario=scenario, **extra)
@@ -47,9 +47,10 @@ def commands(cfg_path: str, dataset: str, scenario: str, seed: int, defense: str
         return [stage, "--spec", json.dumps(spec, sort_keys=True), *flags, *[f"--{k}={v}" for k, v in out.items()]]
 
     metrics = paths.path("metrics", res, **cell, defense=defense)
+    score = {f"score ({detector})": spec_cmd("score", {"out": str(tmp / "s.parquet")}, detector=detector)} if detector else {}
     return {
-        "poison": spec_cmd("poison", {"manifest": str(tmp / "m.parquet"), "images": str(tmp / "p.npz")}),
-        f"score ({detector})": spec_cmd("score", {"out": str(tmp / "s.parquet")}, detector=detector),
+        f"poison ({scenario})": spec_cmd("poison", {"manifest": str(tmp / "m.parquet"), "images": str(tmp / "p.npz")}),
+        **score,
         f"plan ({defense})": spec_cmd("plan", {"out": str(tmp / "plan.parquet")}, defense=defense),
         "plan --config": ["plan", "--config", cfg_path, "--dataset", dataset, "--scenario", scenario, "--seed", str(seed),
                           "--defense", defense, "--out", str(tmp / "plan2.parquet")],
