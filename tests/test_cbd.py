@@ -10,7 +10,7 @@ from poisongrid import config
 from poisongrid.detectors import DETECTORS
 from poisongrid.errors import ConfigError
 from poisongrid.remedies import REMEDIES, FinalTraining
-from poisongrid.remedies.cbd import MICritic, cbd_weights
+from poisongrid.remedies.cbd_objective import MICritic, cbd_weights
 from poisongrid.training import fit
 
 

@@ -11,10 +11,6 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-# Figures are built on a bare Figure + Agg canvas, never through pyplot: no global figure registry to leak
-# into (so nothing to forget to close) and no dependence on whichever backend the calling process chose.
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from .config import capacity_swept, figure_name, model_of_path, swept_detectors
 from .errors import ArtifactError
@@ -552,7 +548,18 @@ def html_tables(markdown: str, title: str = "poisongrid summary tables") -> str:
 
 # ---------------------------------------------------------------- figures
 
-def _save(fig: Figure, path) -> Path:
+def _figure(**kw):
+    """A bare matplotlib Figure, never through pyplot: no global figure registry to leak into (so
+    nothing to forget to close) and no dependence on whichever backend the calling process chose
+    (_save draws it on an Agg canvas). matplotlib is imported here: the tables need none of it."""
+    from matplotlib.figure import Figure
+
+    return Figure(**kw)
+
+
+def _save(fig, path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     FigureCanvasAgg(fig)
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -586,7 +593,7 @@ def asr_figure(df: pd.DataFrame, out_path, title: str) -> Path:
     boosted = set(df.loc[df["asr_boosted"].notna(), "attack"])
     data = df.assign(ASR=df["asr_paper"] * 100, Attack=[_label(a, a in boosted) for a in df["attack"]])
     stats = data.groupby(["Attack", "defense"])["ASR"].agg(["mean", "std"]).fillna(0)
-    fig = Figure(figsize=(max(6.5, 1.5 + 0.3 * len(attacks) * max(len(defenses), 2)), 4.2))
+    fig = _figure(figsize=(max(6.5, 1.5 + 0.3 * len(attacks) * max(len(defenses), 2)), 4.2))
     ax = fig.add_subplot()
     sns.barplot(data=data, x="Attack", y="ASR", hue="defense", order=[_label(a, a in boosted) for a in attacks],
                 hue_order=defenses, errorbar="sd" if df["seed"].nunique() > 1 else None, capsize=0.1, ax=ax)
@@ -608,7 +615,7 @@ def single_multi_figure(df: pd.DataFrame, out_path, title: str) -> Path | None:
     cols = min(3 if len(attacks) <= 4 else 2, len(defenses))
     rows = -(-len(defenses) // cols)
     panel_w = max(3.4, 1.0 + 0.6 * len(attacks))
-    fig = Figure(figsize=(panel_w * cols, 3.3 * rows + 0.6))
+    fig = _figure(figsize=(panel_w * cols, 3.3 * rows + 0.6))
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False, sharey=True)).ravel()
     x = np.arange(len(attacks))
     boosted = set(df.loc[df["asr_boosted"].notna(), "attack"])
@@ -649,7 +656,7 @@ def rreject_figure(df: pd.DataFrame, out_path, title: str) -> Path | None:
     if sweep.empty:
         return None
     base = cells[cells["remedy"] == "none"]
-    fig = Figure(figsize=(10, 4.2))
+    fig = _figure(figsize=(10, 4.2))
     for ax, col, name in zip(fig.subplots(1, 2), ["clean_accuracy", "mean_asr_boosted"], ["Clean accuracy", "Avg. ASR (boosted†)"]):
         sns.lineplot(data=sweep.assign(y=sweep[col] * 100), x="r_reject", y="y", hue="detector", marker="o",
                      errorbar="sd", err_style="bars", err_kws={"capsize": 3}, ax=ax)
@@ -705,7 +712,7 @@ def trajectory_figure(trajectories_path, manifest_path, out_path, title: str) ->
                                           minlength=len(groups))
     except (pa.ArrowInvalid, OSError) as e:
         raise ArtifactError(f"{trajectories_path}: Parquet data unreadable ({e}); delete it and rerun pretrain") from None
-    fig = Figure(figsize=(7, 4.5))
+    fig = _figure(figsize=(7, 4.5))
     ax = fig.add_subplot()
     # Bona fide in heavy green as in the paper's Fig. 9; clean drawn over it since the two usually coincide.
     styles = [dict(color="0.35", lw=2, zorder=3), dict(color="green", lw=3.5)] + \
@@ -735,7 +742,7 @@ def teacher_figure(losses_path, manifest_path, out_path, title: str, gamma_alpha
     attacks, shared = _attack_groups(df["attack"])
     v = np.maximum(df[col].to_numpy(np.float64), 1e-8)
     bins = np.logspace(np.log10(v.min()), np.log10(max(v.max(), v.min() * 10)), 40)
-    fig = Figure(figsize=(7.5, 4.2))
+    fig = _figure(figsize=(7.5, 4.2))
     ax = fig.add_subplot()
     groups = [("clean", df["attack"].isna().to_numpy())] + [(a, (df["attack"] == a).fillna(False).to_numpy(bool)) for a in attacks] + \
              [(SHARED, shared)]
@@ -772,7 +779,7 @@ def capacity_figure(df: pd.DataFrame, out_path, title: str) -> Path | None:
     size = {a: parameter_count(a) for a in pd.concat([g for _, g in lines])["defender_arch"].unique()}
     order = sorted(size, key=size.get)
     base = cells[cells["remedy"] == "none"]
-    fig = Figure(figsize=(9.5, 4))
+    fig = _figure(figsize=(9.5, 4))
     for ax, col, name in zip(fig.subplots(1, 2), ["clean_accuracy", "mean_asr_boosted"], ["Clean accuracy", "Avg. ASR"]):
         for params, g in lines:
             s = g.groupby("defender_arch")[col].agg(["mean", "std"]).reindex(order) * 100

@@ -46,7 +46,9 @@ def _spec(args, stage: str) -> dict:
         raise PoisongridError(f"`poisongrid {stage}` needs --spec JSON or --config FILE with the cell's --dataset/--seed/...")
     from . import config
 
-    cfg = config.load(args.config)
+    # Every check but the LfD teachers' sizes, which may build models (torch) in a light job run by
+    # hand; `poisongrid validate` and the workflow make that one.
+    cfg = config.load(args.config, sizes=False)
     if args.results is None:
         args.results = config.results_dir(cfg, [args.config])
     cell = {k: getattr(args, k, None) for k in ("scenario", "defense", "detector", "model")}
@@ -129,7 +131,7 @@ def cmd_validate(args) -> None:
 def cmd_status(args) -> None:
     from . import config, status
 
-    cfg = config.load(args.configfile, deep=False)  # the deep checks import torch; status only lists files
+    cfg = config.load(args.configfile, deep=False)  # status only lists files: no need to read data headers
     results = args.results or config.results_dir(cfg, args.configfile)
     try:
         print(status.report(cfg, results, args.logs, per_job=args.jobs, window=args.window), flush=True)

@@ -101,15 +101,16 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError("config", where, f"valid YAML ({getattr(e, 'problem', None) or e})") from None
 
 
-def load(path: str | Path | list | None = None, overrides: dict | None = None, *, deep: bool = True) -> dict:
+def load(path: str | Path | list | None = None, overrides: dict | None = None, *, deep: bool = True,
+         sizes: bool = True) -> dict:
     """Read a YAML config (several: deep-merged in order, as Snakemake merges --configfile files;
-    then overrides), fill defaults, validate (`deep=False`: see `validate`)."""
+    then overrides), fill defaults, validate (`deep=False`, `sizes=False`: see `validate`)."""
     cfg: dict = {}
     for one in ([] if path is None else [path] if isinstance(path, (str, Path)) else path):
         cfg = _merge(cfg, read_yaml(one))
     if overrides:
         cfg = _merge(cfg, overrides)
-    return validate(cfg, deep=deep)
+    return validate(cfg, deep=deep, sizes=sizes)
 
 
 def typed_overrides(entries) -> dict:
@@ -146,12 +147,14 @@ def _merge(a: dict, b: dict) -> dict:
     return out
 
 
-def validate(cfg: dict, deep: bool = True) -> dict:
+def validate(cfg: dict, deep: bool = True, sizes: bool = True) -> dict:
     """Fill defaults in place and check everything that can be checked before a job runs.
 
     `deep=False` fills the same defaults but skips the checks that import torch or read the data
     (model, augmentation and optimizer names, attack parameters, teacher sizes, training-set
-    budgets): enough to enumerate the grid's jobs in a fraction of a second."""
+    budgets): enough to enumerate the grid's jobs in a fraction of a second. `sizes=False` skips only
+    the LfD teachers' size check, the one deep check that may import torch (to count parameters the
+    first time, see zoo.parameter_count)."""
     if not isinstance(cfg, dict):
         raise ConfigError("config", cfg, "a mapping of keys")
     for name, ds in (cfg.get("datasets") or {}).items():
@@ -178,7 +181,7 @@ def validate(cfg: dict, deep: bool = True) -> dict:
     cfg["defender_models"].setdefault(ATTACKED, {})
     models_ok = attempt(_check_defender_models, cfg) if deep else True
     if datasets_ok and models_ok:
-        attempt(_check_detectors_defenses, cfg, deep)
+        attempt(_check_detectors_defenses, cfg, deep and sizes)
     if deep and datasets_ok:
         attempt(_check_budgets, cfg)
     if cfg["cluster"]["gpus_per_job"] == 0 and cfg["device"] == "cuda":
@@ -207,12 +210,11 @@ def _check_dataset(name: str, ds: dict, deep: bool = True) -> None:
     ds.setdefault("loader", name)
     DATASETS.get(ds["loader"], f"datasets.{name}.loader")
     if deep:
-        from .models import MODELS
-        from .training import AUGMENTS, OPTIMIZERS
+        from .zoo import AUGMENTS, MODELS, OPTIMIZERS
 
-        MODELS.get(ds["model"], f"datasets.{name}.model")
-        AUGMENTS.get(ds["augment"], f"datasets.{name}.augment")
-        OPTIMIZERS.get(ds["optimizer"], f"datasets.{name}.optimizer")
+        MODELS.check(ds["model"], f"datasets.{name}.model")
+        AUGMENTS.check(ds["augment"], f"datasets.{name}.augment")
+        OPTIMIZERS.check(ds["optimizer"], f"datasets.{name}.optimizer")
     total = 0.0
     for aname, a in ds["attacks"].items():
         key = f"datasets.{name}.attacks.{aname}"
@@ -244,8 +246,7 @@ def _check_dataset(name: str, ds: dict, deep: bool = True) -> None:
 
 
 def _check_defender_models(cfg: dict) -> None:
-    from .models import MODELS
-    from .training import AUGMENTS, OPTIMIZERS
+    from .zoo import AUGMENTS, MODELS, OPTIMIZERS
 
     models = cfg["defender_models"]
     att = models[ATTACKED]
@@ -259,16 +260,16 @@ def _check_defender_models(cfg: dict) -> None:
         if "epochs" in m and "r_epoch" in m:
             raise ConfigError(key, {"epochs": m["epochs"], "r_epoch": m["r_epoch"]}, "either epochs or r_epoch, not both")
         if "model" in m:
-            MODELS.get(m["model"], f"{key}.model")
+            MODELS.check(m["model"], f"{key}.model")
         if "augment" in m:
-            AUGMENTS.get(m["augment"], f"{key}.augment")
+            AUGMENTS.check(m["augment"], f"{key}.augment")
         if "optimizer" in m:
-            OPTIMIZERS.get(m["optimizer"], f"{key}.optimizer")
+            OPTIMIZERS.check(m["optimizer"], f"{key}.optimizer")
         if "crop_scale" in m and not (0 < m["crop_scale"][0] <= m["crop_scale"][1] <= 1):
             raise ConfigError(f"{key}.crop_scale", m["crop_scale"], "[lo, hi] with 0 < lo <= hi <= 1")
 
 
-def _check_detectors_defenses(cfg: dict, deep: bool = True) -> None:
+def _check_detectors_defenses(cfg: dict, teachers: bool = True) -> None:
     from .detectors import DETECTORS
     from .paths import RESERVED
     from .remedies import REMEDIES
@@ -291,19 +292,20 @@ def _check_detectors_defenses(cfg: dict, deep: bool = True) -> None:
                     raise ConfigError(f"{key}.{where}", v, f"one of the configured {where} {sorted(allowed)}")
         cls = REMEDIES.get(d["remedy"], f"{key}.remedy")
         d.update(cls.check(d, key, cfg))
-        if deep and "arch" in d:
-            from .models import MODELS
+        if "arch" in d:
+            from .zoo import MODELS
 
             MODELS.get(d["arch"], f"{key}.arch")
-    if deep:
+    if teachers:
         _check_teachers(cfg)
 
 
 def _check_teachers(cfg: dict) -> None:
     """LfD's premise is a teacher of lower capacity than the student: a teacher with more
     parameters than a dataset's final model, wherever a reweighting defense uses it, is an error."""
-    from .models import parameter_count
+    from .zoo import parameter_count
 
+    cache = Path(cfg["data_dir"]) / ".poisongrid-cache"  # the dataset loaders' cache folder
     for fname, d in cfg["defenses"].items():
         if d["remedy"] != "reweight":
             continue
@@ -316,7 +318,7 @@ def _check_teachers(cfg: dict) -> None:
                 continue
             teacher = cfg["defender_models"][mname].get("model", ds["model"])
             size = ds["image_size"] or 32
-            t, s = parameter_count(teacher, 10, size), parameter_count(ds["model"], 10, size)
+            t, s = parameter_count(teacher, 10, size, cache), parameter_count(ds["model"], 10, size, cache)
             if t > s:
                 raise ConfigError(f"defender_models.{mname}.model", teacher,
                                   f"a model no larger than the student '{ds['model']}' of dataset '{dsname}' "

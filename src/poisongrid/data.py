@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image
 
 from .errors import ConfigError, DatasetError
 from .io import atomic_path
@@ -85,6 +84,13 @@ def _check_options(name: str, fn: Callable, options: dict) -> None:
 # ---- helpers --------------------------------------------------------------------------------------
 
 
+def _image():
+    """PIL.Image, imported on first use: loading digits, CIFAR-10 at 32 px or a cache needs no PIL."""
+    from PIL import Image
+
+    return Image
+
+
 def _missing(what: str, path: Path | str, layout: str, how: str) -> DatasetError:
     return DatasetError(
         f"{what} not found: looked for {path}. Expected layout: {layout}. To obtain it: set download: true "
@@ -94,6 +100,8 @@ def _missing(what: str, path: Path | str, layout: str, how: str) -> DatasetError
 
 def _resize_square(img: Image.Image, size: int) -> np.ndarray:
     """Shorter side -> size (PIL bilinear), centre-crop size x size, RGB; returns uint8 (3, size, size)."""
+    from PIL import Image
+
     img = img.convert("RGB")
     w, h = img.size
     if (w, h) != (size, size):
@@ -193,12 +201,35 @@ def _digits(data_dir: Path, image_size: int | None, download: bool, cache_dir: P
             test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:
     """scikit-learn's 8x8 digits (ships with sklearn), values 0..16 -> round(v*255/16), upscaled by
     NEAREST-NEIGHBOUR to image_size (default 32), replicated to 3 channels. The stratified split
-    depends only on test_fraction and split_seed (not the experiment seed), so it is bit-reproducible."""
+    depends only on test_fraction and split_seed (not the experiment seed), so it is bit-reproducible.
+
+    The arrays are cached in cache_dir (a few MB) after the first load: importing scikit-learn
+    takes about a second, ten times what reading them back does, and the light jobs (poison) load
+    digits once per cell. An unwritable cache_dir only means no cache."""
+    _check_digits_options(test_fraction, split_seed)
+    size = image_size or 32
+    cache = cache_dir / f"digits-{size}px-test{float(test_fraction)!r}-split{split_seed}.npz"
+    try:
+        with np.load(cache, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in _DIGITS_ARRAYS}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):  # absent or unreadable: rebuild it
+        arrays = _digits_arrays(size, test_fraction, split_seed)
+        try:
+            with atomic_path(cache) as tmp, open(tmp, "wb") as fh:
+                np.savez(fh, **arrays)
+        except OSError:
+            pass
+    return Dataset("digits", Split(arrays["x_train"], arrays["y_train"]), Split(arrays["x_test"], arrays["y_test"]),
+                   [str(i) for i in range(10)])
+
+
+_DIGITS_ARRAYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def _digits_arrays(size: int, test_fraction: float, split_seed: int) -> dict[str, np.ndarray]:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    _check_digits_options(test_fraction, split_seed)
-    size = image_size or 32
     d = load_digits()
     x = np.rint(d.images * (255 / 16)).clip(0, 255).astype(np.uint8)  # (N, 8, 8)
     src = (np.arange(size) * 8) // size  # nearest source row/column for each output pixel
@@ -207,7 +238,7 @@ def _digits(data_dir: Path, image_size: int | None, download: bool, cache_dir: P
     y = d.target.astype(np.int64)
     tr, te = train_test_split(np.arange(len(y)), test_size=test_fraction, random_state=split_seed, stratify=y)
     tr, te = np.sort(tr), np.sort(te)
-    return Dataset("digits", Split(x[tr], y[tr]), Split(x[te], y[te]), [str(i) for i in range(10)])
+    return {"x_train": x[tr], "y_train": y[tr], "x_test": x[te], "y_test": y[te]}
 
 
 _CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
@@ -274,7 +305,7 @@ def _cifar10(data_dir: Path, image_size: int | None, download: bool, cache_dir: 
         x = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches]).reshape(-1, 3, 32, 32)
         y = np.concatenate([np.asarray(b["labels"], dtype=np.int64) for b in batches])
         if image_size and image_size != 32:
-            x = np.stack([_resize_square(Image.fromarray(im.transpose(1, 2, 0)), image_size) for im in x])
+            x = np.stack([_resize_square(_image().fromarray(im.transpose(1, 2, 0)), image_size) for im in x])
         return Split(np.ascontiguousarray(x), y)
 
     names = _unpickle(folder / "batches.meta")["label_names"]
@@ -459,7 +490,7 @@ def _gray_to_rgb(x: np.ndarray, size: int | None) -> np.ndarray:
             # background, as LeNet-5 did for MNIST; triggers are then added on the same 28 px content.
             x = np.pad(x, ((0, 0), (2, 2), (2, 2)))
         else:
-            return np.stack([_resize_square(Image.fromarray(im), size) for im in x]) if n else np.zeros((0, 3, size, size), np.uint8)
+            return np.stack([_resize_square(_image().fromarray(im), size) for im in x]) if n else np.zeros((0, 3, size, size), np.uint8)
     return np.ascontiguousarray(np.repeat(x[:, None], 3, axis=1))
 
 
@@ -559,7 +590,7 @@ class _ImageFiles:
     def __getitem__(self, i):
         path, label = self.items[i]
         try:
-            with Image.open(path) as im:
+            with _image().open(path) as im:
                 if self.expect is not None and im.size != self.expect:
                     raise ConfigError("image_size", None, f"an integer: images under {path.parents[2]} vary in size "
                                       f"({path} is {im.size[0]}x{im.size[1]}, others {self.expect[0]}x{self.expect[1]})")
@@ -579,7 +610,7 @@ def _folder(data_dir: Path, image_size: int | None, download: bool, cache_dir: P
     size = image_size
     if size is None:
         first = items["train"][0][0]
-        with Image.open(first) as im:
+        with _image().open(first) as im:
             expect = im.size
         if expect[0] != expect[1]:
             raise ConfigError("image_size", None, f"an integer for the folder loader: {first} is {expect[0]}x{expect[1]}, "
@@ -684,7 +715,7 @@ def _npz(data_dir: Path, image_size: int | None, download: bool, cache_dir: Path
     else:
         for s in ("train", "test"):
             if x[s].shape[2:] != (image_size, image_size):
-                x[s] = np.stack([_resize_square(Image.fromarray(im.transpose(1, 2, 0)), image_size) for im in x[s]])
+                x[s] = np.stack([_resize_square(_image().fromarray(im.transpose(1, 2, 0)), image_size) for im in x[s]])
     return Dataset("npz", Split(x["train"], y["train"]), Split(x["test"], y["test"]), classes)
 
 

@@ -6,13 +6,18 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from .errors import ArtifactError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+# pyarrow is imported by the functions that read or write Parquet: config checks and the dataset
+# loaders use this module's atomic writes only.
 
 # Key under which poisongrid stores its own metadata in Parquet files.
 META_KEY = b"poisongrid"
@@ -67,6 +72,8 @@ def read_json(path) -> dict:
 
 def write_table(path, table: pa.Table, kind: str, meta: dict | None = None, **kwargs) -> None:
     """Write a Parquet table tagged with `kind` so a reader can reject foreign files."""
+    import pyarrow.parquet as pq
+
     payload = {"kind": kind, **(meta or {})}
     md = dict(table.schema.metadata or {})
     md[META_KEY] = json.dumps(payload, default=_json_default).encode()
@@ -78,6 +85,9 @@ def write_table(path, table: pa.Table, kind: str, meta: dict | None = None, **kw
 
 def table_meta(path, kind: str) -> tuple[pq.ParquetFile, dict]:
     """Open a Parquet file and check it is a poisongrid `kind` file; return it with its metadata."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     path = Path(path)
     if not path.exists():
         raise ArtifactError(f"{path}: file not found")
@@ -99,6 +109,8 @@ def table_meta(path, kind: str) -> tuple[pq.ParquetFile, dict]:
 
 
 def read_table(path, kind: str, columns: list[str] | None = None, require: tuple[str, ...] = ()) -> tuple[pa.Table, dict]:
+    import pyarrow as pa
+
     pf, meta = table_meta(path, kind)
     missing = [c for c in (*require, *(columns or ())) if c not in pf.schema_arrow.names]
     if missing:
@@ -108,6 +120,39 @@ def read_table(path, kind: str, columns: list[str] | None = None, require: tuple
     except (pa.ArrowInvalid, OSError) as e:
         raise ArtifactError(f"{path}: Parquet data unreadable ({e}); delete it and rerun the stage that makes it") from None
     return table, meta
+
+
+# pyarrow's own conversions (Array.to_numpy, pa.array(ndarray)) import pandas whenever it is
+# installed: 0.2 s on an idle node, more on a busy one, most of a light job's start. These two
+# cross through the arrays' buffers instead, for the columns the light jobs read and write
+# (integers, floats, booleans, no nulls); anything else takes pyarrow's general path.
+
+
+def to_numpy(col) -> np.ndarray:
+    """An Arrow column (Array or ChunkedArray) as a numpy array; a pandas Series works too."""
+    import pyarrow as pa
+
+    if not isinstance(col, (pa.Array, pa.ChunkedArray)):
+        return col.to_numpy()
+    a = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if a.null_count == 0 and pa.types.is_boolean(a.type):
+        bits = np.frombuffer(a.buffers()[1], np.uint8) if len(a) else np.zeros(0, np.uint8)
+        return np.unpackbits(bits, count=a.offset + len(a), bitorder="little")[a.offset:].astype(bool)
+    if a.null_count == 0 and (pa.types.is_integer(a.type) or pa.types.is_floating(a.type)):
+        return np.from_dlpack(a).copy()  # writable, as the general path gives
+    return a.to_numpy(zero_copy_only=False)
+
+
+def from_numpy(x: np.ndarray) -> pa.Array:
+    """A 1-D numeric or boolean numpy array as an Arrow array (a copy)."""
+    import pyarrow as pa
+
+    x = np.ascontiguousarray(x)
+    if x.ndim != 1 or x.dtype.kind not in "biuf":
+        return pa.array(x)
+    if x.dtype == bool:
+        return pa.Array.from_buffers(pa.bool_(), len(x), [None, pa.py_buffer(np.packbits(x, bitorder="little"))])
+    return pa.Array.from_buffers(pa.from_numpy_dtype(x.dtype), len(x), [None, pa.py_buffer(x.copy())])
 
 
 def save_npz(path, **arrays) -> None:

@@ -9,9 +9,7 @@ import torchvision
 from torch import nn
 
 from .costs import SMALL_IMAGE  # the stem threshold (costs.py tabulates each side of it)
-from .registry import Registry
-
-MODELS: Registry = Registry("model")
+from .zoo import MODELS
 
 
 class Normalize(nn.Module):

@@ -15,19 +15,22 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-
-import numpy as np
-import pandas as pd
-import pyarrow as pa
-
-from .attacks import ATTACKS, Attack, build_attack
-from .config import attack_params
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from .data import Dataset
+import numpy as np
+import pyarrow as pa
+
 from .errors import ArtifactError, ConfigError
 from .io import load_npz, read_table, save_npz, write_table
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from .attacks import Attack
+    from .data import Dataset
+
+# pandas and the attack registry are imported where used: the score and plan stages import this
+# module for the manifest's name and columns only.
 
 MANIFEST_KIND = "manifest"
 
@@ -39,6 +42,8 @@ def attack_seed(seed: int, name: str) -> int:
 def draw_target(name: str, cfg: dict, labels: np.ndarray, num_classes: int, seed: int) -> int:
     """The configured `target` class, else a uniformly random one; clean-label attacks redraw
     until the class is large enough."""
+    from .attacks import ATTACKS
+
     rng = np.random.default_rng([seed, zlib.crc32(name.encode()), 1])
     counts = np.bincount(labels, minlength=num_classes)
     need = cfg.get("min_target_count", 0)
@@ -77,18 +82,27 @@ SEP = "+"
 
 def carries(attack_col, name: str) -> np.ndarray:
     """Which rows of a manifest's `attack` column carry attack `name` (alone or with others)."""
+    import pandas as pd
+
     col = pd.Series(attack_col, dtype="string").fillna("")
     return col.str.split(SEP, regex=False).apply(lambda names: name in names).to_numpy(bool)
 
 
 def attack_names(attack_col) -> list[str]:
     """Every attack named in an `attack` column, in order of first appearance."""
+    import pandas as pd
+
     col = pd.Series(attack_col, dtype="string").dropna()
     return list(dict.fromkeys(a for v in col for a in v.split(SEP)))
 
 
 def poison(ds: Dataset, attacks: dict[str, dict], all_attacks: list[str], seed: int,
            artifacts: dict[str, dict] | None = None, overlap: bool = False) -> PoisonedSet:
+    import pandas as pd
+
+    from .attacks import ATTACKS
+    from .config import attack_params
+
     artifacts = artifacts or {}
     labels = ds.train.labels
     n = len(labels)
@@ -147,6 +161,9 @@ def _replace(index: np.ndarray, images: np.ndarray, rows: np.ndarray, new: np.nd
 
 
 def _build(name: str, cfg: dict, shape, seed: int, artifacts: dict) -> Attack:
+    from .attacks import ATTACKS, build_attack
+    from .config import attack_params
+
     if ATTACKS.get(name).learns() and name not in artifacts:
         raise ConfigError(f"attacks.{name}", "no trigger file", "the file `poisongrid trigger` makes for it (--trigger)")
     return build_attack(name, shape, attack_seed(seed, name), attack_params(cfg), artifacts.get(name))
@@ -187,33 +204,33 @@ BONA_FIDE_KIND = "bona_fide"
 
 
 def read_manifest(path, bona_fide_path=None, columns=None) -> tuple[pd.DataFrame, dict]:
-    """The manifest (all columns, or `columns`), with the `bona_fide` mask joined from its own file
-    when one is given."""
-    table, meta = read_table(path, MANIFEST_KIND, require=MANIFEST_COLUMNS, columns=columns)
-    man = table.to_pandas()
-    if bona_fide_path is not None:
-        man["bona_fide"] = read_bona_fide(bona_fide_path, man["index"].to_numpy(), meta)
-    return man, meta
+    """The manifest (all columns, or `columns`) as a DataFrame, with the `bona_fide` mask joined
+    from its own file when one is given."""
+    table, meta = manifest_table(path, ground_truth=True, bona_fide_path=bona_fide_path, columns=columns)
+    return table.to_pandas(), meta
 
 
 def write_bona_fide(path, index: np.ndarray, mask: np.ndarray, meta: dict) -> None:
-    write_table(path, pa.table({"index": np.asarray(index, dtype=np.int64), "bona_fide": np.asarray(mask, dtype=bool)}),
-                BONA_FIDE_KIND, meta)
+    from .io import from_numpy
+
+    write_table(path, pa.table({"index": from_numpy(np.asarray(index, dtype=np.int64)),
+                                "bona_fide": from_numpy(np.asarray(mask, dtype=bool))}), BONA_FIDE_KIND, meta)
 
 
 def read_bona_fide(path, index: np.ndarray, manifest_meta: dict) -> np.ndarray:
     """The bona fide mask aligned to the manifest's `index`, checked to be drawn from that manifest."""
     from . import provenance
+    from .io import to_numpy
 
     table, meta = read_table(path, BONA_FIDE_KIND, require=("index", "bona_fide"))
     provenance.same_cell(path, meta, provenance.of(manifest_meta, "the manifest"))
     if meta.get("manifest_n") != len(index) or meta.get("manifest_fingerprint") != manifest_fingerprint(manifest_meta):
         raise ArtifactError(f"{path}: drawn from another poisoned set than this manifest; delete it and rerun the bonafide stage")
-    got = table.column("index").to_numpy()
+    got = to_numpy(table.column("index"))
     if len(got) != len(index) or not np.array_equal(np.sort(got), np.sort(index)):
         raise ArtifactError(f"{path}: covers other examples than the manifest; delete it and rerun the bonafide stage")
     mask = np.zeros(int(index.max()) + 1 if len(index) else 0, dtype=bool)
-    mask[got] = table.column("bona_fide").to_numpy(zero_copy_only=False)
+    mask[got] = to_numpy(table.column("bona_fide"))
     return mask[index]
 
 
@@ -224,6 +241,26 @@ def manifest_fingerprint(meta: dict) -> str:
 
     keys = {k: meta.get(k) for k in ("cell", "attacks", "n_train", "dataset", "seed")}
     return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# What a defense may read: never the ground truth. `bona_fide` comes from the bona fide file.
+DEFENDER_COLUMNS = ["index", "label", "bona_fide"]
+
+
+def manifest_table(path, ground_truth: bool = False, bona_fide_path=None, columns=None) -> tuple[pa.Table, dict]:
+    """The manifest as an Arrow table (no pandas: the light jobs read it), the defender's columns
+    only unless `ground_truth` (or the given `columns`), with `bona_fide` appended from its file
+    when one is given."""
+    from .io import from_numpy, to_numpy
+
+    if ground_truth:
+        table, meta = read_table(path, MANIFEST_KIND, require=MANIFEST_COLUMNS, columns=columns)
+    else:
+        table, meta = read_table(path, MANIFEST_KIND, columns=DEFENDER_COLUMNS[:2])
+    if bona_fide_path is not None:
+        mask = read_bona_fide(bona_fide_path, to_numpy(table.column("index")), meta)
+        table = table.append_column("bona_fide", from_numpy(mask))
+    return table, meta
 
 
 class TrainingImages:
@@ -275,6 +312,8 @@ def training_images(ds: Dataset, images_path, manifest: pd.DataFrame) -> Trainin
 def test_attacks(meta: dict, shape, artifacts: dict[str, dict]) -> dict[str, tuple[Attack, int]]:
     """Rebuild each attack of a manifest (same seed and params, and what it learned) with its
     target; `apply` gives its test-time trigger."""
+    from .attacks import build_attack
+
     out = {}
     for name, info in meta["attacks"].items():
         out[name] = (build_attack(name, shape, info["seed"], dict(info["params"]), artifacts.get(name)), int(info["target"]))

@@ -38,8 +38,16 @@ class Registry(Generic[T]):
         except (KeyError, TypeError):
             raise ConfigError(key or self.kind, name, f"one of {self.names()}") from None
 
+    def check(self, name: str, key: str | None = None) -> None:
+        """Raise the error `get` would for an unknown name, without importing a lazy entry's module."""
+        if name not in self:
+            raise ConfigError(key or self.kind, name, f"one of {self.names()}")
+
     def names(self) -> list[str]:
         return sorted({*self._items, *self._lazy})
 
     def __contains__(self, name: object) -> bool:
-        return name in self._items or name in self._lazy
+        try:
+            return name in self._items or name in self._lazy
+        except TypeError:  # an unhashable value from a config (a list, a mapping) names nothing
+            return False

@@ -1,25 +1,27 @@
 """One pure function per stage: files in, files out. The CLI and the Snakemake rules are thin
-wrappers around these. torch and scikit-learn are imported inside the stages that use them, so
-the light stages (poison, score, filter) start in a fraction of a second."""
+wrappers around these. torch, scikit-learn, pandas, the dataset loaders and the attack, detector
+and remedy registries are imported inside the stages that use them, so the light jobs (poison,
+the score of a trajectory detector, plan) start in a fraction of a second without torch
+(tests/test_light_stages.py, benchmarks/light_stages.py)."""
 from __future__ import annotations
 
 import platform
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 
-from . import __version__, paths, poisoning, provenance, trajectories
-from .attacks import ATTACKS
-from .data import Dataset, load_dataset
-from .detectors import DETECTORS, defender_manifest, read_scores
+from . import __version__, paths, provenance, trajectories
 from .errors import ArtifactError
-from .io import fingerprint, load_npz, read_table, save_npz, table_meta, write_json, write_table
-from .remedies import REMEDIES
+from .io import fingerprint, from_numpy, load_npz, read_table, save_npz, table_meta, to_numpy, write_json, write_table
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from .data import Dataset
 
 Log = Callable[[str], None]
 
@@ -29,6 +31,8 @@ def _quiet(msg: str) -> None:
 
 
 def get_dataset(spec: dict) -> Dataset:
+    from .data import load_dataset
+
     d = spec["dataset"]
     return load_dataset(d["loader"], data_dir=d["data_dir"], image_size=d["image_size"], download=d["download"], **d["options"])
 
@@ -48,6 +52,8 @@ def trigger(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
     """Run one attack's learning step (a Narcissus trigger, a generator, adversarial
     perturbations, ...) for this dataset and seed, from the clean data and the attack's own
     settings only, and save what it made with its provenance."""
+    from . import poisoning
+    from .attacks import ATTACKS
     from .attacks.base import LearnJob
     from .training import setup_runtime
 
@@ -76,6 +82,8 @@ def trigger(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
 
 
 def poison(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
+    from . import poisoning
+
     ds = get_dataset(spec)
     trigger_paths = paths.trigger_inputs(inp)
     trig = _artifacts(trigger_paths)
@@ -104,13 +112,19 @@ def poison(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
 def bonafide(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
     """Draw the examples the defender knows to be clean, among those no attack touched. Its own
     artifact: changing `bona_fide` reruns this and what reads it, never poisoning or pretraining."""
-    man, mmeta = _manifest(spec, inp["manifest"])
+    import pyarrow.compute as pc
+
+    from . import poisoning
+
+    man, mmeta = poisoning.manifest_table(inp["manifest"], ground_truth=True)
+    provenance.check(inp["manifest"], mmeta, dataset=(spec.get("dataset") or {}).get("name"), seed=spec.get("seed"))
     cfg = spec["bona_fide"]
-    mask = poisoning.draw_bona_fide(man["attack"].isna().to_numpy(), man["orig_label"].to_numpy(),
+    index = to_numpy(man["index"])
+    mask = poisoning.draw_bona_fide(to_numpy(pc.is_null(man["attack"])), to_numpy(man["orig_label"]),
                                     int(mmeta["num_classes"]), spec["seed"], cfg)
     meta = {"cell": provenance.of(mmeta, inp["manifest"]), "n_clean": int(mask.sum()), "settings": cfg,
-            "manifest_n": len(man), "manifest_fingerprint": poisoning.manifest_fingerprint(mmeta)}
-    poisoning.write_bona_fide(out["out"], man["index"].to_numpy(), mask, meta)
+            "manifest_n": len(index), "manifest_fingerprint": poisoning.manifest_fingerprint(mmeta)}
+    poisoning.write_bona_fide(out["out"], index, mask, meta)
     log(f"bona fide: {meta['n_clean']} examples" + (" (stratified)" if cfg.get("stratified") else ""))
     return meta
 
@@ -118,6 +132,9 @@ def bonafide(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
 def _manifest(spec: dict, manifest_path, ground_truth: bool = True, bona_fide_path=None):
     """The cell's manifest (the defender's columns only unless ground_truth; with the bona fide
     mask when its file is given), checked against the dataset and seed of the job reading it."""
+    from . import poisoning
+    from .detectors.base import defender_manifest
+
     if ground_truth:
         man, meta = poisoning.read_manifest(manifest_path, bona_fide_path)
     else:
@@ -127,6 +144,8 @@ def _manifest(spec: dict, manifest_path, ground_truth: bool = True, bona_fide_pa
 
 
 def _poisoned_training_set(spec: dict, manifest_path, images_path, bona_fide_path=None):
+    from . import poisoning
+
     ds = get_dataset(spec)
     man, meta = _manifest(spec, manifest_path, bona_fide_path=bona_fide_path)
     return ds, man, meta, poisoning.training_images(ds, images_path, man)
@@ -200,7 +219,8 @@ SCORE_CONTEXT_KEYS = ("type", "detector", "model", "dataset", "seed", "runtime",
 
 
 def score(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
-    from .detectors import Context
+    from . import poisoning
+    from .detectors import DETECTORS, Context
 
     det_cls = DETECTORS.get(spec["type"], "detector type")
     params = {k: v for k, v in spec.items() if k not in SCORE_CONTEXT_KEYS}
@@ -231,24 +251,31 @@ PLAN_KIND = "plan"
 
 def plan(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
     """Per-example weights of a defense: 1 train as usual, 0 drop, < 0 gradient ascent."""
+    from .detectors.base import SCORES_KIND
+    from .poisoning import manifest_table
+    from .remedies import REMEDIES
+
     cls = REMEDIES.get(spec["remedy"], "remedy")
     remedy = cls(**{k: v for k, v in spec.items() if k in cls.params})
-    man, mmeta = _manifest({}, inp["manifest"], ground_truth=cls.ground_truth, bona_fide_path=inp["bona_fide"])
+    # Arrow columns, not a DataFrame: a plan job never imports pandas (io.to_numpy).
+    man, mmeta = manifest_table(inp["manifest"], ground_truth=cls.ground_truth, bona_fide_path=inp["bona_fide"])
     ref = provenance.of(mmeta, inp["manifest"])
     n = len(man)
+    index = to_numpy(man["index"])
     sc, smeta = np.full(n, np.nan), {}
     if "scores" in inp:
-        sdf, smeta = read_scores(inp["scores"])
+        st, smeta = read_table(inp["scores"], SCORES_KIND, require=("index", "score"))
         provenance.same_cell(inp["scores"], smeta, ref, detector=spec.get("detector"))
-        if len(sdf) != n or not np.array_equal(np.sort(sdf["index"].to_numpy()), man["index"].to_numpy()):
-            raise ArtifactError(f"{inp['scores']}: scores cover {len(sdf)} examples, the manifest {n}; rerun the score stage")
-        sc = sdf.sort_values("index")["score"].to_numpy()
+        sidx = to_numpy(st["index"])
+        if len(sidx) != n or not np.array_equal(np.sort(sidx), index):
+            raise ArtifactError(f"{inp['scores']}: scores cover {len(sidx)} examples, the manifest {n}; rerun the score stage")
+        sc = to_numpy(st["score"])[np.argsort(sidx, kind="stable")]
     w = remedy.weights(sc, man, smeta).astype(np.float32)
     cell = provenance.of_role(ref, defense=spec["defense"])
     meta = {"cell": cell, "defense": spec["defense"], "remedy": spec["remedy"], "params": remedy.p, "n_train": n,
             "n_removed": int((w == 0).sum()), "n_ascent": int((w < 0).sum()), "weight_min": float(w.min()),
             "weight_max": float(w.max()), **remedy.plan_meta()}
-    write_table(out["out"], pa.table({"index": man["index"].to_numpy(), "score": sc, "weight": w}), PLAN_KIND, meta)
+    write_table(out["out"], pa.table({"index": from_numpy(index), "score": from_numpy(sc), "weight": from_numpy(w)}), PLAN_KIND, meta)
     log(f"plan {spec['defense']}: {meta['n_removed']} dropped, {meta['n_ascent']} ascended of {n}")
     return meta
 
@@ -267,7 +294,7 @@ def read_plan(path, n: int) -> tuple[pd.DataFrame, dict]:
 def train(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
     """The final model: the defense's remedy trains it from the plan (by default from scratch on
     the weighted loss, weight-0 examples dropped)."""
-    from .remedies import FinalTraining
+    from .remedies import REMEDIES, FinalTraining
     from .training import is_main, load_model, processes, remove_checkpoint, save_model, setup_runtime
 
     device = setup_runtime(spec["runtime"])
@@ -334,6 +361,10 @@ def attack_success(model, attacks: dict, test_x: np.ndarray, test_y: np.ndarray,
 def detection_quality(man: pd.DataFrame, scores: np.ndarray, flagged: np.ndarray) -> dict | None:
     """AUROC of the scores (overall and per attack); recall and precision of the flagged set (the
     examples the plan gives weight <= 0)."""
+    import pandas as pd
+
+    from . import poisoning
+
     if np.isnan(scores).all():
         return None
     poisoned = man["attack"].notna().to_numpy()
@@ -360,6 +391,7 @@ def _auroc(scores, pos, neg) -> float | None:
 
 
 def evaluate(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
+    from . import poisoning
     from .training import load_model, predict, setup_runtime
 
     t0 = time.perf_counter()
@@ -384,6 +416,8 @@ def evaluate(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
     wall = {"train": mmeta["wall_time_s"]}
     smeta: dict = {}
     if "scores" in inp:
+        from .detectors import read_scores
+
         smeta = read_scores(inp["scores"])[1]
         provenance.same_cell(inp["scores"], smeta, ref, detector=d.get("detector"))
         wall["score"] = smeta.get("wall_time_s")

@@ -15,10 +15,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .models import build_model
-from .registry import Registry
-
-AUGMENTS: Registry = Registry("augment")
-OPTIMIZERS: Registry = Registry("optimizer")
+from .zoo import AUGMENTS, OPTIMIZERS
 
 
 @OPTIMIZERS.register("adamw")

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 
 from .errors import ArtifactError
-from .io import read_table, table_meta, write_table
+from .io import read_table, table_meta, to_numpy, write_table
 
 KIND = "trajectories"
 
@@ -51,7 +51,7 @@ def read(path, only_accepted: bool = True) -> tuple[np.ndarray, np.ndarray, dict
     _, md = table_meta(path, KIND)
     cols = _columns(md, only_accepted)
     table, md = read_table(path, KIND, columns=["index", *cols])
-    return table.column("index").to_numpy(), _matrix(table, cols), md
+    return to_numpy(table.column("index")), _matrix(table, cols), md
 
 
 def iter_batches(path, batch_rows: int = 1 << 18, only_accepted: bool = True,
@@ -62,7 +62,7 @@ def iter_batches(path, batch_rows: int = 1 << 18, only_accepted: bool = True,
     cols = [column(e) for e in epochs] if epochs is not None else _columns(md, only_accepted)
     try:
         for b in pf.iter_batches(batch_size=batch_rows, columns=["index", *cols]):
-            yield b.column("index").to_numpy(), _matrix(b, cols)
+            yield to_numpy(b.column("index")), _matrix(b, cols)
     except (pa.ArrowInvalid, OSError) as e:
         raise ArtifactError(f"{path}: Parquet data unreadable ({e}); delete it and rerun pretrain") from None
 
@@ -73,5 +73,5 @@ def _columns(md: dict, only_accepted: bool) -> list[str]:
 
 
 def _matrix(table, cols: list[str]) -> np.ndarray:
-    return np.stack([table.column(c).to_numpy() for c in cols], axis=1).astype(np.float32, copy=False) if cols \
+    return np.stack([to_numpy(table.column(c)) for c in cols], axis=1).astype(np.float32, copy=False) if cols \
         else np.zeros((table.num_rows, 0), dtype=np.float32)

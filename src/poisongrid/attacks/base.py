@@ -107,9 +107,9 @@ class Attack:
         if "pool_fraction" in s and s["pool_fraction"] > 1:
             raise ConfigError(f"{key}.pool_fraction", s["pool_fraction"], "a number in (0, 1]")
         if deep and isinstance(s.get("model"), str):
-            from ..models import MODELS
+            from ..zoo import MODELS
 
-            MODELS.get(s["model"], f"{key}.model")
+            MODELS.check(s["model"], f"{key}.model")
         return s
 
     @classmethod

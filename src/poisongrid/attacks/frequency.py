@@ -1,8 +1,9 @@
 """FTrojan frequency-domain trigger (Wang et al. 2021), as configured in BaDLoss."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
-from scipy.fft import idctn
 
 from ..errors import ConfigError
 from .base import ATTACKS, Attack
@@ -45,7 +46,7 @@ class Frequency(Attack):
         c, h, w = self.image_shape
         if c != 3:
             raise ConfigError(self._key("image_shape"), self.image_shape, "3 (RGB) channels")
-        mag = self._number("magnitude", 0.0, lo_open=False)  # 0 allowed: a no-op, useful as a check
+        self._number("magnitude", 0.0, lo_open=False)  # 0 allowed: a no-op, useful as a check
         if self.params["block"] is None:
             self.params["block"] = min(32, h, w)
         b = self._int("block", 1, min(h, w))
@@ -61,15 +62,24 @@ class Frequency(Attack):
             raise ConfigError(self._key("positions"), self.params["positions"],
                               f"a non-empty list of [row, col] pairs within the {b}x{b} block")
         self.params["positions"] = [list(p) for p in pos]
+
+    @functools.cached_property
+    def delta(self) -> np.ndarray:
+        """The additive RGB trigger (float32 C x H x W). Made on first use, so a config check that
+        builds the attack to validate its parameters never imports scipy."""
+        from scipy.fft import idctn
+
+        _, h, w = self.image_shape
+        b = int(self.params["block"])
         coef = np.zeros((b, b))
-        for r, q in pos:
-            coef[r, q] += mag
+        for r, q in self.params["positions"]:
+            coef[r, q] += float(self.params["magnitude"])
         tile = idctn(coef, norm="ortho")  # the chroma change of one tile
         chroma = np.zeros((h, w))
         nh, nw = h // b, w // b
         chroma[:nh * b, :nw * b] = np.tile(tile, (nh, nw))
         ycrcb = np.stack([np.zeros((h, w)), chroma, chroma])  # Y untouched, Cr and Cb both
-        self.delta = np.einsum("ij,jhw->ihw", YCRCB2RGB, ycrcb).astype(np.float32)
+        return np.einsum("ij,jhw->ihw", YCRCB2RGB, ycrcb).astype(np.float32)
 
     def _apply(self, x: np.ndarray, boost: bool) -> np.ndarray:
         return x + (2 * self.delta if boost else self.delta)

@@ -5,6 +5,7 @@ import numpy as np
 
 from .. import trajectories
 from ..errors import ConfigError
+from ..io import to_numpy
 from .base import DETECTORS, Detector, ScoreWriter, _manifest_and_trajectories, _model_meta, knn_log_distance
 
 
@@ -39,7 +40,7 @@ class BaDLoss(Detector):
 
     def score(self, paths: dict, out_path) -> dict:
         man, tmeta = _manifest_and_trajectories(paths)
-        bona = set(man["index"][man["bona_fide"]].tolist())
+        bona = set(to_numpy(man["index"])[to_numpy(man["bona_fide"])].tolist())
         k = int(self.p["k"])
         if k > len(bona):
             raise ConfigError("k", k, f"at most the number of bona fide examples ({len(bona)})")

@@ -8,17 +8,15 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import ClassVar
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from .. import trajectories
 from ..errors import ArtifactError, ConfigError
-from ..io import META_KEY, atomic_path, read_table
+from ..io import META_KEY, atomic_path, from_numpy, read_table
+from ..poisoning import DEFENDER_COLUMNS, manifest_table
 from ..registry import Registry
 
 DETECTORS: Registry = Registry("detector type")
 SCORES_KIND = "scores"
-DEFENDER_COLUMNS = ["index", "label", "bona_fide"]
 
 
 class Detector:
@@ -196,14 +194,10 @@ class Context:
 
 
 def defender_manifest(path, bona_fide_path=None):
-    """The manifest as the defender sees it: `index`, `label` and, from the bona fide file, `bona_fide`."""
-    from ..poisoning import read_bona_fide
-
-    table, meta = read_table(path, "manifest", columns=DEFENDER_COLUMNS[:2])
-    man = table.to_pandas()
-    if bona_fide_path is not None:
-        man["bona_fide"] = read_bona_fide(bona_fide_path, man["index"].to_numpy(), meta)
-    return man, meta
+    """The manifest as the defender sees it (a DataFrame): `index`, `label` and, from the bona fide
+    file, `bona_fide`."""
+    table, meta = manifest_table(path, bona_fide_path=bona_fide_path)
+    return table.to_pandas(), meta
 
 
 def knn_log_distance(x: np.ndarray, ref: np.ndarray, k: int, eps: float = 1e-8, chunk: int = 1024,
@@ -272,18 +266,25 @@ class ScoreWriter:
     metadata goes into the footer at close, with the wall time the detector took."""
 
     def __init__(self, path, meta: dict):
+        import pyarrow as pa
+
         self.meta = meta
         self.schema = pa.schema([("index", pa.int64()), ("score", pa.float64())])
         self._ctx = atomic_path(path)
         self._t0 = time.perf_counter()
 
     def __enter__(self):
+        import pyarrow.parquet as pq
+
         self._tmp = self._ctx.__enter__()
         self._w = pq.ParquetWriter(self._tmp, self.schema, compression="zstd")
         return self
 
     def write(self, index: np.ndarray, score: np.ndarray) -> None:
-        self._w.write_table(pa.table({"index": index.astype(np.int64), "score": score.astype(np.float64)}, schema=self.schema))
+        import pyarrow as pa
+
+        self._w.write_table(pa.table({"index": from_numpy(index.astype(np.int64)), "score": from_numpy(score.astype(np.float64))},
+                                     schema=self.schema))
 
     def __exit__(self, *exc):
         import json
@@ -315,7 +316,8 @@ def _manifest_and_trajectories(paths: dict) -> tuple:
     row per example (its own row count, not only what its metadata claims)."""
     from ..io import table_meta
 
-    man, _ = defender_manifest(paths["manifest"], paths.get("bona_fide"))
+    # Arrow columns: a trajectory detector's job never imports pandas.
+    man, _ = manifest_table(paths["manifest"], bona_fide_path=paths.get("bona_fide"))
     pf, tmeta = table_meta(paths["trajectories"], trajectories.KIND)
     n, rows = len(man), pf.metadata.num_rows
     if tmeta.get("n_examples") != n or rows != n:

@@ -121,6 +121,8 @@ class Remedy:
         return {**cls.params, **{k: v for k, v in d.items() if k in cls.params}}
 
     def weights(self, scores: np.ndarray, manifest, score_meta: dict) -> np.ndarray:
+        """One weight per manifest row. `manifest`: an Arrow table from the plan stage, or a pandas
+        DataFrame: read it with `len(manifest)` and `io.to_numpy(manifest[column])`."""
         raise NotImplementedError
 
     def plan_meta(self) -> dict:

@@ -2,136 +2,9 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.nn.utils.parametrizations import spectral_norm
 
 from ..errors import ConfigError
 from .base import REMEDIES, FinalTraining, Remedy, _number
-
-CRITIC_DROPOUT = 0.2  # the original's DisenEstimator(d, d, dropout=0.2)
-
-
-def cbd_weights(loss_b: torch.Tensor, loss_c: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """CBD's per-example weights of one batch: w = l_B / (l_B + l_C + eps), scaled to mean 1.
-
-    An example the backdoored model fits far better than the clean one (low l_B, the backdoor
-    path) gets a small weight. A batch whose weights are all 0 (l_B == 0 everywhere) is weighted
-    uniformly rather than divided by zero."""
-    w = (loss_b / (loss_b + loss_c + eps)).detach()
-    total = w.sum()
-    return w * (len(w) / total) if total > 0 else torch.ones_like(w)
-
-
-class MICritic(nn.Module):
-    """CBD's mutual-information critic: a 2-layer MLP (leaky ReLU, dropout) on the concatenated
-    features [r, z], Lipschitz-bounded by spectral normalisation. Its estimate is the mean score
-    of the joint pairs (r_i, z_i) minus that of the product of the marginals (r_i, z_{i+1}), a
-    Wasserstein-style dependence measure: the critic maximises it, the clean model minimises it."""
-
-    def __init__(self, dim_r: int, dim_z: int, hidden: int, dropout: float = CRITIC_DROPOUT):
-        super().__init__()
-        self.drop = nn.Dropout(dropout)
-        self.fc1 = spectral_norm(nn.Linear(dim_r + dim_z, hidden))
-        self.fc2 = spectral_norm(nn.Linear(hidden, 1))
-
-    def score(self, r: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        h = F.leaky_relu(self.fc1(self.drop(torch.cat([r, z], 1))))
-        return self.fc2(self.drop(h)).squeeze(-1)
-
-    def forward(self, r: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return self.score(r, z).mean() - self.score(r, z.roll(-1, 0)).mean()
-
-
-def _grab_input(store: dict, key: str):
-    def hook(module, inp, out):
-        store[key] = inp[0]
-    return hook
-
-
-class CBDObjective:
-    """The clean model's batch loss under CBD, with the frozen backdoored model B and the critic
-    it trains alongside. Passed to fit as step_loss, its epoch_start attaches the feature hook to
-    the clean model (and builds the critic) and sets the critic's step schedule."""
-
-    def __init__(self, backdoored: nn.Module, n: int, p: dict, training: dict, device: torch.device, seed: int, log=None):
-        from ..models import penultimate_module
-
-        self.p, self.device, self.seed, self.log = p, device, seed, log
-        self.clamp = float(training.get("loss_clamp", 100.0))
-        self.amp = device.type == "cuda" and training.get("precision", "bf16") == "bf16"
-        self.b = backdoored.eval()
-        for q in self.b.parameters():
-            q.requires_grad_(False)
-        self.feats: dict = {}
-        self.hooks = [penultimate_module(self.b).register_forward_hook(_grab_input(self.feats, "r"))]
-        self.dim_r = penultimate_module(self.b).in_features
-        self.model = None
-        self.critic: MICritic | None = None
-        self.opt: torch.optim.Optimizer | None = None
-        # Each example's weights summed over the epochs (for inspection: CBD's implicit detection).
-        self.weight_sum = torch.zeros(n, device=device)
-        self.weight_count = torch.zeros(n, device=device)
-        self._mi_sum, self._batches = 0.0, 0
-
-    def epoch_start(self, epoch: int, model: nn.Module) -> None:
-        from ..models import penultimate_module
-
-        if model is not self.model:
-            # First epoch of this run (also after a resume: the critic starts afresh then).
-            self.model = model
-            self.hooks.append(penultimate_module(model).register_forward_hook(_grab_input(self.feats, "z")))
-            dim_z = penultimate_module(model).in_features
-            hidden = int(self.p["critic_hidden"]) or dim_z
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed + 7919)
-                self.critic = MICritic(self.dim_r, dim_z, hidden).to(self.device)
-            self.opt = torch.optim.Adam(self.critic.parameters(), lr=float(self.p["critic_lr"]))
-        elif self.log and self._batches:
-            self.log(f"cbd: epoch {epoch} mean MI estimate {self._mi_sum / self._batches:.4g}")
-        for g in self.opt.param_groups:
-            g["lr"] = float(self.p["critic_lr"]) * 0.1 ** (epoch // int(self.p["critic_step_epochs"]))
-        self.critic.train()
-        self._mi_sum, self._batches = 0.0, 0
-
-    def backdoored_pass(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """B's per-example loss and penultimate features on the batch (no gradient)."""
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            logits = self.b(x)
-        return F.cross_entropy(logits.float(), y, reduction="none"), self.feats.pop("r").float()
-
-    def critic_step(self, r: torch.Tensor, z: torch.Tensor) -> None:
-        self.opt.zero_grad(set_to_none=True)
-        (-self.critic(r, z)).backward()
-        self.opt.step()
-
-    def __call__(self, model, x, y, per_example_ce, idx) -> torch.Tensor:
-        z = self.feats.pop("z", None)
-        if z is None or z.shape[0] != len(y):
-            raise RuntimeError("CBD: the clean model's features of this batch were not captured (epoch_start not called)")
-        z = z.float()
-        loss_b, r = self.backdoored_pass(x, y)
-        w = cbd_weights(loss_b, per_example_ce.detach())
-        i = idx.to(self.device)
-        self.weight_sum[i] += w
-        self.weight_count[i] += 1
-        # The critic takes its step on this batch first, then the clean model minimises its estimate.
-        self.critic_step(r, z.detach())
-        mi = self.critic(r, z)
-        self._mi_sum += float(mi.detach())
-        self._batches += 1
-        ce = (w * per_example_ce.clamp(max=self.clamp)).mean()
-        return ce + float(self.p["mi_weight"]) * mi
-
-    def mean_weight(self) -> np.ndarray:
-        """Each example's weight averaged over the epochs it was trained in this run."""
-        return (self.weight_sum / self.weight_count.clamp(min=1)).cpu().numpy()
-
-    def close(self) -> None:
-        for h in self.hooks:
-            h.remove()
-        self.hooks = []
 
 
 @REMEDIES.register("cbd")
@@ -186,6 +59,8 @@ class CBD(Remedy):
         return {"cbd": {k: self.p[k] for k in self.params}}
 
     def train(self, job: FinalTraining):
+        from .cbd_objective import CBDObjective
+
         self.objective = CBDObjective(job.model(), len(job.labels), self.p, job.training, job.device, job.seed, job.log)
         try:
             return job.fit(job.images, job.labels, phase="cbd", step_loss=self.objective,

@@ -4,37 +4,48 @@ from __future__ import annotations
 
 import math
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-from torch import nn
-from torch.nn.utils import prune
 
 from ..errors import ConfigError
+from ..io import to_numpy
 from .base import REMEDIES, Remedy, _number
 
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
-@torch.no_grad()
+# torch is imported by the functions that prune and train: a fine-pruning plan job needs none of it.
+
+
 def channel_activation(model: nn.Module, images, device: torch.device, image_size: int) -> np.ndarray:
     """Mean activation of each channel of the last conv feature map over `images` (eval mode, no
     augmentation): the map as the head reads it (post-activation, pooled), averaged over examples
     and positions."""
+    import torch
+
     from ..models import conv_head
     from ..training import predict
 
     head, c, k = conv_head(model, image_size)
     grabbed: list[torch.Tensor] = []
     hook = head.register_forward_hook(lambda m, inp, out: grabbed.append(inp[0].float().cpu()))
-    try:
-        predict(model, images, device)
-    finally:
-        hook.remove()
-    return torch.cat(grabbed).view(-1, c, k).mean((0, 2)).double().numpy()
+    with torch.no_grad():
+        try:
+            predict(model, images, device)
+        finally:
+            hook.remove()
+        return torch.cat(grabbed).view(-1, c, k).mean((0, 2)).double().numpy()
 
 
 def mask_channels(model: nn.Module, channels, image_size: int) -> None:
     """Prune `channels` of the last conv feature map: a fixed zero mask on the head's input columns
     of those channels (torch.nn.utils.prune, so training cannot revive them and deep copies keep
     the mask). Cumulative with any mask already there."""
+    import torch
+    from torch.nn.utils import prune
+
     from ..models import conv_head
 
     head, c, k = conv_head(model, image_size)
@@ -48,6 +59,8 @@ def mask_channels(model: nn.Module, channels, image_size: int) -> None:
 
 def make_permanent(model: nn.Module, image_size: int) -> None:
     """Fold the prune mask into the weight (zeros stay zeros; a plain state dict again)."""
+    from torch.nn.utils import prune
+
     from ..models import conv_head
 
     head = conv_head(model, image_size)[0]
@@ -140,7 +153,7 @@ class FinePrune(Remedy):
         return p
 
     def weights(self, scores, manifest, score_meta) -> np.ndarray:
-        return manifest["bona_fide"].to_numpy().astype(np.float32)
+        return to_numpy(manifest["bona_fide"]).astype(np.float32)
 
     def prune(self, job) -> nn.Module:
         """The attacked model with its most dormant channels pruned (a prune mask on the head)."""

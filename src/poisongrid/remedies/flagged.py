@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..io import to_numpy
 from .base import REMEDIES, Remedy, _number
 
 
@@ -25,5 +26,5 @@ class RemoveFlagged(Remedy):
         return p
 
     def weights(self, scores, manifest, score_meta) -> np.ndarray:
-        drop = (np.asarray(scores) > self.p["threshold"]) & ~manifest["bona_fide"].to_numpy()
+        drop = (np.asarray(scores) > self.p["threshold"]) & ~to_numpy(manifest["bona_fide"])
         return (~drop).astype(np.float32)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..io import to_numpy
 from .base import REMEDIES, Remedy, _number, select_removed
 
 
@@ -65,7 +66,7 @@ class PSSUnlearn(Remedy):
         return p
 
     def weights(self, scores, manifest, score_meta) -> np.ndarray:
-        return pss_partition(scores, manifest["bona_fide"].to_numpy(), self.p["r_poison"], self.p["r_clean"])
+        return pss_partition(scores, to_numpy(manifest["bona_fide"]), self.p["r_poison"], self.p["r_clean"])
 
     def plan_meta(self) -> dict:
         return {"ascent_clamp": float(self.p["ascent_clamp"])}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ConfigError
+from ..io import to_numpy
 from .base import REMEDIES, Remedy, _number, select_removed
 
 
@@ -37,7 +38,7 @@ class Remove(Remedy):
         return p
 
     def weights(self, scores, manifest, score_meta) -> np.ndarray:
-        removed = select_removed(scores, manifest["bona_fide"].to_numpy(), self.p["r_reject"])
+        removed = select_removed(scores, to_numpy(manifest["bona_fide"]), self.p["r_reject"])
         return (~removed).astype(np.float32)
 
 
@@ -48,7 +49,9 @@ class Oracle(Remedy):
     ground_truth = True
 
     def weights(self, scores, manifest, score_meta) -> np.ndarray:
-        return manifest["attack"].isna().to_numpy().astype(np.float32)
+        attack = manifest["attack"]
+        clean = attack.is_null() if hasattr(attack, "is_null") else attack.isna()  # an Arrow table or a DataFrame
+        return to_numpy(clean).astype(np.float32)
 
 
 def lfd_weights(loss: np.ndarray, alpha: float, beta: float, mode: str = "weighted") -> np.ndarray:

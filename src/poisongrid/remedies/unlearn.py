@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ConfigError
+from ..io import to_numpy
 from .base import REMEDIES, FinalTraining, Remedy, _number, select_removed
 
 
@@ -55,12 +56,12 @@ class Unlearn(Remedy):
             _positive(f"{key}.{k}", p[k], integer=True)
         for k in ("unlearn_lr", "ascent_clamp") + (("finetune_lr",) if p["finetune_lr"] is not None else ()):
             _positive(f"{key}.{k}", p[k], integer=False)
-        from ..training import OPTIMIZERS
+        from ..zoo import OPTIMIZERS
 
         if p["unlearn_optimizer"] is not None:
             if not isinstance(p["unlearn_optimizer"], str):
                 raise ConfigError(f"{key}.unlearn_optimizer", p["unlearn_optimizer"], f"one of {OPTIMIZERS.names()} or null")
-            OPTIMIZERS.get(p["unlearn_optimizer"], f"{key}.unlearn_optimizer")
+            OPTIMIZERS.check(p["unlearn_optimizer"], f"{key}.unlearn_optimizer")
         arch = cfg["defender_models"][p["model"]].get("model")
         for dsname, ds in cfg.get("datasets", {}).items():
             if arch is not None and dsname in d.get("datasets", [dsname]) and arch != ds["model"]:
@@ -70,7 +71,7 @@ class Unlearn(Remedy):
         return p
 
     def weights(self, scores, manifest, score_meta) -> np.ndarray:
-        isolated = select_removed(scores, manifest["bona_fide"].to_numpy(), self.p["r_isolate"])
+        isolated = select_removed(scores, to_numpy(manifest["bona_fide"]), self.p["r_isolate"])
         return np.where(isolated, -1.0, 1.0).astype(np.float32)
 
     def plan_meta(self) -> dict:
