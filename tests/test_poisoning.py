@@ -355,3 +355,22 @@ def test_a_bona_fide_file_from_another_poisoned_set_is_refused(ds, tmp_path):
     assert man["bona_fide"].sum() == 100 and not (man["bona_fide"] & man["attack"].notna()).any()
     with pytest.raises(ArtifactError, match=r"b.bf.parquet: drawn from another poisoned set"):
         poisoning.read_manifest(tmp_path / "a.parquet", tmp_path / "b.bf.parquet")
+
+
+def test_detection_auroc_equals_scikit_learns_with_ties():
+    from sklearn.metrics import roc_auc_score
+
+    from poisongrid.stages import _auroc
+
+    rng = np.random.default_rng(0)
+    for n in (5, 40, 333):
+        scores = rng.integers(0, 6, n).astype(float)  # many ties
+        pos = rng.random(n) < 0.3
+        pos[0], pos[1] = True, False
+        want = roc_auc_score(pos, scores)
+        assert abs(_auroc(scores, pos, ~pos) - want) < 1e-12
+        neg = ~pos & (rng.random(n) < 0.5)  # a subset of the rest as negatives
+        neg[1] = True
+        keep = pos | neg
+        assert abs(_auroc(scores, pos, neg) - roc_auc_score(pos[keep], scores[keep])) < 1e-12
+    assert _auroc(np.ones(3), np.zeros(3, bool), np.ones(3, bool)) is None

@@ -382,12 +382,20 @@ def detection_quality(man: pd.DataFrame, scores: np.ndarray, flagged: np.ndarray
 
 
 def _auroc(scores, pos, neg) -> float | None:
-    from sklearn.metrics import roc_auc_score
-
+    """Area under the ROC curve of `scores` separating `pos` from `neg` (Mann-Whitney U with tied
+    scores at their mean rank, as scikit-learn computes it; numpy alone, so evaluate starts faster)."""
     if not pos.any() or not neg.any():
         return None
-    y = np.concatenate([np.ones(pos.sum()), np.zeros(neg.sum())])
-    return float(roc_auc_score(y, np.concatenate([scores[pos], scores[neg]])))
+    s = np.concatenate([scores[pos], scores[neg]]).astype(np.float64)
+    order = np.argsort(s, kind="mergesort")
+    ranked = s[order]
+    # Mean 1-based rank of each run of equal scores.
+    starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])
+    ends = np.r_[starts[1:], len(s)]
+    ranks = np.empty(len(s))
+    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
+    n_pos, n_neg = int(pos.sum()), int(neg.sum())
+    return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
 def evaluate(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
@@ -461,12 +469,12 @@ def training_cost(model_meta: dict, score_meta: dict, trains_nothing: bool) -> d
 
 
 def versions() -> dict:
-    import sklearn
+    from importlib.metadata import version
+
     import torch
-    import torchvision
 
     return {"poisongrid": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "numpy": np.__version__, "scikit-learn": sklearn.__version__,
+            "torchvision": version("torchvision"), "numpy": np.__version__, "scikit-learn": version("scikit-learn"),
             "platform": platform.platform()}
 
 
