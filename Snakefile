@@ -1,5 +1,5 @@
 # poisongrid: datasets x scenarios x defenses x seeds.
-#   snakemake --cores 2 --configfile configs/demo.yaml all
+#   snakemake all --cores 2 --configfile configs/demo.yaml
 #   snakemake --cores 2 results/demo/digits/multi/seed0/badloss/metrics.json --configfile configs/demo.yaml   (one cell)
 import json
 import os
