@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 
 import torch
-import torchvision
 from torch import nn
 
 from .costs import SMALL_IMAGE  # the stem threshold (costs.py tabulates each side of it)
@@ -22,9 +21,16 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
-def _resnet(factory):
+def _torchvision_models():
+    # Imported when a torchvision architecture is built: about a second of every job's start otherwise.
+    import torchvision.models
+
+    return torchvision.models
+
+
+def _resnet(name: str):
     def build(num_classes: int, image_size: int) -> nn.Module:
-        net = factory(num_classes=num_classes)
+        net = getattr(_torchvision_models(), name)(num_classes=num_classes)
         if image_size <= SMALL_IMAGE:
             # CIFAR stem as in the BaDLoss reference code: 3x3 stride-1 conv; the max-pool is kept.
             net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
@@ -34,7 +40,7 @@ def _resnet(factory):
 
 
 for _name in ("resnet18", "resnet34", "resnet50"):
-    MODELS.register(_name)(_resnet(getattr(torchvision.models, _name)))
+    MODELS.register(_name)(_resnet(_name))
 
 
 # --- Table 5's other architectures (the BaDLoss code builds these three from torchvision, like the ResNets).
@@ -42,7 +48,7 @@ for _name in ("resnet18", "resnet34", "resnet50"):
 
 @MODELS.register("densenet121")
 def densenet121(num_classes: int, image_size: int) -> nn.Module:
-    net = torchvision.models.densenet121(weights=None, num_classes=num_classes)
+    net = _torchvision_models().densenet121(weights=None, num_classes=num_classes)
     if image_size <= SMALL_IMAGE:
         # CIFAR DenseNet stem: 3x3 stride-1 conv, no max-pool (32 px reaches the last block at 4x4).
         net.features.conv0 = nn.Conv2d(3, net.features.conv0.out_channels, kernel_size=3, stride=1, padding=1,
@@ -54,7 +60,7 @@ def densenet121(num_classes: int, image_size: int) -> nn.Module:
 @MODELS.register("vgg16_bn")
 def vgg16_bn(num_classes: int, image_size: int) -> nn.Module:
     """VGG-16 with batch norm, as the BaDLoss code uses it."""
-    net = torchvision.models.vgg16_bn(weights=None, num_classes=num_classes)
+    net = _torchvision_models().vgg16_bn(weights=None, num_classes=num_classes)
     if image_size <= SMALL_IMAGE:
         # Five pools leave 32 px at 1x1 (64 px at 2x2): pool that to one vector instead of
         # upsampling it to the 7x7 grid the 224-px classifier reads (25088 inputs, 49 copies of each).
@@ -70,7 +76,7 @@ def squeezenet1_0(num_classes: int, image_size: int) -> nn.Module:
     averaged over positions, is written as pooling then a Linear (the same map, as both are linear)
     so the penultimate feature is a vector like every other model's; the ReLU torchvision applies to
     the logits is left out."""
-    net = torchvision.models.squeezenet1_0(weights=None, num_classes=num_classes)
+    net = _torchvision_models().squeezenet1_0(weights=None, num_classes=num_classes)
     if image_size <= SMALL_IMAGE:
         # Same CIFAR stem as _resnet: 3x3 stride-1 conv, max-pool kept, so 32 px ends at 4x4, not 1x1.
         net.features[0] = nn.Conv2d(3, net.features[0].out_channels, kernel_size=3, stride=1, padding=1)
