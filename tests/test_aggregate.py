@@ -143,7 +143,7 @@ def pretrain_cell(root, dataset="digits", scenario="multi", seed=0, n=400, epoch
                         "orig_label": rng.integers(0, 10, n), "attack": pd.array(attack, dtype="string"),
                         "target": np.where(pd.isna(attack), -1, 3).astype(np.int64), "bona_fide": bona})
     write_manifest(base / "poison" / "manifest.parquet", man, {"cell": {"dataset": dataset, "scenario": scenario, "seed": seed}},
-                   bona_fide_path=base / "bona_fide.parquet")
+                   bona_fide_path=base / "bona_fide" / "default.parquet")
     cols = {"index": pa.array(np.arange(n, dtype=np.int64))}
     cols |= {f"loss_e{k:03d}": pa.array(loss[:, k].astype(np.float32)) for k in range(epochs)}
     accepted = [k for k in range(epochs) if k not in skipped]
@@ -173,7 +173,7 @@ def test_trajectory_figure(tmp_path):
     write_table(m, man.slice(0, 300), "manifest", meta)
     with pytest.raises(ArtifactError, match="another poisoned set"):  # its bona fide file no longer fits
         aggregate.trajectory_figure(t, m, tmp_path / "bad.png", "x")
-    (m.parent.parent / "bona_fide.parquet").unlink()
+    (m.parent.parent / "bona_fide" / "default.parquet").unlink()
     with pytest.raises(ArtifactError, match="indices missing"):
         aggregate.trajectory_figure(t, m, tmp_path / "bad.png", "x")
     assert not (tmp_path / "bad.png").exists()

@@ -85,7 +85,7 @@ def test_bad_input_names_key_value_and_allowed(patch, key, allowed):
 def test_stage_specs_are_minimal():
     c = config.validate(cfg())
     f = config.stage_spec(c, "plan", "digits", "multi", 0, "badloss")
-    assert f == {"defense": "badloss", "detector": "badloss", "remedy": "remove", "r_reject": 0.4}
+    assert f == {"defense": "badloss", "detector": "badloss", "remedy": "remove", "r_reject": 0.4, "bona_fide": "default"}
     p = config.stage_spec(c, "pretrain", "digits", "multi", 0, model="pretrain")
     assert set(p) == {"dataset", "seed", "model", "runtime"}
     assert p["model"]["run"] == 1 and p["model"]["training"]["epochs"] == 2 and p["model"]["record"] == "eval"

@@ -251,7 +251,7 @@ def _bona_fide_of_seed1(p, res):
     for stage in ("poison", "bonafide"):
         main([stage, "--config", str(res.parent / "c.yaml"), "--results", str(other), "--dataset", "digits",
               "--scenario", "multi", "--seed", "1"])
-    shutil.copy(paths.path("bona_fide", str(other), dataset="digits", scenario="multi", seed=1), p)
+    shutil.copy(paths.path("bona_fide", str(other), dataset="digits", scenario="multi", seed=1, bona="default"), p)
 
 
 def _npz_without_images(p):
@@ -268,9 +268,9 @@ import pyarrow.parquet  # noqa: E402  (pa.parquet above)
 CORRUPTIONS = [  # (what is corrupted, how, the stage that reads it)
     (("manifest", {}), _truncate, ("evaluate", {"defense": "none"})),
     (("manifest", {}), _garbage, ("pretrain", {"model": "attacked"})),
-    (("bona_fide", {}), _drop_column("bona_fide"), ("score", {"detector": "badloss"})),
-    (("bona_fide", {}), _garbage, ("plan", {"defense": "badloss"})),
-    (("bona_fide", {}), _bona_fide_of_seed1, ("train", {"defense": "badloss"})),
+    (("bona_fide", {"bona": "default"}), _drop_column("bona_fide"), ("score", {"detector": "badloss"})),
+    (("bona_fide", {"bona": "default"}), _garbage, ("plan", {"defense": "badloss"})),
+    (("bona_fide", {"bona": "default"}), _bona_fide_of_seed1, ("train", {"defense": "badloss"})),
     (("manifest", {}), _other_seed, ("evaluate", {"defense": "none"})),
     (("manifest", {}), _copy("plan", defense="none"), ("plan", {"defense": "badloss"})),
     (("poisoned", {}), _truncate, ("pretrain", {"model": "attacked"})),

@@ -45,7 +45,7 @@ def _grid(tmp_path):
         finish("trigger", dataset="digits", attack="narcissus", seed=seed)
     # seed 0, single-patch: every job of both defenses done.
     finish("poison", **s0p)
-    finish("bonafide", **s0p)
+    finish("bonafide", **s0p, bona="default")
     for m in ("attacked", "pretrain"):
         finish("pretrain", **s0p, model=m)
     finish("score", **s0p, detector="badloss")
@@ -56,7 +56,7 @@ def _grid(tmp_path):
     # seed 0, single-narcissus: the attacked model checkpointed after epoch 3 of 5 (its log idle),
     # the detector's score failed just now.
     finish("poison", **s0n)
-    finish("bonafide", **s0n)
+    finish("bonafide", **s0n, bona="default")
     finish("pretrain", **s0n, model="pretrain")
     import torch
 
@@ -69,7 +69,7 @@ def _grid(tmp_path):
     # seed 1, single-patch: poison done, the BaDLoss model training (fresh log), the attacked model's
     # log idle without an error or output; a stale temporary of an old killed write is ignored.
     finish("poison", **s1p)
-    finish("bonafide", **s1p)
+    finish("bonafide", **s1p, bona="default")
     log("pretrain", "[10:00:00] epoch 2/5: batch 3/9, 120 img/s\n", None, **s1p, model="pretrain")
     log("pretrain", "[10:00:00] epoch 1/5 train_loss 0.9\n", OLD, **s1p, model="attacked")
     plan = paths.outputs("plan", res, **s1p, defense="none")["out"]

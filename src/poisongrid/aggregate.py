@@ -791,13 +791,21 @@ def capacity_figure(df: pd.DataFrame, out_path, title: str) -> Path | None:
 
 
 def _with_bona_fide(manifest_path):
-    """The manifest's `index` and `attack`, with `bona_fide` from the cell's bona fide file (all
-    False where a grid was aggregated before its bona fide stage ran)."""
+    """The manifest's `index` and `attack`, with `bona_fide` from the cell's default bona fide set
+    (else the first named set drawn; all False where a grid was aggregated before its bona fide
+    stage ran)."""
+    import glob
+
     from . import paths, poisoning
 
     w = paths.parse("manifest", manifest_path)
-    bf = Path(paths.path("bona_fide", w["results"], **{k: w[k] for k in ("dataset", "scenario", "seed")})) if w else None
-    man, _ = poisoning.read_manifest(manifest_path, bf if bf is not None and bf.exists() else None)
+    bf = None
+    if w:
+        cell = {k: w[k] for k in ("dataset", "scenario", "seed")}
+        default = paths.path("bona_fide", w["results"], bona=paths.DEFAULT_BONA_FIDE, **cell)
+        drawn = sorted(glob.glob(paths.path("bona_fide", glob.escape(w["results"]), bona="*", **cell)))
+        bf = default if Path(default).exists() else (drawn[0] if drawn else None)
+    man, _ = poisoning.read_manifest(manifest_path, bf)
     if "bona_fide" not in man:
         man["bona_fide"] = False
     return man[["index", "attack", "bona_fide"]]

@@ -108,10 +108,11 @@ def bonafide(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
     cfg = spec["bona_fide"]
     mask = poisoning.draw_bona_fide(man["attack"].isna().to_numpy(), man["orig_label"].to_numpy(),
                                     int(mmeta["num_classes"]), spec["seed"], cfg)
-    meta = {"cell": provenance.of(mmeta, inp["manifest"]), "n_clean": int(mask.sum()), "settings": cfg,
-            "manifest_n": len(man), "manifest_fingerprint": poisoning.manifest_fingerprint(mmeta)}
+    meta = {"cell": provenance.of(mmeta, inp["manifest"]), "set": spec.get("bona", paths.DEFAULT_BONA_FIDE),
+            "n_clean": int(mask.sum()), "settings": cfg, "manifest_n": len(man),
+            "manifest_fingerprint": poisoning.manifest_fingerprint(mmeta)}
     poisoning.write_bona_fide(out["out"], man["index"].to_numpy(), mask, meta)
-    log(f"bona fide: {meta['n_clean']} examples" + (" (stratified)" if cfg.get("stratified") else ""))
+    log(f"bona fide set {meta['set']}: {meta['n_clean']} examples" + (" (stratified)" if cfg.get("stratified") else ""))
     return meta
 
 
@@ -196,7 +197,7 @@ def features(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
 # ---- score ------------------------------------------------------------------------------------
 
 
-SCORE_CONTEXT_KEYS = ("type", "detector", "model", "dataset", "seed", "runtime", "training")
+SCORE_CONTEXT_KEYS = ("type", "detector", "model", "dataset", "seed", "runtime", "training", "bona_fide")
 
 
 def score(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:

@@ -1,7 +1,7 @@
 # Helpers shared by the rules (functions only; the rules live in the other .smk files). Every
 # rule's inputs and outputs come from poisongrid.paths.STAGES, the declaration the CLI uses too.
 
-CELL_WILDCARDS = ("dataset", "scenario", "seed", "attack", "model", "detector", "defense")
+CELL_WILDCARDS = ("dataset", "scenario", "seed", "attack", "model", "detector", "defense", "bona")
 
 
 def _cell(w):
