@@ -68,7 +68,7 @@ def test_report_has_tables_figures_captions_and_runtimes(tmp_path):
     assert html.count("data:image/png") >= len(figures) and "data:text/html" in html
 
     for name in [*figures, "tables.html", "summary.csv", "summary_stats.csv", "tables_per_seed.md",
-                 *[f"tables_{k}.html" for k in ("multi", "single", "singlemulti", "cost")]]:
+                 *[f"tables_{k}.html" for k in ("multi", "single", "singlemulti", "cost", "rejection")]]:
         assert f'"{name}"' in html, name
     categories = re.search(r"var categories = (\{.*?\});", html).group(1)
     cats = list(json.loads(categories))
@@ -82,7 +82,7 @@ def test_report_has_tables_figures_captions_and_runtimes(tmp_path):
     assert front.count("<table>") == sections["multi"].count("<table>") + sections["single"].count("<table>")
     # Captions from workflow/report/*.rst (rendered to HTML, so compare their first words).
     for rst in ("workflow", "asr", "rreject", "tables", "trajectories", "teacher", "singlemulti", "tables_multi",
-                "tables_single", "tables_singlemulti", "tables_cost"):
+                "tables_single", "tables_singlemulti", "tables_cost", "tables_rejection"):
         words = (ROOT / "workflow/report" / f"{rst}.rst").read_text().split()[:6]
         assert " ".join(words) in html, rst
     # Snakemake's own per-rule runtimes.

@@ -351,6 +351,20 @@ def detection_quality(man: pd.DataFrame, scores: np.ndarray, flagged: np.ndarray
     return out
 
 
+def rejection_counts(man: pd.DataFrame, weights: np.ndarray) -> dict:
+    """What the plan rejected (weight 0), from the ground truth: per original class, [its training
+    examples, its untouched (clean) examples, those of them rejected]; and [poisoned, rejected] (the
+    paper's Appendix G: does removal fall harder on small classes?)."""
+    rejected = np.asarray(weights) == 0
+    clean = man["attack"].isna().to_numpy()
+    labels = man["orig_label"].to_numpy()
+    by_class = {}
+    for c in np.unique(labels):
+        here = labels == c
+        by_class[str(int(c))] = [int(here.sum()), int((here & clean).sum()), int((here & clean & rejected).sum())]
+    return {"by_class": by_class, "poisoned": [int((~clean).sum()), int((~clean & rejected).sum())]}
+
+
 def _auroc(scores, pos, neg) -> float | None:
     from sklearn.metrics import roc_auc_score
 
@@ -402,7 +416,7 @@ def evaluate(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
         "mean_asr_boosted": float(np.mean(list(paper.values()))) if paper else None,
         "detection": detection_quality(man, scores, w <= 0),
         "n_train": len(man), "n_poisoned": int(man["attack"].notna().sum()), "n_removed": int((w == 0).sum()),
-        "n_ascent": int((w < 0).sum()), "wall_time_s": wall, "cost": cost, "config": spec, "versions": versions(),
+        "n_ascent": int((w < 0).sum()), "rejection": rejection_counts(man, w), "wall_time_s": wall, "cost": cost, "config": spec, "versions": versions(),
         "device": device_name(device), "train_images_per_s": mmeta["images_per_s"], "train_epochs": mmeta.get("epochs"),
     }
     write_json(out["out"], metrics)
