@@ -102,7 +102,7 @@ def test_tiny_grid_end_to_end(tmp_path):
     counts = _job_counts(snakemake(tmp_path, "all", "--configfile", str(cfgfile4), "-n").stdout)
     assert counts == {"bonafide": 4, "score": 4, "plan": 4, "train": 4, "evaluate": 4, "aggregate": 1}, counts
     cell = res / "digits/multi/seed0"
-    plans = [str(cell / f"badloss_{b}/plan.parquet") for b in sets]
+    plans = [f"results/digits/multi/seed0/badloss_{b}/plan.parquet" for b in sets]
     snakemake(tmp_path, *plans, "--configfile", str(cfgfile4))
     from poisongrid import poisoning
 
