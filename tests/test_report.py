@@ -40,14 +40,17 @@ def test_report_has_tables_figures_captions_and_runtimes(tmp_path):
     tables = (res / "tables.html").read_text(encoding="utf-8")
     assert tables.startswith("<!DOCTYPE html>") and "<h3>digits — multi</h3>" in tables
     # multi (Table 2 shape), single attack (Table 1 shape), single-patch, single vs multi (Fig. 10),
-    # plain-trigger ASR, the cost of each defense.
-    assert tables.count("<table>") == 6 and "<td>badloss_r20</td>" in tables and "<td>lfd</td>" in tables
-    for h in ("single attack (Table 1 shape)", "single vs multi-attack ASR", "cost of each defense"):
+    # plain-trigger ASR, the cost of each defense, rejection by class size (multi, single-patch).
+    assert tables.count("<table>") == 8 and "<td>badloss_r20</td>" in tables and "<td>lfd</td>" in tables
+    for h in ("single attack (Table 1 shape)", "single vs multi-attack ASR", "cost of each defense",
+              "multi: rejection by class size", "single-patch: rejection by class size"):
         assert f"<h3>digits — {h}</h3>" in tables, h
     # One seed: values without a fake ± 0, and n=1 said.
     assert "n=1 seed" in tables and "±" not in tables.split("<tbody>")[1].split("</tbody>")[0]
     assert "Avg. ASR plain" in tables and "Avg. ASR boosted†" in tables
-    sections = {k: (res / f"tables_{k}.html").read_text(encoding="utf-8") for k in ("multi", "single", "singlemulti", "cost")}
+    sections = {k: (res / f"tables_{k}.html").read_text(encoding="utf-8")
+                for k in ("multi", "single", "singlemulti", "cost", "rejection")}
+    assert sections["rejection"].count("<table>") == 2
     assert sections["multi"].count("<table>") == 1 and "<h3>digits — multi</h3>" in sections["multi"]
     assert "<h3>digits — single attack (Table 1 shape)</h3>" in sections["single"]
     assert sections["singlemulti"].count("<table>") == 1 and sections["cost"].count("<table>") == 1
