@@ -44,7 +44,8 @@ wildcard_constraints:
     attack=r"[a-z0-9_]+",
     model=r"[A-Za-z0-9_]+",
     detector=r"[A-Za-z0-9_]+",
-    defense=r"(?!(?:poison|models|scores)/)[A-Za-z0-9_]+",
+    defense=r"(?!(?:poison|models|scores|bona_fide)/)[A-Za-z0-9_]+",
+    bona=r"[A-Za-z0-9_]+",
 
 
 include: "workflow/rules/common.smk"

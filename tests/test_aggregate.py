@@ -143,7 +143,7 @@ def pretrain_cell(root, dataset="digits", scenario="multi", seed=0, n=400, epoch
                         "orig_label": rng.integers(0, 10, n), "attack": pd.array(attack, dtype="string"),
                         "target": np.where(pd.isna(attack), -1, 3).astype(np.int64), "bona_fide": bona})
     write_manifest(base / "poison" / "manifest.parquet", man, {"cell": {"dataset": dataset, "scenario": scenario, "seed": seed}},
-                   bona_fide_path=base / "bona_fide.parquet")
+                   bona_fide_path=base / "bona_fide" / "default.parquet")
     cols = {"index": pa.array(np.arange(n, dtype=np.int64))}
     cols |= {f"loss_e{k:03d}": pa.array(loss[:, k].astype(np.float32)) for k in range(epochs)}
     accepted = [k for k in range(epochs) if k not in skipped]
@@ -173,7 +173,7 @@ def test_trajectory_figure(tmp_path):
     write_table(m, man.slice(0, 300), "manifest", meta)
     with pytest.raises(ArtifactError, match="another poisoned set"):  # its bona fide file no longer fits
         aggregate.trajectory_figure(t, m, tmp_path / "bad.png", "x")
-    (m.parent.parent / "bona_fide.parquet").unlink()
+    (m.parent.parent / "bona_fide" / "default.parquet").unlink()
     with pytest.raises(ArtifactError, match="indices missing"):
         aggregate.trajectory_figure(t, m, tmp_path / "bad.png", "x")
     assert not (tmp_path / "bad.png").exists()
@@ -210,7 +210,7 @@ def test_run_writes_everything(tmp_path):
     md = (out / "tables.md").read_text()
     assert w["tables"] == [out / "tables.md"] and "### digits — patch" in md and "98.00 ± 0.00" in md
     assert w["summary_stats"] == [out / "summary_stats.csv"] and w["tables_per_seed"] == [out / "tables_per_seed.md"]
-    assert w["table_sections"] == [out / f"tables_{k}.html" for k in ("multi", "single", "singlemulti", "cost")]
+    assert w["table_sections"] == [out / f"tables_{k}.html" for k in ("multi", "single", "singlemulti", "cost", "rejection")]
     # No single-attack scenario, no cost record here: those pages are written and say so.
     assert "No attack ran both alone" in (out / "tables_singlemulti.html").read_text()
     assert "<h3>digits — multi</h3>" in (out / "tables_multi.html").read_text()
@@ -407,3 +407,57 @@ def test_rows_per_final_architecture(tmp_path):
     # One architecture: no Arch. column.
     one = table_rows(aggregate.markdown_tables(aggregate.collect(paths[2:])), "digits — multi")
     assert one["Defense"][1] == "n"
+
+
+def _planted_rejection(rng, n_classes=20):
+    """Per-class counts with distinct class sizes (so the tails are unambiguous) and random rejections."""
+    sizes = rng.permutation(np.arange(30, 30 + 7 * n_classes, 7))
+    by_class = {}
+    for c, size in enumerate(sizes):
+        clean = int(size - rng.integers(0, 5))
+        by_class[str(c)] = [int(size), clean, int(rng.integers(0, clean + 1))]
+    n_p = 100
+    return {"by_class": by_class, "poisoned": [n_p, int(rng.integers(0, n_p + 1))]}, sizes
+
+
+def test_rejection_table_equals_a_direct_computation(tmp_path):
+    """Planted per-class counts over three seeds: the table's tails, overall and poisoned rates equal
+    a direct computation (largest/smallest 10% of 20 classes = 2 classes each; mean of their rates)."""
+    rng = np.random.default_rng(5)
+    paths, direct = [], {"top": [], "bottom": [], "clean": [], "poisoned": []}
+    for seed in range(3):
+        rej, sizes = _planted_rejection(rng)
+        p = cell(tmp_path, seed=seed)
+        m = read_json(p)
+        m["rejection"] = rej
+        write_json(p, m)
+        paths.append(p)
+        order = np.argsort(-sizes)
+        rate = {int(c): v[2] / v[1] for c, v in rej["by_class"].items()}
+        direct["top"].append(np.mean([rate[c] for c in order[:2]]))
+        direct["bottom"].append(np.mean([rate[c] for c in order[-2:]]))
+        direct["clean"].append(sum(v[2] for v in rej["by_class"].values()) / sum(v[1] for v in rej["by_class"].values()))
+        direct["poisoned"].append(rej["poisoned"][1] / rej["poisoned"][0])
+    paths += [cell(tmp_path, defense="none", seed=s) for s in range(3)]  # removes nothing: no row
+    md = aggregate.table_sections(aggregate.collect(paths))["rejection"]
+    md = "\n".join(md)
+    assert "largest and the smallest 2 of 20 classes" in md
+    rows = table_rows(md, "digits — multi: rejection by class size")
+    assert set(rows) == {"Defense", "badloss"}
+    assert rows["Defense"][4:] == ["Largest 2 classes", "Smallest 2 classes", "Poisoned rejected"]
+    assert rows["badloss"][1] == "3"
+    assert rows["badloss"][2] == fmt([570 / 1437] * 3)
+    assert rows["badloss"][3:] == [fmt(direct[k]) for k in ("clean", "top", "bottom", "poisoned")]
+
+
+def test_rejection_counts_from_a_plan():
+    """The evaluate stage's counts: per original class [examples, clean, clean rejected]; poisoned [n, rejected]."""
+    from poisongrid.stages import rejection_counts
+
+    man = pd.DataFrame({"orig_label": [0, 0, 0, 1, 1, 2], "attack": pd.array([None, None, "patch", None, "blend_random", None],
+                                                                             dtype="string")})
+    w = np.array([0, 1, 0, 0.5, 1, 0], dtype=np.float32)
+    assert rejection_counts(man, w) == {"by_class": {"0": [3, 2, 1], "1": [2, 1, 0], "2": [1, 1, 1]}, "poisoned": [2, 1]}
+    got = aggregate.class_rejection(rejection_counts(man, w), fraction=0.34)  # one class per tail
+    assert got["clean_rejected_top"] == 0.5 and got["clean_rejected_bottom"] == 1.0
+    assert got["clean_rejected"] == 0.5 and got["poisoned_rejected"] == 0.5 and got["size_bottom"] == 1

@@ -85,7 +85,7 @@ def test_bad_input_names_key_value_and_allowed(patch, key, allowed):
 def test_stage_specs_are_minimal():
     c = config.validate(cfg())
     f = config.stage_spec(c, "plan", "digits", "multi", 0, "badloss")
-    assert f == {"defense": "badloss", "detector": "badloss", "remedy": "remove", "r_reject": 0.4}
+    assert f == {"defense": "badloss", "detector": "badloss", "remedy": "remove", "r_reject": 0.4, "bona_fide": "default"}
     p = config.stage_spec(c, "pretrain", "digits", "multi", 0, model="pretrain")
     assert set(p) == {"dataset", "seed", "model", "runtime"}
     assert p["model"]["run"] == 1 and p["model"]["training"]["epochs"] == 2 and p["model"]["record"] == "eval"
@@ -293,3 +293,59 @@ def test_estimates_scale_by_the_architectures_cost():
     # Each train job asks the scheduler for its own architecture's time; the rule-wide default is the costliest.
     assert config.resources(c, "train", "digits", defense="badloss")["runtime"] == int(10 + 1.5 * 10 * 0.5)
     assert config.resources(c, "train", "digits")["runtime"] == int(10 + 1.5 * 10 * 0.5 * ratio)
+
+
+def _two_sets(**extra):
+    c = cfg(**extra)
+    c["bona_fide_sets"] = {"n20": {"n_clean": 20}, "s40": {"n_clean": 40, "stratified": True}}
+    c["detectors"]["badloss_n20"] = {"type": "badloss", "k": 10, "bona_fide": "n20"}
+    c["defenses"]["badloss_n20"] = {"detector": "badloss_n20", "remedy": "remove", "r_reject": 0.4}
+    return c
+
+
+def test_bona_fide_sets_specs_and_jobs():
+    """A detector's set reaches its score spec and the plan and training of defenses using it;
+    other defenses read the default; a cell draws each set in use once."""
+    from poisongrid import paths
+    from poisongrid.jobs import cell_jobs
+
+    c = config.validate(_two_sets())
+    assert c["bona_fide_sets"]["n20"] == {"n_clean": 20, "stratified": False}
+    assert config.bona_fide_of(c, defense="badloss_n20") == "n20" and config.bona_fide_of(c, defense="none") == "default"
+    b = config.stage_spec(c, "bonafide", "digits", "multi", 0, bona="s40")
+    assert b["bona_fide"] == {"n_clean": 40, "stratified": True} and b["bona"] == "s40"
+    assert config.stage_spec(c, "bonafide", "digits", "multi", 0)["bona_fide"] == {"n_clean": 50, "stratified": False}
+    for stage, kw in (("score", {"detector": "badloss_n20"}), ("plan", {"defense": "badloss_n20"}),
+                      ("train", {"defense": "badloss_n20"})):
+        spec = config.stage_spec(c, stage, "digits", "multi", 0, **kw)
+        got = paths.inputs(stage, spec, "r", dataset="digits", scenario="multi", seed=0, **kw)["bona_fide"]
+        assert got == "r/digits/multi/seed0/bona_fide/n20.parquet", (stage, got)
+    spec = config.stage_spec(c, "plan", "digits", "multi", 0, defense="badloss")
+    assert paths.inputs("plan", spec, "r", dataset="digits", scenario="multi", seed=0, defense="badloss")["bona_fide"] \
+        == "r/digits/multi/seed0/bona_fide/default.parquet"
+    # The score spec of a default-set detector is unchanged by adding sets: its scores are reused.
+    assert config.stage_spec(c, "score", "digits", "multi", 0, detector="badloss") == \
+        config.stage_spec(config.validate(cfg()), "score", "digits", "multi", 0, detector="badloss")
+    jobs = cell_jobs(c, "digits", "multi", 0, ["none", "badloss", "badloss_n20"])
+    assert [j["bona"] for s, j in jobs if s == "bonafide"] == ["default", "n20"]  # s40: no detector reads it
+    assert [j["bona"] for s, j in cell_jobs(c, "digits", "multi", 0, ["badloss_n20"]) if s == "bonafide"] == ["n20"]
+
+
+def test_a_detector_is_checked_against_its_own_bona_fide_set():
+    c = _two_sets()
+    c["detectors"]["badloss_n20"]["k"] = 30  # fits the default's 50, not its own set's 20
+    with pytest.raises(ConfigError, match=r"detectors.badloss_n20.k.*bona_fide_sets.n20.n_clean = 20"):
+        config.validate(c)
+    c = _two_sets()
+    c["detectors"]["freq"] = {"type": "frequency_analysis", "bona_fide": "none0"}
+    c["bona_fide_sets"]["none0"] = {"n_clean": 0}
+    with pytest.raises(ConfigError, match=r"bona_fide_sets.none0.n_clean.*at least 10"):
+        config.validate(c)
+    c = _two_sets()
+    c["detectors"]["badloss_n20"]["bona_fide"] = "n30"
+    with pytest.raises(ConfigError, match=r"detectors.badloss_n20.bona_fide.*one of the bona fide sets \['default', 'n20', 's40'\]"):
+        config.validate(c)
+    c = _two_sets()
+    c["bona_fide_sets"]["s40"]["n_clean"] = 5000  # digits: 1437 training images
+    with pytest.raises(ConfigError, match=r"bona_fide_sets.s40.n_clean.*at most"):
+        config.validate(c)

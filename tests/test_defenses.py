@@ -312,7 +312,7 @@ def test_clean_scenario_runs_without_any_attack(tmp_path):
     for stage, c in cell_jobs(cfg, "digits", "clean", 0, ["none", "badloss"]):
         done[(stage, c.get("defense"))] = run_job(cfg, stage, root, **c)[0]
     w = dict(dataset="digits", scenario="clean", seed=0)
-    man = poisoning.read_manifest(paths.path("manifest", root, **w), paths.path("bona_fide", root, **w))[0]
+    man = poisoning.read_manifest(paths.path("manifest", root, **w), paths.path("bona_fide", root, bona="default", **w))[0]
     assert man["attack"].isna().all() and (man["label"] == man["orig_label"]).all() and man["bona_fide"].sum() == 60
     for d in ("none", "badloss"):
         m = done[("evaluate", d)]

@@ -56,6 +56,15 @@ BAD_CONFIGS = [  # (path, value, text the one-line error must contain)
     ("bona_fide.n_clean", 0, "bona_fide.n_clean"),
     ("bona_fide.n_clean", 100000, "at most"),
     ("bona_fide.stratified", "yes", "bona_fide.stratified"),
+    ("bona_fide_sets", [50, 250], "bona_fide_sets"),
+    ("bona_fide_sets.n50", 50, "bona_fide_sets.n50"),
+    ("bona_fide_sets.n50", {"n_clean": "fifty"}, "bona_fide_sets.n50.n_clean"),
+    ("bona_fide_sets.n50", {"n_clean": 50, "stratify": True}, "only the keys"),
+    ("bona_fide_sets.n50", {"n_clean": 50, "stratified": "yes"}, "bona_fide_sets.n50.stratified"),
+    ("bona_fide_sets.default", {"n_clean": 50}, "bona_fide_sets"),
+    ("bona_fide_sets.big", {"n_clean": 100000}, "bona_fide_sets.big.n_clean"),
+    ("detectors.badloss.bona_fide", "n50", "one of the bona fide sets ['default']"),
+    ("detectors.badloss.bona_fide", 50, "detectors.badloss.bona_fide"),
     ("cluster.gpus_per_job", -1, "cluster.gpus_per_job"),
     ("cluster.runtime_margin", 0.5, "cluster.runtime_margin"),
     (f"{D}.model", "vit", "smallcnn"),
@@ -251,7 +260,7 @@ def _bona_fide_of_seed1(p, res):
     for stage in ("poison", "bonafide"):
         main([stage, "--config", str(res.parent / "c.yaml"), "--results", str(other), "--dataset", "digits",
               "--scenario", "multi", "--seed", "1"])
-    shutil.copy(paths.path("bona_fide", str(other), dataset="digits", scenario="multi", seed=1), p)
+    shutil.copy(paths.path("bona_fide", str(other), dataset="digits", scenario="multi", seed=1, bona="default"), p)
 
 
 def _npz_without_images(p):
@@ -268,9 +277,9 @@ import pyarrow.parquet  # noqa: E402  (pa.parquet above)
 CORRUPTIONS = [  # (what is corrupted, how, the stage that reads it)
     (("manifest", {}), _truncate, ("evaluate", {"defense": "none"})),
     (("manifest", {}), _garbage, ("pretrain", {"model": "attacked"})),
-    (("bona_fide", {}), _drop_column("bona_fide"), ("score", {"detector": "badloss"})),
-    (("bona_fide", {}), _garbage, ("plan", {"defense": "badloss"})),
-    (("bona_fide", {}), _bona_fide_of_seed1, ("train", {"defense": "badloss"})),
+    (("bona_fide", {"bona": "default"}), _drop_column("bona_fide"), ("score", {"detector": "badloss"})),
+    (("bona_fide", {"bona": "default"}), _garbage, ("plan", {"defense": "badloss"})),
+    (("bona_fide", {"bona": "default"}), _bona_fide_of_seed1, ("train", {"defense": "badloss"})),
     (("manifest", {}), _other_seed, ("evaluate", {"defense": "none"})),
     (("manifest", {}), _copy("plan", defense="none"), ("plan", {"defense": "badloss"})),
     (("poisoned", {}), _truncate, ("pretrain", {"model": "attacked"})),

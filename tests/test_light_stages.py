@@ -74,9 +74,9 @@ def cell(tmp_path_factory):
              surrogate_pool=np.int64(10), target=np.int64(target), dataset=np.array("digits"), seed=np.int64(0),
              attack=np.array("narcissus"), image_shape=np.array(ds.image_shape, dtype=np.int64))
     _, loaded = poisongrid(root, *spec_args(cfg, "poison"))
-    _, bona_loaded = poisongrid(root, *spec_args(cfg, "bonafide"))
+    _, bona_loaded = poisongrid(root, *spec_args(cfg, "bonafide", bona="default"))
     man_path = root / paths.path("manifest", "results", **CELL)
-    man, meta = poisoning.read_manifest(man_path, root / paths.path("bona_fide", "results", **CELL))
+    man, meta = poisoning.read_manifest(man_path, root / paths.path("bona_fide", "results", **CELL, bona="default"))
     losses = {}
     for model, epochs in (("pretrain", 4), ("teacher", 1)):
         rng = np.random.default_rng(len(model))

@@ -40,14 +40,17 @@ def test_report_has_tables_figures_captions_and_runtimes(tmp_path):
     tables = (res / "tables.html").read_text(encoding="utf-8")
     assert tables.startswith("<!DOCTYPE html>") and "<h3>digits — multi</h3>" in tables
     # multi (Table 2 shape), single attack (Table 1 shape), single-patch, single vs multi (Fig. 10),
-    # plain-trigger ASR, the cost of each defense.
-    assert tables.count("<table>") == 6 and "<td>badloss_r20</td>" in tables and "<td>lfd</td>" in tables
-    for h in ("single attack (Table 1 shape)", "single vs multi-attack ASR", "cost of each defense"):
+    # plain-trigger ASR, the cost of each defense, rejection by class size (multi, single-patch).
+    assert tables.count("<table>") == 8 and "<td>badloss_r20</td>" in tables and "<td>lfd</td>" in tables
+    for h in ("single attack (Table 1 shape)", "single vs multi-attack ASR", "cost of each defense",
+              "multi: rejection by class size", "single-patch: rejection by class size"):
         assert f"<h3>digits — {h}</h3>" in tables, h
     # One seed: values without a fake ± 0, and n=1 said.
     assert "n=1 seed" in tables and "±" not in tables.split("<tbody>")[1].split("</tbody>")[0]
     assert "Avg. ASR plain" in tables and "Avg. ASR boosted†" in tables
-    sections = {k: (res / f"tables_{k}.html").read_text(encoding="utf-8") for k in ("multi", "single", "singlemulti", "cost")}
+    sections = {k: (res / f"tables_{k}.html").read_text(encoding="utf-8")
+                for k in ("multi", "single", "singlemulti", "cost", "rejection")}
+    assert sections["rejection"].count("<table>") == 2
     assert sections["multi"].count("<table>") == 1 and "<h3>digits — multi</h3>" in sections["multi"]
     assert "<h3>digits — single attack (Table 1 shape)</h3>" in sections["single"]
     assert sections["singlemulti"].count("<table>") == 1 and sections["cost"].count("<table>") == 1
@@ -68,7 +71,7 @@ def test_report_has_tables_figures_captions_and_runtimes(tmp_path):
     assert html.count("data:image/png") >= len(figures) and "data:text/html" in html
 
     for name in [*figures, "tables.html", "summary.csv", "summary_stats.csv", "tables_per_seed.md",
-                 *[f"tables_{k}.html" for k in ("multi", "single", "singlemulti", "cost")]]:
+                 *[f"tables_{k}.html" for k in ("multi", "single", "singlemulti", "cost", "rejection")]]:
         assert f'"{name}"' in html, name
     categories = re.search(r"var categories = (\{.*?\});", html).group(1)
     cats = list(json.loads(categories))
@@ -82,7 +85,7 @@ def test_report_has_tables_figures_captions_and_runtimes(tmp_path):
     assert front.count("<table>") == sections["multi"].count("<table>") + sections["single"].count("<table>")
     # Captions from workflow/report/*.rst (rendered to HTML, so compare their first words).
     for rst in ("workflow", "asr", "rreject", "tables", "trajectories", "teacher", "singlemulti", "tables_multi",
-                "tables_single", "tables_singlemulti", "tables_cost"):
+                "tables_single", "tables_singlemulti", "tables_cost", "tables_rejection"):
         words = (ROOT / "workflow/report" / f"{rst}.rst").read_text().split()[:6]
         assert " ".join(words) in html, rst
     # Snakemake's own per-rule runtimes.

@@ -45,7 +45,7 @@ def _grid(tmp_path):
         finish("trigger", dataset="digits", attack="narcissus", seed=seed)
     # seed 0, single-patch: every job of both defenses done.
     finish("poison", **s0p)
-    finish("bonafide", **s0p)
+    finish("bonafide", **s0p, bona="default")
     for m in ("attacked", "pretrain"):
         finish("pretrain", **s0p, model=m)
     finish("score", **s0p, detector="badloss")
@@ -56,7 +56,7 @@ def _grid(tmp_path):
     # seed 0, single-narcissus: the attacked model checkpointed after epoch 3 of 5 (its log idle),
     # the detector's score failed just now.
     finish("poison", **s0n)
-    finish("bonafide", **s0n)
+    finish("bonafide", **s0n, bona="default")
     finish("pretrain", **s0n, model="pretrain")
     import torch
 
@@ -69,7 +69,7 @@ def _grid(tmp_path):
     # seed 1, single-patch: poison done, the BaDLoss model training (fresh log), the attacked model's
     # log idle without an error or output; a stale temporary of an old killed write is ignored.
     finish("poison", **s1p)
-    finish("bonafide", **s1p)
+    finish("bonafide", **s1p, bona="default")
     log("pretrain", "[10:00:00] epoch 2/5: batch 3/9, 120 img/s\n", None, **s1p, model="pretrain")
     log("pretrain", "[10:00:00] epoch 1/5 train_loss 0.9\n", OLD, **s1p, model="attacked")
     plan = paths.outputs("plan", res, **s1p, defense="none")["out"]
@@ -161,3 +161,28 @@ def test_status_does_not_import_torch_without_checkpoints(tmp_path):
     p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert "jobs 64: done 0, running 0, checkpointed 0, failed 0, interrupted 0, not started 64" in p.stdout
+
+
+def test_each_bona_fide_set_is_a_job_of_the_cells_reading_it(tmp_path):
+    """A second bona fide set read by one detector: one more bonafide job per (scenario, seed), in
+    the cells of the defense using it only, with its own log; finished, it counts as done."""
+    cfg = config.validate({**CFG, "bona_fide_sets": {"n20": {"n_clean": 20}},
+                           "detectors": {**CFG["detectors"], "badloss_n20": {"type": "badloss", "k": 10, "bona_fide": "n20"}},
+                           "defenses": {**CFG["defenses"], "badloss_n20": {"detector": "badloss_n20", "remedy": "remove"}}},
+                          deep=False)
+    res, logs = str(tmp_path / "results"), str(tmp_path / "logs")
+    w = {"dataset": "digits", "scenario": "single-patch", "seed": 0}
+    out = paths.outputs("bonafide", res, **w, bona="n20")["out"]
+    assert out == f"{res}/digits/single-patch/seed0/bona_fide/n20.parquet"
+    Path(out).parent.mkdir(parents=True)
+    Path(out).write_text("x")
+    jobs, cells = status.collect(cfg, res, logs)
+    bona = {j.name: j for j in jobs if j.stage == "bonafide"}
+    assert len(bona) == 2 * 3 * 2  # scenarios x seeds x sets
+    job = bona["bonafide/digits/single-patch/seed0/n20"]
+    assert job.state == "done" and job.label == "bonafide n20"
+    assert job.log == paths.log("bonafide", logs, **w, bona="n20")
+    cell = {c.name: c for c in cells}
+    reads = {c: sorted(j.wildcards["bona"] for j in cell[c].jobs if j.stage == "bonafide")
+             for c in ("digits/single-patch/seed0/none", "digits/single-patch/seed0/badloss_n20")}
+    assert reads == {"digits/single-patch/seed0/none": ["default"], "digits/single-patch/seed0/badloss_n20": ["n20"]}

@@ -90,6 +90,35 @@ def test_tiny_grid_end_to_end(tmp_path):
     counts = _job_counts(snakemake(tmp_path, "all", "--configfile", str(cfgfile3), "-n").stdout)
     assert counts == {"bonafide": 2, "score": 2, "plan": 4, "train": 2, "evaluate": 4, "aggregate": 1}, counts
 
+    # Two more bona fide sets, each read by its own detector and defense: only their own jobs are
+    # added (nothing that exists reruns), and each plan keeps every bona fide example of its set.
+    sets = {"u30": {"n_clean": 30, "stratified": False}, "s60": {"n_clean": 60, "stratified": True}}
+    cfg4 = {**TINY, "bona_fide_sets": sets,
+            "detectors": {**TINY["detectors"], **{f"badloss_{b}": {**TINY["detectors"]["badloss"], "bona_fide": b} for b in sets}},
+            "defenses": {**TINY["defenses"], **{f"badloss_{b}": {"detector": f"badloss_{b}", "remedy": "remove", "r_reject": 0.4}
+                                                for b in sets}}}
+    cfgfile4 = tmp_path / "tiny4.yaml"
+    cfgfile4.write_text(yaml.safe_dump(cfg4))
+    counts = _job_counts(snakemake(tmp_path, "all", "--configfile", str(cfgfile4), "-n").stdout)
+    assert counts == {"bonafide": 4, "score": 4, "plan": 4, "train": 4, "evaluate": 4, "aggregate": 1}, counts
+    cell = res / "digits/multi/seed0"
+    plans = [f"results/digits/multi/seed0/badloss_{b}/plan.parquet" for b in sets]
+    snakemake(tmp_path, *plans, "--configfile", str(cfgfile4))
+    from poisongrid import poisoning
+
+    man = poisoning.read_manifest(cell / "poison/manifest.parquet")[0]
+    scores = {}
+    for b, settings in sets.items():
+        man_b = poisoning.read_manifest(cell / "poison/manifest.parquet", cell / f"bona_fide/{b}.parquet")[0]
+        bona = man_b["bona_fide"].to_numpy()
+        assert bona.sum() == settings["n_clean"] and man_b.loc[bona, "attack"].isna().all()
+        plan = pd.read_parquet(cell / f"badloss_{b}/plan.parquet").sort_values("index")
+        assert (plan["weight"].to_numpy()[bona] == 1).all() and (plan["weight"] == 0).sum() == round(0.4 * len(man))
+        scores[b] = pd.read_parquet(cell / f"scores/badloss_{b}.parquet").sort_values("index")["score"].to_numpy()
+    s60 = poisoning.read_manifest(cell / "poison/manifest.parquet", cell / "bona_fide/s60.parquet")[0]
+    assert (s60.loc[s60["bona_fide"], "orig_label"].value_counts() == 6).all()  # 10 classes take turns
+    assert not (scores["u30"] == scores["s60"]).all()
+
 
 def _job_counts(out: str) -> dict[str, int]:
     """Snakemake's 'Job stats' table as {rule: count}."""

@@ -22,10 +22,16 @@ ATTACK_NAMES = {"patch": "Patch", "single_pixel": "Single-Pix", "blend_random": 
                 "badnets_white": "BN-W", "badnets_grid": "BN-G", "sig": "SIG", "trojan_square": "TJ-SQ", "trojan_watermark": "TJ-WM",
                 "l2_invisible": "L2", "label_consistent": "CL", "dynamic": "Dynamic"}
 CELL = ["dataset", "scenario", "seed", "defense"]
+# Rejection by the plan (weight 0), from each cell's per-class counts: clean examples overall and
+# in the largest and smallest TAIL_FRACTION of classes by training-set size (mean of the classes'
+# rates), the poisoned examples; how many classes each tail holds and their mean size.
+TAIL_FRACTION = 0.1
+REJECTION_COLUMNS = ["clean_rejected", "clean_rejected_top", "clean_rejected_bottom", "poisoned_rejected",
+                     "n_classes", "tail_classes", "size_top", "size_bottom"]
 CELL_COLUMNS = ["clean_accuracy", "mean_asr", "mean_asr_boosted", "auroc", "recall_removed", "precision_removed",
                 "n_train", "n_poisoned", "n_removed", "n_ascent", "wall_time_total_s", "cost_epochs_models",
                 "cost_epochs_final", "cost_epochs", "cost_wall_models_s", "cost_wall_score_s", "cost_wall_final_s",
-                "cost_wall_s"]
+                "cost_wall_s", *REJECTION_COLUMNS]
 COLUMNS = [*CELL, "detector", "detector_type", "defender_model", "defender_arch", "arch", "remedy", "defense_params", "r_reject", "alpha", "attack", "target", "asr", "asr_boosted", "asr_paper",
            "auroc_attack", "recall_attack", *CELL_COLUMNS]
 REQUIRED = ("dataset", "scenario", "seed", "defense", "detector", "remedy", "attacks", "targets",
@@ -84,7 +90,8 @@ def _cell_rows(path) -> list[dict]:
             "mean_asr_boosted": _num(m["mean_asr_boosted"]), "auroc": _num(det.get("auroc")),
             "recall_removed": _num(det.get("recall_removed")), "precision_removed": _num(det.get("precision_removed")),
             "n_train": int(m["n_train"]), "n_poisoned": int(m["n_poisoned"]), "n_removed": int(m["n_removed"]),
-            "wall_time_total_s": float(sum(wall)) if wall else math.nan, **_cost(m.get("cost"))}
+            "wall_time_total_s": float(sum(wall)) if wall else math.nan, **_cost(m.get("cost")),
+            **class_rejection(m.get("rejection"))}
     rows = []
     if not m["attacks"]:  # the clean scenario: one row, no attack
         return [{**cell, "attack": None, "target": -1, "asr": math.nan, "asr_boosted": math.nan, "asr_paper": math.nan,
@@ -109,6 +116,29 @@ def _cost(c: dict | None) -> dict:
             "cost_wall_models_s": float(sum(_num(v.get("wall_time_s")) for v in models)),
             "cost_wall_score_s": _num(c.get("score_wall_time_s")) if c.get("score_wall_time_s") is not None else 0.0,
             "cost_wall_final_s": _num(final.get("wall_time_s")) if final else 0.0, "cost_wall_s": _num(c.get("wall_time_s"))}
+
+
+def class_rejection(rejection: dict | None, fraction: float = TAIL_FRACTION) -> dict:
+    """REJECTION_COLUMNS of one cell from its metrics' `rejection` counts (stages.rejection_counts):
+    classes ranked by training-set size (ties: lower class index first), round(fraction x classes)
+    of them (at least 1) at each end; a tail's rate is the mean of its classes' clean rejection rates.
+    Empty where the metrics predate the counts."""
+    if not rejection:
+        return {}
+    counts = sorted(((int(c), *map(int, v)) for c, v in rejection["by_class"].items()), key=lambda r: (-r[1], r[0]))
+    k = max(1, round(fraction * len(counts)))
+
+    def rate(rows) -> float:
+        rates = [rej / clean for _, _, clean, rej in rows if clean > 0]
+        return float(np.mean(rates)) if rates else math.nan
+
+    clean = sum(r[2] for r in counts)
+    n_p, rej_p = rejection["poisoned"]
+    top, bottom = counts[:k], sorted(counts, key=lambda r: (r[1], r[0]))[:k]
+    return {"clean_rejected": sum(r[3] for r in counts) / clean if clean else math.nan,
+            "clean_rejected_top": rate(top), "clean_rejected_bottom": rate(bottom),
+            "poisoned_rejected": rej_p / n_p if n_p else math.nan, "n_classes": len(counts), "tail_classes": k,
+            "size_top": float(np.mean([r[1] for r in top])), "size_bottom": float(np.mean([r[1] for r in bottom]))}
 
 
 def collect(metrics_paths: Iterable) -> pd.DataFrame:
@@ -148,11 +178,13 @@ STAT_METRICS = ["clean_accuracy", "asr", "asr_boosted", "asr_paper", "mean_asr",
 TABLE_SECTIONS = {"multi": "multi-attack results (the BaDLoss paper's Table 2 shape)",
                   "single": "single-attack results (the BaDLoss paper's Table 1 shape) and each single scenario",
                   "singlemulti": "each attack alone vs in the multi-attack scenario (the paper's Fig. 10)",
-                  "cost": "the cost of each defense"}
+                  "cost": "the cost of each defense",
+                  "rejection": "clean examples rejected in large and small classes (the paper's Appendix G)"}
 SECTION_EMPTY = {"multi": "This grid has no multi-attack scenario.",
                  "single": "This grid has no single-attack or clean scenario.",
                  "singlemulti": "No attack ran both alone (single-<attack>) and in the multi scenario under one defense.",
-                 "cost": "No cell of this grid has a cost record (metrics from before cost was recorded)."}
+                 "cost": "No cell of this grid has a cost record (metrics from before cost was recorded).",
+                 "rejection": "No defense of this grid removes examples (or its metrics predate the per-class counts)."}
 
 
 def table_section_name(kind: str) -> str:
@@ -379,12 +411,13 @@ def table_sections(df: pd.DataFrame) -> dict[str, list[str]]:
         out["singlemulti"] += single_vs_multi_table(g)
         out["plain"] += plain_table(g)
         out["cost"] += cost_table(g)
+        out["rejection"] += rejection_table(g)
     return out
 
 
 def markdown_tables(df: pd.DataFrame) -> str:
     s = table_sections(df)
-    return "\n".join(s["multi"] + s["single"] + s["singlemulti"] + s["plain"] + s["cost"])
+    return "\n".join(s["multi"] + s["single"] + s["singlemulti"] + s["plain"] + s["cost"] + s["rejection"])
 
 
 def per_seed_tables(df: pd.DataFrame) -> str:
@@ -495,6 +528,40 @@ def cost_table(g: pd.DataFrame) -> list[str]:
             "detector does itself (trigger reverse-engineering, masks, its own classifier).", "",
             *_md_table(["Defense", "Cells", "Model epochs", "Final epochs", "Total epochs", "Models (min)", "Scoring (min)",
                         "Final (min)", "Total (min)"], rows), ""]
+
+
+def rejection_table(g: pd.DataFrame) -> list[str]:
+    """Per scenario, each defense that removes examples: the share of clean examples its plan
+    rejected, overall and in the largest and smallest 10% of classes, and of poisoned examples
+    (the paper's Appendix G)."""
+    cells = _cells(g)
+    if "clean_rejected" not in cells or cells["clean_rejected"].isna().all():
+        return []
+    out = []
+    for sc, gs in cells.groupby("scenario", sort=False):
+        removing = [d for d in defense_order(gs) if (gs.loc[gs["defense"] == d, "n_removed"] > 0).any()]
+        c0 = gs[gs["clean_rejected"].notna()]
+        if not removing or c0.empty:
+            continue
+        k, top, bottom = int(c0["tail_classes"].iloc[0]), c0["size_top"].mean(), c0["size_bottom"].mean()
+        n_classes = int(c0["n_classes"].iloc[0])
+        rows = []
+        for d in removing:
+            c = gs[gs["defense"] == d]
+            n = _n(c)
+            rows.append([d, str(n), _pct(c["n_removed"] / c["n_train"], n), _pct(c["clean_rejected"], n),
+                         _pct(c["clean_rejected_top"], n), _pct(c["clean_rejected_bottom"], n), _pct(c["poisoned_rejected"], n)])
+        ds = g["dataset"].iloc[0]
+        out += [f"### {ds} — {sc}: rejection by class size", "",
+                f"Share of examples each defense's plan rejects (weight 0), in percent ({_seeds_note(c0)}): of all "
+                f"training examples, of the clean (untouched) ones, of the clean ones of the largest and the smallest "
+                f"{k} of {n_classes} classes by training-set size (mean over those classes; "
+                f"{top:.0f} and {bottom:.0f} examples per class on average), and of the poisoned ones. The BaDLoss "
+                "paper's Appendix G, GTSRB multi-attack: 25.5% (largest 10%) vs 52.5% (smallest 10%) of clean "
+                "examples rejected, 95.1% of poisoned ones.", "",
+                *_md_table(["Defense", "n", "Removed", "Clean rejected", f"Largest {k} classes", f"Smallest {k} classes",
+                            "Poisoned rejected"], rows), ""]
+    return out
 
 
 TABLES_CSS = """body { font-family: sans-serif; font-size: 14px; margin: 1em; color: #222; }
@@ -798,13 +865,21 @@ def capacity_figure(df: pd.DataFrame, out_path, title: str) -> Path | None:
 
 
 def _with_bona_fide(manifest_path):
-    """The manifest's `index` and `attack`, with `bona_fide` from the cell's bona fide file (all
-    False where a grid was aggregated before its bona fide stage ran)."""
+    """The manifest's `index` and `attack`, with `bona_fide` from the cell's default bona fide set
+    (else the first named set drawn; all False where a grid was aggregated before its bona fide
+    stage ran)."""
+    import glob
+
     from . import paths, poisoning
 
     w = paths.parse("manifest", manifest_path)
-    bf = Path(paths.path("bona_fide", w["results"], **{k: w[k] for k in ("dataset", "scenario", "seed")})) if w else None
-    man, _ = poisoning.read_manifest(manifest_path, bf if bf is not None and bf.exists() else None)
+    bf = None
+    if w:
+        cell = {k: w[k] for k in ("dataset", "scenario", "seed")}
+        default = paths.path("bona_fide", w["results"], bona=paths.DEFAULT_BONA_FIDE, **cell)
+        drawn = sorted(glob.glob(paths.path("bona_fide", glob.escape(w["results"]), bona="*", **cell)))
+        bf = default if Path(default).exists() else (drawn[0] if drawn else None)
+    man, _ = poisoning.read_manifest(manifest_path, bf)
     if "bona_fide" not in man:
         man["bona_fide"] = False
     return man[["index", "attack", "bona_fide"]]

@@ -51,7 +51,7 @@ def _spec(args, stage: str) -> dict:
     cfg = config.load(args.config, sizes=False)
     if args.results is None:
         args.results = config.results_dir(cfg, [args.config])
-    cell = {k: getattr(args, k, None) for k in ("scenario", "defense", "detector", "model")}
+    cell = {k: getattr(args, k, None) for k in ("scenario", "defense", "detector", "model", "bona")}
     return config.stage_spec(cfg, stage, args.dataset, seed=args.seed, **cell)
 
 
@@ -59,9 +59,11 @@ def _from_spec(spec: dict) -> dict:
     """Cell wildcards a stage's spec already names."""
     d = spec.get("defense")
     m = spec.get("model")
+    b = spec.get("bona_fide")
     return {"dataset": (spec.get("dataset") or {}).get("name"), "seed": spec.get("seed"), "scenario": spec.get("scenario"),
             "detector": spec.get("detector"), "defense": d["name"] if isinstance(d, dict) else d,
-            "model": m["name"] if isinstance(m, dict) else (m if "type" not in spec else None)}
+            "model": m["name"] if isinstance(m, dict) else (m if "type" not in spec else None),
+            "bona": spec.get("bona") or (b if isinstance(b, str) else None)}
 
 
 def _trigger_flags(items: list[str] | None) -> dict[str, str]:

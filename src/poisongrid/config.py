@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-from .paths import ATTACKED, trains_nothing
+from .paths import ATTACKED, DEFAULT_BONA_FIDE, trains_nothing
 
 SCHEMA = json.loads(resources.files("poisongrid").joinpath("schemas/config.schema.json").read_text())
 
@@ -274,7 +274,12 @@ def _check_detectors_defenses(cfg: dict, teachers: bool = True) -> None:
     from .paths import RESERVED
     from .remedies import REMEDIES
 
+    sets = bona_fide_sets(cfg)
     for dname, det in cfg["detectors"].items():
+        if det["bona_fide"] not in sets:
+            raise ConfigError(f"detectors.{dname}.bona_fide", det["bona_fide"],
+                              f"one of the bona fide sets {sorted(sets)} ('{DEFAULT_BONA_FIDE}': the top-level bona_fide; "
+                              "the others: bona_fide_sets)")
         cls = DETECTORS.get(det["type"], f"detectors.{dname}.type")
         cls.check(det, f"detectors.{dname}", cfg)
         if cls.default_model:
@@ -326,7 +331,6 @@ def _check_teachers(cfg: dict) -> None:
 
 
 def _check_budgets(cfg: dict) -> None:
-    n_clean = cfg["bona_fide"]["n_clean"]
     for name, ds in cfg["datasets"].items():
         n = train_size(ds, cfg["data_dir"])
         if n is None:
@@ -335,8 +339,37 @@ def _check_budgets(cfg: dict) -> None:
         # With overlap the poisoned set is at least the largest attack's (its union is drawn at random).
         poisoned = max(counts) if ds["overlap"] else sum(counts)
         pool = n - poisoned
-        if n_clean > pool:
-            raise ConfigError("bona_fide.n_clean", n_clean, f"at most {pool}, the untouched examples of '{name}' ({n} training images, {poisoned} poisoned)")
+        for set_name, bona in bona_fide_sets(cfg).items():
+            if bona["n_clean"] > pool:
+                raise ConfigError(f"{bona_fide_key(set_name)}.n_clean", bona["n_clean"],
+                                  f"at most {pool}, the untouched examples of '{name}' ({n} training images, {poisoned} poisoned)")
+
+
+# ---- bona fide sets ----------------------------------------------------------------------------
+
+
+def bona_fide_sets(cfg: dict) -> dict[str, dict]:
+    """name -> settings of every bona fide set: the top-level `bona_fide` as 'default', then `bona_fide_sets`."""
+    return {DEFAULT_BONA_FIDE: cfg["bona_fide"], **cfg.get("bona_fide_sets", {})}
+
+
+def bona_fide_key(name: str) -> str:
+    """Where a set is configured, for error messages."""
+    return "bona_fide" if name == DEFAULT_BONA_FIDE else f"bona_fide_sets.{name}"
+
+
+def bona_fide_of(cfg: dict, detector: str | None = None, defense: str | None = None) -> str:
+    """The bona fide set a detector reads; that of a defense is its detector's (the plan must
+    know every example the scores treated as bona fide), else the default."""
+    if defense is not None:
+        detector = cfg["defenses"][defense].get("detector")
+    if detector is None:
+        return DEFAULT_BONA_FIDE
+    return cfg["detectors"][detector].get("bona_fide", DEFAULT_BONA_FIDE)
+
+
+def n_clean_of(cfg: dict, detector: str | None = None, defense: str | None = None) -> int:
+    return bona_fide_sets(cfg)[bona_fide_of(cfg, detector, defense)]["n_clean"]
 
 
 def train_size(ds: dict, data_dir: str = "data") -> int | None:
@@ -419,7 +452,7 @@ def defender_model_spec(cfg: dict, dataset: str, name: str) -> dict:
 
 def stage_spec(cfg: dict, stage: str, dataset: str, scenario: str | None = None, seed: int | None = None,
                defense: str | None = None, detector: str | None = None, model: str | None = None,
-               attack: str | None = None) -> dict:
+               attack: str | None = None, bona: str | None = None) -> dict:
     """The part of the config one stage of one cell depends on (and nothing else)."""
     ds = _dataset(cfg, dataset)
     spec: dict[str, Any] = {"dataset": dataset_spec(cfg, dataset)}
@@ -447,8 +480,13 @@ def stage_spec(cfg: dict, stage: str, dataset: str, scenario: str | None = None,
             # Only where attacks can meet, so turning it on reruns just those scenarios.
             spec["overlap"] = True
     elif stage == "bonafide":
+        sets = bona_fide_sets(cfg)
+        bona = bona or DEFAULT_BONA_FIDE
+        if bona not in sets:
+            raise ConfigError("bona", bona, f"one of the bona fide sets {sorted(sets)}")
         spec["scenario"] = scenario
-        spec["bona_fide"] = cfg["bona_fide"]
+        spec["bona"] = bona
+        spec["bona_fide"] = sets[bona]
     elif stage == "pretrain":
         spec["model"] = defender_model_spec(cfg, dataset, model)
         spec["runtime"] = runtime_spec(cfg)
@@ -468,9 +506,10 @@ def stage_spec(cfg: dict, stage: str, dataset: str, scenario: str | None = None,
             spec = {}
         spec = {**spec, "detector": detector, **det}
     elif stage == "plan":
-        spec = {"defense": defense, **_defense(cfg, defense)}
+        spec = {"defense": defense, **_defense(cfg, defense), "bona_fide": bona_fide_of(cfg, defense=defense)}
     elif stage == "train":
         spec["defense"] = {"name": defense, **_defense(cfg, defense)}
+        spec["bona_fide"] = bona_fide_of(cfg, defense=defense)
         spec["training"] = final_training_spec(cfg, dataset, defense)
         spec["runtime"] = runtime_spec(cfg)
     elif stage == "evaluate":
@@ -540,6 +579,11 @@ def dataset_scale(cfg: dict, dataset: str) -> dict:
             "n_clean": cfg["bona_fide"]["n_clean"], "epochs": ds["epochs"]}
 
 
+def detector_scale(cfg: dict, dataset: str, detector: str) -> dict:
+    """dataset_scale with the bona fide count of the set the detector reads."""
+    return {**dataset_scale(cfg, dataset), "n_clean": n_clean_of(cfg, detector=detector)}
+
+
 def estimated_minutes(cfg: dict, stage: str, dataset: str, model: str | None = None, detector: str | None = None,
                       defense: str | None = None, attack: str | None = None) -> float:
     """GPU minutes one job of a stage needs, from the dataset's measured minutes per epoch; the
@@ -565,7 +609,7 @@ def estimated_minutes(cfg: dict, stage: str, dataset: str, model: str | None = N
 
         data = dataset_scale(cfg, dataset)
         names = [defense] if defense else [n for n, d in cfg["defenses"].items() if not trains_nothing(d)]
-        return max([REMEDIES.get(cfg["defenses"][n]["remedy"]).epochs(cfg["defenses"][n], data)
+        return max([REMEDIES.get(cfg["defenses"][n]["remedy"]).epochs(cfg["defenses"][n], {**data, "n_clean": n_clean_of(cfg, defense=n)})
                     * arch_mpe(final_training_spec(cfg, dataset, n)["model"]) for n in names] + [0.0])
     if stage == "features":
         names = [model] if model else list(cfg["defender_models"])
@@ -578,9 +622,9 @@ def estimated_minutes(cfg: dict, stage: str, dataset: str, model: str | None = N
     if stage == "score":
         from .detectors import DETECTORS
 
-        data = dataset_scale(cfg, dataset)
         names = [detector] if detector else list(cfg["detectors"])
-        return max([DETECTORS.get(cfg["detectors"][n]["type"]).epochs(cfg["detectors"][n], data) * mpe for n in names] + [0.0])
+        return max([DETECTORS.get(cfg["detectors"][n]["type"]).epochs(cfg["detectors"][n], detector_scale(cfg, dataset, n)) * mpe
+                    for n in names] + [0.0])
     return 0.0
 
 

@@ -12,7 +12,9 @@ def run_job(cfg: dict, stage: str, results: str, log=None, **cell) -> tuple[dict
     """Run one job; return (stage result, inputs, outputs)."""
     from . import stages
 
-    w = {k: cell[k] for k in ("scenario", "defense", "detector", "model", "attack") if k in cell}
+    if stage == "bonafide":
+        cell = {"bona": paths.DEFAULT_BONA_FIDE, **cell}
+    w = {k: cell[k] for k in ("scenario", "defense", "detector", "model", "attack", "bona") if k in cell}
     spec = config.stage_spec(cfg, stage, cell["dataset"], seed=cell.get("seed"), **w)
     inp = paths.inputs(stage, spec, results, **cell)
     out = paths.outputs(stage, results, **cell)
@@ -30,7 +32,9 @@ def cell_jobs(cfg: dict, dataset: str, scenario: str, seed: int, defenses: list[
             jobs.append(("trigger", {**c, "attack": a}))
     c["scenario"] = scenario
     jobs.append(("poison", dict(c)))
-    jobs.append(("bonafide", dict(c)))
+    # The bona fide sets the defenses read: each one's detector's, else the default.
+    sets = dict.fromkeys(config.bona_fide_of(cfg, defense=d) for d in defenses)
+    jobs += [("bonafide", {**c, "bona": b}) for b in sets]
     from .detectors import DETECTORS
 
     models, feats, detectors = [], [], []

@@ -14,7 +14,8 @@ PATTERNS = {
     "trigger": "{results}/{dataset}/triggers/{attack}-seed{seed}.npz",
     "manifest": CELL + "/poison/manifest.parquet",
     "poisoned": CELL + "/poison/poisoned.npz",
-    "bona_fide": CELL + "/bona_fide.parquet",
+    # One file per bona fide set: `default` (the config's `bona_fide`) and each of `bona_fide_sets`.
+    "bona_fide": CELL + "/bona_fide/{bona}.parquet",
     "defender_model": CELL + "/models/{model}/model.pt",
     "losses": CELL + "/models/{model}/trajectories.parquet",
     "features": CELL + "/models/{model}/features.npz",
@@ -29,7 +30,7 @@ LOG_CELL = "{logs}/{stage}/{dataset}/{scenario}/seed{seed}"
 LOGS = {
     "trigger": "{logs}/trigger/{dataset}/{attack}-seed{seed}.log",
     "poison": LOG_CELL + ".log",
-    "bonafide": LOG_CELL + ".log",
+    "bonafide": LOG_CELL + "/{bona}.log",
     "pretrain": LOG_CELL + "/{model}.log",
     "features": LOG_CELL + "/{model}.log",
     "score": LOG_CELL + "/{detector}.log",
@@ -38,9 +39,12 @@ LOGS = {
     "evaluate": LOG_CELL + "/{defense}.log",
     "aggregate": "{logs}/aggregate/aggregate.log",
 }
-WILDCARDS = ("dataset", "scenario", "seed", "attack", "model", "detector", "defense")
+WILDCARDS = ("dataset", "scenario", "seed", "attack", "model", "detector", "defense", "bona")
 # Directory names a defense may not take, since they sit beside the defense folders.
-RESERVED = ("poison", "models", "scores")
+RESERVED = ("poison", "models", "scores", "bona_fide")
+# The bona fide set the config's top-level `bona_fide` describes; detectors name another with
+# their `bona_fide` key, and a defense's plan and training read its detector's set.
+DEFAULT_BONA_FIDE = "default"
 # The model of the `none` defense: the final training on the whole poisoned set. Detectors that
 # inspect "the attacked model" name it, so it is trained once per cell.
 ATTACKED = "attacked"
@@ -117,6 +121,11 @@ def trigger_inputs(inp: dict) -> dict[str, str]:
     return {k[len(TRIGGER):]: v for k, v in inp.items() if k.startswith(TRIGGER)}
 
 
+def _bona_fide(spec: dict) -> Input:
+    """The bona fide set a score, plan or train job reads: the one its spec names."""
+    return ("bona_fide", {"bona": spec.get("bona_fide") or DEFAULT_BONA_FIDE})
+
+
 def _poisoned(spec: dict) -> dict[str, Input]:
     return {"manifest": ("manifest", {}), "images": ("poisoned", {})}
 
@@ -125,7 +134,7 @@ def _score_inputs(spec: dict) -> dict[str, Input]:
     from .detectors import DETECTORS
 
     needs = DETECTORS.get(spec["type"], "detector type").needs
-    out: dict[str, Input] = {"manifest": ("manifest", {}), "bona_fide": ("bona_fide", {})}
+    out: dict[str, Input] = {"manifest": ("manifest", {}), "bona_fide": _bona_fide(spec)}
     for name in needs:
         if name == "images":
             out[name] = ("poisoned", {})
@@ -135,7 +144,7 @@ def _score_inputs(spec: dict) -> dict[str, Input]:
 
 
 def _plan_inputs(spec: dict) -> dict[str, Input]:
-    out: dict[str, Input] = {"manifest": ("manifest", {}), "bona_fide": ("bona_fide", {})}
+    out: dict[str, Input] = {"manifest": ("manifest", {}), "bona_fide": _bona_fide(spec)}
     if spec.get("detector"):
         out["scores"] = ("scores", {"detector": spec["detector"]})
     return out
@@ -154,7 +163,7 @@ def _evaluate_inputs(spec: dict) -> dict[str, Input]:
 def _train_inputs(spec: dict) -> dict[str, Input]:
     from .remedies import REMEDIES
 
-    out = {**_poisoned(spec), "bona_fide": ("bona_fide", {}), "plan": ("plan", {})}
+    out = {**_poisoned(spec), "bona_fide": _bona_fide(spec), "plan": ("plan", {})}
     d = spec.get("defense") or {}
     model = REMEDIES.get(d["remedy"], "remedy").reads_model(d) if d else None
     if model:
@@ -172,7 +181,7 @@ CELL_W = ("dataset", "scenario", "seed")
 STAGES: dict[str, Stage] = {
     "trigger": Stage(("dataset", "attack", "seed"), {"out": "trigger"}, lambda spec: {}),
     "poison": Stage(CELL_W, {"manifest": "manifest", "images": "poisoned"}, lambda spec: _triggers(spec["attacks"])),
-    "bonafide": Stage(CELL_W, {"out": "bona_fide"}, lambda spec: {"manifest": ("manifest", {})}),
+    "bonafide": Stage(CELL_W + ("bona",), {"out": "bona_fide"}, lambda spec: {"manifest": ("manifest", {})}),
     "pretrain": Stage(CELL_W + ("model",), {"weights": "defender_model", "trajectories": "losses"}, _poisoned),
     "features": Stage(CELL_W + ("model",), {"out": "features"},
                       lambda spec: {**_poisoned(spec), "weights": ("defender_model", {})}),

@@ -122,10 +122,11 @@ def bonafide(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
     index = to_numpy(man["index"])
     mask = poisoning.draw_bona_fide(to_numpy(pc.is_null(man["attack"])), to_numpy(man["orig_label"]),
                                     int(mmeta["num_classes"]), spec["seed"], cfg)
-    meta = {"cell": provenance.of(mmeta, inp["manifest"]), "n_clean": int(mask.sum()), "settings": cfg,
-            "manifest_n": len(index), "manifest_fingerprint": poisoning.manifest_fingerprint(mmeta)}
+    meta = {"cell": provenance.of(mmeta, inp["manifest"]), "set": spec.get("bona", paths.DEFAULT_BONA_FIDE),
+            "n_clean": int(mask.sum()), "settings": cfg, "manifest_n": len(index),
+            "manifest_fingerprint": poisoning.manifest_fingerprint(mmeta)}
     poisoning.write_bona_fide(out["out"], index, mask, meta)
-    log(f"bona fide: {meta['n_clean']} examples" + (" (stratified)" if cfg.get("stratified") else ""))
+    log(f"bona fide set {meta['set']}: {meta['n_clean']} examples" + (" (stratified)" if cfg.get("stratified") else ""))
     return meta
 
 
@@ -215,7 +216,7 @@ def features(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
 # ---- score ------------------------------------------------------------------------------------
 
 
-SCORE_CONTEXT_KEYS = ("type", "detector", "model", "dataset", "seed", "runtime", "training")
+SCORE_CONTEXT_KEYS = ("type", "detector", "model", "dataset", "seed", "runtime", "training", "bona_fide")
 
 
 def score(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
@@ -381,6 +382,20 @@ def detection_quality(man: pd.DataFrame, scores: np.ndarray, flagged: np.ndarray
     return out
 
 
+def rejection_counts(man: pd.DataFrame, weights: np.ndarray) -> dict:
+    """What the plan rejected (weight 0), from the ground truth: per original class, [its training
+    examples, its untouched (clean) examples, those of them rejected]; and [poisoned, rejected] (the
+    paper's Appendix G: does removal fall harder on small classes?)."""
+    rejected = np.asarray(weights) == 0
+    clean = man["attack"].isna().to_numpy()
+    labels = man["orig_label"].to_numpy()
+    by_class = {}
+    for c in np.unique(labels):
+        here = labels == c
+        by_class[str(int(c))] = [int(here.sum()), int((here & clean).sum()), int((here & clean & rejected).sum())]
+    return {"by_class": by_class, "poisoned": [int((~clean).sum()), int((~clean & rejected).sum())]}
+
+
 def _auroc(scores, pos, neg) -> float | None:
     """Area under the ROC curve of `scores` separating `pos` from `neg` (Mann-Whitney U with tied
     scores at their mean rank, as scikit-learn computes it; numpy alone, so evaluate starts faster)."""
@@ -443,7 +458,7 @@ def evaluate(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
         "mean_asr_boosted": float(np.mean(list(paper.values()))) if paper else None,
         "detection": detection_quality(man, scores, w <= 0),
         "n_train": len(man), "n_poisoned": int(man["attack"].notna().sum()), "n_removed": int((w == 0).sum()),
-        "n_ascent": int((w < 0).sum()), "wall_time_s": wall, "cost": cost, "config": spec, "versions": versions(),
+        "n_ascent": int((w < 0).sum()), "rejection": rejection_counts(man, w), "wall_time_s": wall, "cost": cost, "config": spec, "versions": versions(),
         "device": device_name(device), "train_images_per_s": mmeta["images_per_s"], "train_epochs": mmeta.get("epochs"),
     }
     write_json(out["out"], metrics)

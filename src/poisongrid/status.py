@@ -48,8 +48,8 @@ class Job:
 
     @property
     def label(self) -> str:
-        """The job's wildcards beyond its cell's (model, detector, attack), after the stage."""
-        extra = [str(self.wildcards[k]) for k in ("model", "detector", "attack") if k in self.wildcards]
+        """The job's wildcards beyond its cell's (model, detector, attack, bona fide set), after the stage."""
+        extra = [str(self.wildcards[k]) for k in ("model", "detector", "attack", "bona") if k in self.wildcards]
         return " ".join([self.stage, *extra])
 
 

@@ -1,8 +1,8 @@
 rule bonafide:
-    """The examples the defender knows to be clean, drawn apart from the poisoning: changing them
-    reruns neither it nor pretraining."""
+    """The examples the defender knows to be clean (one file per bona fide set), drawn apart from
+    the poisoning: changing them reruns neither it nor pretraining."""
     message:
-        "{wildcards.dataset}/{wildcards.scenario}/seed{wildcards.seed}: bona fide examples"
+        "{wildcards.dataset}/{wildcards.scenario}/seed{wildcards.seed}: bona fide set {wildcards.bona}"
     input:
         unpack(inputs("bonafide")),
     output:

@@ -1,7 +1,7 @@
 # Helpers shared by the rules (functions only; the rules live in the other .smk files). Every
 # rule's inputs and outputs come from poisongrid.paths.STAGES, the declaration the CLI uses too.
 
-CELL_WILDCARDS = ("dataset", "scenario", "seed", "attack", "model", "detector", "defense")
+CELL_WILDCARDS = ("dataset", "scenario", "seed", "attack", "model", "detector", "defense", "bona")
 
 
 def _cell(w):
@@ -98,12 +98,12 @@ REPORT_CAPTIONS = "../report/"
 # sets their order: the tables first, the downloads last. (The front page, workflow/report/workflow.rst,
 # shows the multi- and single-attack tables too.)
 REPORT_CATEGORY = {"multi": "1 Multi-attack (Table 2)", "single": "2 Single-attack (Table 1)",
-                   "singlemulti": "3 Single vs multi-attack", "rreject": "4 r_reject", "capacity": "5 LfD teacher capacity",
+                   "singlemulti": "3 Single vs multi-attack", "rreject": "4 r_reject", "rejection": "4 r_reject", "capacity": "5 LfD teacher capacity",
                    "trajectories": "6 Trajectories", "teacher": "7 LfD teacher losses", "cost": "8 Cost",
                    "all": "9 All tables and downloads"}
 # The tables of each analysis, one HTML page each (poisongrid.aggregate.TABLE_SECTIONS).
 REPORT_TABLES = {"multi": "multi-attack tables", "single": "single-attack tables", "singlemulti": "single vs multi table",
-                 "cost": "cost table"}
+                 "cost": "cost table", "rejection": "rejection by class size (Appendix G)"}
 
 
 def report_tables():

@@ -25,9 +25,12 @@ class BaDLoss(Detector):
     def check(cls, det: dict, key: str, cfg: dict) -> None:
         super().check(det, key, cfg)
         k = det.get("k", cls.params["k"])
-        n_clean = cfg["bona_fide"]["n_clean"]
+        from ..config import bona_fide_key, bona_fide_sets
+
+        bona = det.get("bona_fide", "default")
+        n_clean = bona_fide_sets(cfg)[bona]["n_clean"]
         if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k > n_clean:
-            raise ConfigError(f"{key}.k", k, f"an integer in [1, bona_fide.n_clean = {n_clean}]")
+            raise ConfigError(f"{key}.k", k, f"an integer in [1, {bona_fide_key(bona)}.n_clean = {n_clean}]")
         if det.get("epsilon", 1e-8) <= 0:
             raise ConfigError(f"{key}.epsilon", det["epsilon"], "a positive number")
         rows = det.get("chunk_rows", cls.params["chunk_rows"])

@@ -53,7 +53,7 @@ class Detector:
 
     @classmethod
     def check(cls, det: dict, key: str, cfg: dict) -> None:
-        allowed = (["model"] if cls.default_model else []) + list(cls.params)
+        allowed = (["model"] if cls.default_model else []) + ["bona_fide"] + list(cls.params)
         for k in det:
             if k != "type" and k not in allowed:
                 raise ConfigError(f"{key}.{k}", det[k], f"one of {sorted(allowed)}")
@@ -65,10 +65,13 @@ class Detector:
                 raise ConfigError(f"{key}.{k}", v, "an integer" if isinstance(default, int) else "a number")
             if isinstance(default, str) and not isinstance(v, str):
                 raise ConfigError(f"{key}.{k}", v, "a string")
-        n_clean = cfg["bona_fide"]["n_clean"]
+        from ..config import bona_fide_key, bona_fide_sets
+
+        bona = det.get("bona_fide", "default")
+        n_clean = bona_fide_sets(cfg)[bona]["n_clean"]
         if n_clean < cls.min_bona_fide:
-            raise ConfigError("bona_fide.n_clean", n_clean, f"at least {cls.min_bona_fide}: detector '{key.split('.')[-1]}' "
-                              f"({cls.type}) learns from the bona fide examples")
+            raise ConfigError(f"{bona_fide_key(bona)}.n_clean", n_clean, f"at least {cls.min_bona_fide}: detector "
+                              f"'{key.split('.')[-1]}' ({cls.type}) learns from the bona fide examples")
         if not cls.default_model:
             return
         model = det.get("model", cls.default_model)
