@@ -5,6 +5,7 @@ Local execution ignores Snakemake groups, so the grouped run goes through a clus
 script in the background: the same path as an sbatch job, in which one Snakemake process runs
 every job of the group side by side."""
 import re
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -64,17 +65,22 @@ def test_dry_run_groups_gpu_rules_only_when_jobs_share_a_gpu(tmp_path):
 @pytest.mark.slow
 def test_jobs_sharing_a_gpu_write_the_same_artifacts_as_one_job_per_gpu(tmp_path):
     pytest.importorskip("snakemake_executor_plugin_cluster_generic")
-    ref = write(tmp_path, "one", tiny(1))
-    snakemake(tmp_path / "one", *GPU_OUTPUTS, "--configfile", str(ref))
-
     shared = write(tmp_path, "shared", tiny(2))
     d = tmp_path / "shared"
-    # The poisoned set locally, then the two pretrain jobs as one group job through the executor.
+    # The poisoned set once, locally; both runs start from it (with Snakemake's records of it).
     snakemake(d, f"{CELL}/poison/manifest.parquet", "--configfile", str(shared))
+    shutil.copytree(d, tmp_path / "one", dirs_exist_ok=True)
+    ref = tmp_path / "one/config.yaml"
+    ref.write_text(yaml.safe_dump(tiny(1)))
+    one = snakemake(tmp_path / "one", *GPU_OUTPUTS, "--configfile", str(ref))
+    log = one.stdout + one.stderr
+    assert log.count("train defender model") == 2 and "poison the training set" not in log, log[-3000:]
+
+    # The two pretrain jobs as one group job through the executor.
     submit = ("sh -c 'echo \"{resources.gres} {resources.mem_mb} {resources.runtime}\" >> submitted.txt; "
               "sh \"$0\" >> jobs.out 2>&1 & echo $!'")
     res = snakemake(d, *GPU_OUTPUTS, "--configfile", str(shared), "--jobs", "2", "--executor", "cluster-generic",
-                    "--cluster-generic-submit-cmd", submit, "--latency-wait", "5")
+                    "--cluster-generic-submit-cmd", submit, "--latency-wait", "5", "--seconds-between-status-checks", "1")
     out = res.stdout + res.stderr
     assert out.count("Submitted group job") == 1 and "Submitted job" not in out, out[-3000:]
     # One GPU for the group, the memory of its 2 jobs side by side, the runtime of the longer one.
