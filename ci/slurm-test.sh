@@ -3,7 +3,8 @@
 # plus a kill-and-resume test of a training job.
 #
 # CI runs it as root after `pip install -e ".[slurm]"` (snakemake, snakemake-executor-plugin-slurm
-# and the `poisongrid` CLI on PATH; sbatch exports PATH to the jobs). About 6-8 minutes on 2 cores (.ci/run calls it after pytest).
+# and the `poisongrid` CLI on PATH; sbatch exports PATH to the jobs). About 6-8 minutes on 2 cores
+# before the share part was added (not yet timed with it; .ci/run calls it after pytest).
 #
 #   1. ci/slurm-up.sh (idempotent: a running healthy cluster is left alone)
 #   2. one tiny grid (digits, scenario multi, defenses none + badloss, device cpu, no GPUs):
@@ -13,6 +14,9 @@
 #      .snakemake/slurm_logs/ holds <id>.log for each of those ids (and each submitted job)
 #   4. (a) and (b) agree: clean_accuracy, asr, asr_boosted, detection.auroc of every metrics.json
 #      are identical, and the trajectories Parquet files are equal
+#   4b. shared GPU (cluster.jobs_per_gpu 2): the grid again through Slurm with the GPU rules
+#      grouped; the two pretrain jobs of the cell ran in one Slurm job (their rule logs name the
+#      same job id) and the results equal the local run of step 2 exactly as in step 4
 #   5. fault test: the pretrain job of a slower config (many epochs) is scancel'ed once it has
 #      saved a checkpoint; snakemake fails, the .ckpt is left and no trajectories; the rerun (new
 #      Slurm job id) logs "resumed from checkpoint", removes the .ckpt and writes trajectories
@@ -24,7 +28,8 @@
 #   SLURM_TEST_SKIP_UP=1          do not run ci/slurm-up.sh (a cluster is already up)
 #   SLURM_TEST_FAULT_EPOCHS=100   schedule epochs of the fault config (pretrain runs half of them;
 #                                 ~0.3 s each on an idle core at image_size 16)
-#   SLURM_TEST_PARTS="grid fault badinput" run only some parts (grid: steps 2-4, fault: step 5,
+#   SLURM_TEST_PARTS="grid share fault badinput" run only some parts (grid: steps 2-4, share:
+#                                 step 4b (with the local run of step 2), fault: step 5,
 #                                 badinput: a partition the cluster lacks stops the run with
 #                                 sbatch's message and the rule's log path)
 #   PYTHON=...                    interpreter with poisongrid + pandas (default: the one snakemake uses)
@@ -34,7 +39,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PROFILE="$REPO/ci/slurm-profile"
 SNAKEFILE="$REPO/Snakefile"
 FAULT_EPOCHS="${SLURM_TEST_FAULT_EPOCHS:-100}"
-PARTS=" ${SLURM_TEST_PARTS:-grid fault badinput} "
+PARTS=" ${SLURM_TEST_PARTS:-grid share fault badinput} "
 STAGE_RULES=(trigger poison pretrain score plan train evaluate)
 CELL=results/digits/multi/seed0
 TRAJ="$CELL/models/pretrain/trajectories.parquet"
@@ -169,8 +174,14 @@ EOF
 }
 TINY="$WORK/tiny.yaml"
 FAULT="$WORK/fault.yaml"
+SHARE="$WORK/share.yaml"
 write_config "$TINY" 12 0.3
 write_config "$FAULT" "$FAULT_EPOCHS" 0.5
+# The grid with its GPU rules' jobs two to an allocation (memory per job halved: a group asks for
+# the sum over its jobs, and the node is small). Memory does not enter any result.
+sed 's/^cluster: {gpus_per_job: 0, gpu_mem_mb: 2000,/cluster: {gpus_per_job: 0, jobs_per_gpu: 2, gpu_mem_mb: 1000,/' \
+    "$TINY" >"$SHARE"
+grep -q 'jobs_per_gpu: 2' "$SHARE" || fail "could not write $SHARE"
 FAULT_RUN=$(( (FAULT_EPOCHS + 1) / 2 ))
 
 smk_local() {  # timeout dir out-file args...
@@ -184,6 +195,43 @@ smk_slurm() {  # timeout dir out-file args...
     timeout -k 10 "$t" snakemake -s "$SNAKEFILE" -d "$dir" --profile "$PROFILE" "$@" >"$out" 2>&1
 }
 
+# Every metrics.json and trajectories file of a local results folder ($1) equals a Slurm one ($2).
+compare_results() {
+    timeout -k 10 120 "$PYTHON" - "$1" "$2" <<'PY'
+import json, sys
+from pathlib import Path
+import pandas as pd
+
+a, b = Path(sys.argv[1]), Path(sys.argv[2])
+bad = []
+for pat in ("**/metrics.json", "**/trajectories.parquet"):
+    fa = sorted(p.relative_to(a) for p in a.glob(pat))
+    fb = sorted(p.relative_to(b) for p in b.glob(pat))
+    if fa != fb or not fa:
+        bad.append(f"{pat}: local has {list(map(str, fa))}, Slurm has {list(map(str, fb))}")
+        continue
+    for rel in fa:
+        if rel.suffix == ".json":
+            ma, mb = (json.loads((r / rel).read_text()) for r in (a, b))
+            for key in ("clean_accuracy", "asr", "asr_boosted"):
+                if ma.get(key) != mb.get(key):
+                    bad.append(f"{rel} {key}: local {ma.get(key)} != Slurm {mb.get(key)}")
+            auc = [(m.get("detection") or {}).get("auroc") for m in (ma, mb)]
+            if auc[0] != auc[1]:
+                bad.append(f"{rel} detection.auroc: local {auc[0]} != Slurm {auc[1]}")
+            print(f"  {rel}: clean_accuracy {ma['clean_accuracy']:.4f}, auroc {auc[0]}  (equal)")
+        else:
+            ta, tb = (pd.read_parquet(r / rel) for r in (a, b))
+            if not ta.equals(tb):
+                bad.append(f"{rel}: trajectories differ")
+            else:
+                print(f"  {rel}: {ta.shape} equal")
+if bad:
+    print("\n".join(bad), file=sys.stderr)
+    sys.exit(1)
+PY
+}
+
 # ---------------------------------------------------------------- local runs (background)
 # While the Slurm grid mostly waits on status checks, the local runs use the CPUs:
 # (a) the grid, the uninterrupted reference of the fault config, and the fault test's inputs.
@@ -191,7 +239,7 @@ has_part() { case "$PARTS" in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 log "local runs in the background (parts: $(echo $PARTS)): grid; fault reference ($FAULT_RUN pretrain epochs) and fault inputs"
 (
     set -e
-    if has_part grid; then
+    if has_part grid || has_part share; then
         smk_local 400 "$WORK/local" "$WORK/local.out" all --configfile "$TINY"
     fi
     if has_part fault; then
@@ -252,40 +300,26 @@ log "sbatch: $n_sub jobs submitted (ids: ${submitted% }); rule logs of ${checked
 
 # ---------------------------------------------------------------- 4. same results locally and under Slurm
 log "comparing local and Slurm results"
-timeout -k 10 120 "$PYTHON" - "$WORK/local/results" "$WORK/slurm/results" <<'PY' || fail "local and Slurm results differ"
-import json, sys
-from pathlib import Path
-import pandas as pd
+compare_results "$WORK/local/results" "$WORK/slurm/results" || fail "local and Slurm results differ"
 
-a, b = Path(sys.argv[1]), Path(sys.argv[2])
-bad = []
-for pat in ("**/metrics.json", "**/trajectories.parquet"):
-    fa = sorted(p.relative_to(a) for p in a.glob(pat))
-    fb = sorted(p.relative_to(b) for p in b.glob(pat))
-    if fa != fb or not fa:
-        bad.append(f"{pat}: local has {list(map(str, fa))}, slurm has {list(map(str, fb))}")
-        continue
-    for rel in fa:
-        if rel.suffix == ".json":
-            ma, mb = (json.loads((r / rel).read_text()) for r in (a, b))
-            for key in ("clean_accuracy", "asr", "asr_boosted"):
-                if ma.get(key) != mb.get(key):
-                    bad.append(f"{rel} {key}: local {ma.get(key)} != slurm {mb.get(key)}")
-            auc = [(m.get("detection") or {}).get("auroc") for m in (ma, mb)]
-            if auc[0] != auc[1]:
-                bad.append(f"{rel} detection.auroc: local {auc[0]} != slurm {auc[1]}")
-            print(f"  {rel}: clean_accuracy {ma['clean_accuracy']:.4f}, auroc {auc[0]}  (equal)")
-        else:
-            ta, tb = (pd.read_parquet(r / rel) for r in (a, b))
-            if not ta.equals(tb):
-                bad.append(f"{rel}: trajectories differ")
-            else:
-                print(f"  {rel}: {ta.shape} equal")
-if bad:
-    print("\n".join(bad), file=sys.stderr)
-    sys.exit(1)
-PY
+fi
 
+# ---------------------------------------------------------------- 4b. GPU rules' jobs sharing an allocation
+n_share=0
+if has_part share; then
+log "shared GPU: the grid through Slurm with cluster.jobs_per_gpu 2"
+t=$SECONDS
+smk_slurm 540 "$WORK/share" "$WORK/share.out" all --configfile "$SHARE" \
+    || fail "snakemake through Slurm with jobs_per_gpu 2 failed (rc $?), see $WORK/share.out"
+log "shared grid through Slurm done in $((SECONDS - t)) s"
+grep -q "Group job gpu_pretrain" "$WORK/share.out" || fail "no 'Group job gpu_pretrain' in $WORK/share.out"
+mapfile -t plogs < <(find "$WORK/share/logs/pretrain" -name '*.log' | sort)
+[ "${#plogs[@]}" -eq 2 ] || fail "expected 2 pretrain logs (pretrain, attacked), found: ${plogs[*]}"
+pids="$(for f in "${plogs[@]}"; do sed -n 's/.*in SLURM job \([0-9][0-9]*\) on .*/\1/p' "$f" | tail -n 1; done | sort -u)"
+[ "$(wc -w <<<"$pids")" -eq 1 ] || fail "the 2 grouped pretrain jobs ran in Slurm jobs '$(echo $pids)', not in one"
+n_share="$(grep -c 'has been submitted with SLURM jobid' "$WORK/share.out" || true)"
+log "the 2 pretrain jobs ran in Slurm job $pids; comparing with the local run"
+compare_results "$WORK/local/results" "$WORK/share/results" || fail "local and shared-GPU Slurm results differ"
 fi
 
 # ---------------------------------------------------------------- 5. kill a training job, resume it
@@ -381,6 +415,10 @@ fi
 
 summary="$n_sub grid"
 has_part grid && summary+=", results equal to the local run"
+if has_part share; then
+    n_sub=$((n_sub + n_share))
+    summary+=", $n_share shared-GPU (jobs_per_gpu 2) equal to the local run"
+fi
 if has_part fault; then
     n_sub=$((n_sub + 2))
     summary+=", 2 fault-test: resumed at epoch $resume_at/$FAULT_RUN after scancel"

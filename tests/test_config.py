@@ -349,3 +349,42 @@ def test_a_detector_is_checked_against_its_own_bona_fide_set():
     c["bona_fide_sets"]["s40"]["n_clean"] = 5000  # digits: 1437 training images
     with pytest.raises(ConfigError, match=r"bona_fide_sets.s40.n_clean.*at most"):
         config.validate(c)
+
+
+def test_jobs_sharing_a_gpu_form_one_group_per_stage_asking_for_one_gpu():
+    one = config.validate(cfg(device="cuda", cluster={"gpus_per_job": 1, "gpu_mem_mb": 4000}))
+    shared = config.validate(cfg(device="cuda", cluster={"gpus_per_job": 1, "gpu_mem_mb": 4000, "jobs_per_gpu": 3}))
+    assert one["cluster"]["jobs_per_gpu"] == 1
+    for stage in ("trigger", "pretrain", "features", "train"):
+        # jobs_per_gpu 1 leaves every rule ungrouped with the resources it always had.
+        assert config.share_group(one, stage) is None and config.resources(one, stage, "digits")["gpu"] == 1
+        assert config.share_group(shared, stage) == f"gpu_{stage}"
+        r, r1 = config.resources(shared, stage, "digits"), config.resources(one, stage, "digits")
+        # A string resource is kept, not summed, over a group: one GPU for the group's 3 jobs;
+        # memory stays per job (Snakemake sums it over jobs that run side by side).
+        assert "gpu" not in r and r["gres"] == "gpu:1" and r["mem_mb"] == 4000
+        # Each of the 3 may run up to 3x slower on the shared GPU.
+        est = config.estimated_minutes(shared, stage, "digits")
+        assert (r["runtime"], r1["runtime"]) == (int(10 + 1.5 * 3 * est), int(10 + 1.5 * est))
+    assert config.share_group(shared, "score") is None and config.share_group(shared, "poison") is None
+    assert config.group_components(shared) == {f"gpu_{s}": 3 for s in ("trigger", "pretrain", "features", "train")}
+    assert config.group_components(one) == {}
+    # The stage specs (what outputs depend on) do not see the scheduler's grouping.
+    assert config.stage_spec(one, "pretrain", "digits", seed=0, model="pretrain") == \
+        config.stage_spec(shared, "pretrain", "digits", seed=0, model="pretrain")
+    model = config.validate(cfg(device="cuda", cluster={"gpu_model": "a100", "jobs_per_gpu": 2}))
+    r = config.resources(model, "train", "digits")
+    assert r["gres"] == "gpu:a100:1" and "gpu_model" not in r and "gpu" not in r
+    # Without GPUs (gpus_per_job 0) the jobs still share one allocation, asking for no GPU.
+    cpu = config.validate(cfg(device="cpu", cluster={"gpus_per_job": 0, "jobs_per_gpu": 2}))
+    assert config.share_group(cpu, "pretrain") == "gpu_pretrain" and "gres" not in config.resources(cpu, "pretrain", "digits")
+
+
+def test_jobs_per_gpu_is_checked():
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ConfigError, match="cluster.jobs_per_gpu"):
+            config.validate(cfg(device="cuda", cluster={"jobs_per_gpu": bad}))
+    # Sharing a GPU between jobs and spreading a job over several GPUs exclude each other.
+    with pytest.raises(ConfigError, match="'cluster.jobs_per_gpu' = 2.*gpus_per_job is 4"):
+        config.validate(cfg(device="cuda", cluster={"gpus_per_job": 4, "jobs_per_gpu": 2}))
+    config.validate(cfg(device="cuda", cluster={"gpus_per_job": 4, "jobs_per_gpu": 1}))

@@ -190,6 +190,11 @@ def validate(cfg: dict, deep: bool = True, sizes: bool = True) -> dict:
         # Several GPUs per job means data-parallel CUDA training; a CPU job would leave them idle.
         problems.append(ConfigError("cluster.gpus_per_job", cfg["cluster"]["gpus_per_job"],
                                     "0 or 1 with device: cpu (more than 1 trains data-parallel on CUDA GPUs: device cuda or auto)"))
+    if cfg["cluster"]["jobs_per_gpu"] > 1 and cfg["cluster"]["gpus_per_job"] > 1:
+        # Jobs sharing a GPU and one job spread over several GPUs pull in opposite directions.
+        problems.append(ConfigError("cluster.jobs_per_gpu", cfg["cluster"]["jobs_per_gpu"],
+                                    f"1 when cluster.gpus_per_job is {cfg['cluster']['gpus_per_job']} "
+                                    "(several jobs share a GPU only with gpus_per_job 0 or 1)"))
     if problems:
         _raise_all(problems)
     return cfg
@@ -643,10 +648,15 @@ def resources(cfg: dict, stage: str, dataset: str, model: str | None = None, def
     cl = cfg["cluster"]
     heavy = on_gpu(cfg, stage)
     gpu = heavy and cl["gpus_per_job"] > 0
+    shared = share_group(cfg, stage) is not None
     res = {}
     # Only what the config knows better than the profile's default-resources is set here.
     if heavy:
-        res["runtime"] = int(10 + cl["runtime_margin"] * estimated_minutes(cfg, stage, dataset, model, defense=defense))
+        # Jobs sharing a GPU may each run up to jobs_per_gpu times slower (when the GPU, not the
+        # data loading, was the bottleneck); a group job asks for the longest of its jobs.
+        slowdown = cl["jobs_per_gpu"] if shared else 1
+        res["runtime"] = int(10 + cl["runtime_margin"] * slowdown
+                             * estimated_minutes(cfg, stage, dataset, model, defense=defense))
     mem = cl["gpu_mem_mb"] if heavy else cl["cpu_mem_mb"]
     if mem:
         res["mem_mb"] = mem
@@ -655,11 +665,30 @@ def resources(cfg: dict, stage: str, dataset: str, model: str | None = None, def
         res["slurm_partition"] = part
     if cl["account"]:
         res["slurm_account"] = cl["account"]
-    if gpu:
+    if gpu and shared:
+        # Snakemake sums a group's integer resources over the jobs that run side by side (memory,
+        # cores: wanted) but keeps a string one that all its jobs share: one GPU for the group.
+        res["gres"] = f"gpu:{cl['gpu_model']}:1" if cl["gpu_model"] else "gpu:1"
+    elif gpu:
         res["gpu"] = cl["gpus_per_job"] if stage in DATA_PARALLEL_STAGES else 1
         if cl["gpu_model"]:
             res["gpu_model"] = cl["gpu_model"]
     return res
+
+
+def share_group(cfg: dict, stage: str) -> str | None:
+    """The Snakemake group of a stage's jobs when cluster.jobs_per_gpu of them share a GPU, else
+    None (the rule stays ungrouped). One group per stage: a group holding, say, a cell's pretrain
+    and its train would wait on itself (train needs the score made from pretrain's output)."""
+    if cfg["cluster"]["jobs_per_gpu"] > 1 and on_gpu(cfg, stage):
+        return f"gpu_{stage}"
+    return None
+
+
+def group_components(cfg: dict) -> dict[str, int]:
+    """Snakemake's --group-components for the shared-GPU groups: jobs_per_gpu jobs in each."""
+    n = cfg["cluster"]["jobs_per_gpu"]
+    return {g: n for g in (share_group(cfg, s) for s in (*GPU_STAGES, "score")) if g}
 
 
 def launcher(cfg: dict, stage: str) -> str:

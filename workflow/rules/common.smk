@@ -51,6 +51,26 @@ def stage_shell(stage):
     return f"{pgc.launcher(config, stage)} {stage} --spec {{params.spec}} {{params.io}} 2> {{log}}"
 
 
+def gpu_group(stage):
+    """The rule's group when cluster.jobs_per_gpu jobs share a GPU (one group job, one sbatch job,
+    per jobs_per_gpu jobs of the stage); None (no group, the rule unchanged) otherwise."""
+    group = pgc.share_group(config, stage)
+    if group is None:
+        return None
+
+    def f(wildcards):
+        # How many jobs a group spans is Snakemake's --group-components, which it installs from the
+        # command line after reading the Snakefile; a group function runs while the DAG is built,
+        # before groups are formed, so the config's sizes are added here (the command line's win).
+        gs = workflow.group_settings
+        want = pgc.group_components(config)
+        if not all(g in gs.group_components for g in want):
+            gs.group_components = {**want, **gs.group_components}
+        return group
+
+    return f
+
+
 def resources_of(stage):
     """Scheduler resources of a rule, from the config's `cluster` keys; runtime per dataset (and
     per defender model for pretrain and features, per defense for train: architectures differ)."""

@@ -9,6 +9,8 @@ rule features:
     params:
         spec=spec("features"),
         io=io_flags,
+    group:
+        gpu_group("features")
     resources:
         **resources_of("features"),
     conda:

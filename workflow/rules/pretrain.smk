@@ -10,6 +10,8 @@ rule pretrain:
     params:
         spec=spec("pretrain"),
         io=io_flags,
+    group:
+        gpu_group("pretrain")
     resources:
         **resources_of("pretrain"),
     conda:

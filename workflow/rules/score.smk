@@ -12,6 +12,8 @@ rule score:
     # Short and deterministic: a failure here (e.g. missing data) is real, so it is not retried
     # (the profile's retries are for training jobs killed by the cluster).
     retries: 0
+    group:
+        gpu_group("score")
     resources:
         **resources_of("score"),
     conda:

@@ -9,6 +9,8 @@ rule train:
     params:
         spec=spec("train"),
         io=io_flags,
+    group:
+        gpu_group("train")
     resources:
         **resources_of("train"),
     conda:

@@ -7,6 +7,8 @@ rule trigger:
     params:
         spec=spec("trigger"),
         io=io_flags,
+    group:
+        gpu_group("trigger")
     resources:
         **resources_of("trigger"),
     conda:
