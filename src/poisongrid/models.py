@@ -252,8 +252,15 @@ def _run_order(model: nn.Module, kind: type, image_size: int) -> list[tuple[str,
     """(name, module) of every `kind` module in the order one forward pass runs them."""
     names = {id(m): n for n, m in model.named_modules()}
     seen: list[tuple[str, nn.Module]] = []
-    hooks = [m.register_forward_hook(lambda mod, i, o: seen.append((names[id(mod)], mod)))
-             for m in model.modules() if isinstance(m, kind)]
+    _traced_forward(model, [m for m in model.modules() if isinstance(m, kind)],
+                    lambda mod, i, o: seen.append((names[id(mod)], mod)), image_size)
+    return seen
+
+
+def _traced_forward(model: nn.Module, modules: list[nn.Module], hook, image_size: int) -> None:
+    """One eval-mode forward pass of a blank image with `hook` on each of `modules`; the model's
+    mode and hooks are restored."""
+    hooks = [m.register_forward_hook(hook) for m in modules]
     was_training = model.training
     try:
         p = next(model.parameters())
@@ -263,7 +270,6 @@ def _run_order(model: nn.Module, kind: type, image_size: int) -> list[tuple[str,
         for h in hooks:
             h.remove()
         model.train(was_training)
-    return seen
 
 
 def last_conv(model: nn.Module, image_size: int = 32) -> tuple[str, nn.Conv2d]:
@@ -302,16 +308,7 @@ def _head_and_map_channels(model: nn.Module, image_size: int) -> tuple[nn.Linear
         elif isinstance(out, torch.Tensor) and out.dim() == 4:
             state["channels"] = out.shape[1]
 
-    hooks = [m.register_forward_hook(seen) for m in model.modules()]
-    was_training = model.training
-    try:
-        p = next(model.parameters())
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, 3, image_size, image_size, device=p.device, dtype=p.dtype))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    _traced_forward(model, list(model.modules()), seen, image_size)
     if state["head"] is None:
         raise ValueError(f"{type(model).__name__} has no nn.Linear layer")
     if state["channels"] is None:
