@@ -130,16 +130,13 @@ def bonafide(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
     return meta
 
 
-def _manifest(spec: dict, manifest_path, ground_truth: bool = True, bona_fide_path=None):
-    """The cell's manifest (the defender's columns only unless ground_truth; with the bona fide
-    mask when its file is given), checked against the dataset and seed of the job reading it."""
+def _manifest(spec: dict, manifest_path, bona_fide_path=None):
+    """The cell's whole manifest (with the bona fide mask when its file is given), checked against
+    the dataset and seed of the job reading it. Detectors and remedies get the defender's columns
+    elsewhere (Context.manifest, poisoning.manifest_table)."""
     from . import poisoning
-    from .detectors.base import defender_manifest
 
-    if ground_truth:
-        man, meta = poisoning.read_manifest(manifest_path, bona_fide_path)
-    else:
-        man, meta = defender_manifest(manifest_path, bona_fide_path)
+    man, meta = poisoning.read_manifest(manifest_path, bona_fide_path)
     provenance.check(manifest_path, meta, dataset=(spec.get("dataset") or {}).get("name"), seed=spec.get("seed"))
     return man, meta
 
