@@ -420,7 +420,8 @@ def _dataset(cfg: dict, dataset: str) -> dict:
 
 
 def runtime_spec(cfg: dict) -> dict:
-    return {"device": cfg["device"], "threads": cfg["threads"]}
+    # cuda_graphs only when off, so the default leaves every stage's settings (and cache) as they were.
+    return {"device": cfg["device"], "threads": cfg["threads"], **({} if cfg["cuda_graphs"] else {"cuda_graphs": False})}
 
 
 def training_spec(cfg: dict, dataset: str) -> dict:

@@ -55,9 +55,17 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+# How this process trains (setup_runtime sets it from the config's runtime settings).
+_RUNTIME = {"cuda_graphs": True}
+
+
 def setup_runtime(runtime: dict) -> torch.device:
     torch.set_num_threads(int(runtime.get("threads", 1)))
     device = resolve_device(runtime.get("device", "auto"))
+    _RUNTIME["cuda_graphs"] = bool(runtime.get("cuda_graphs", True))
+    if device.type == "cuda":
+        # Every training batch has one shape: let cuDNN time its kernels once and keep the fastest.
+        torch.backends.cudnn.benchmark = True
     rank = world()
     if rank is not None and device.type == "cuda":
         # Under torchrun each process trains on its own GPU of the node.
@@ -157,40 +165,50 @@ def _plain_batchnorm(module: nn.Module) -> nn.Module:
 # ---- batch augmentations (uint8 batch in, uint8 batch out, on the batch's device) -----------------
 
 
-@AUGMENTS.register("none")
-def _no_aug(x: torch.Tensor, gen: torch.Generator, spec: dict) -> torch.Tensor:
-    return x
+@dataclass(frozen=True)
+class Augment:
+    """A batch augmentation in two halves. `draw(n, gen, spec)` takes every random number a batch
+    of n needs from a CPU generator, as per-example tensors, so an epoch's draws (made batch by batch
+    at its start, in the same order as drawing per batch) concatenate and slice by batch and travel
+    to the device in one copy; `apply(x, params, spec)` draws nothing, so a CUDA graph replays it."""
+
+    draw: Callable[[int, torch.Generator, dict], tuple[torch.Tensor, ...]]
+    apply: Callable[[torch.Tensor, tuple[torch.Tensor, ...], dict], torch.Tensor]
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator, spec: dict) -> torch.Tensor:
+        return self.apply(x, tuple(p.to(x.device) for p in self.draw(len(x), gen, spec)), spec)
 
 
-def _flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    mask = (torch.rand(x.shape[0], generator=gen) < 0.5).to(x.device)
-    return torch.where(mask.view(-1, 1, 1, 1), x.flip(3), x)
+AUGMENTS.register("none")(Augment(lambda n, gen, spec: (), lambda x, params, spec: x))
 
 
-@AUGMENTS.register("crop_flip")
-def _crop_flip(x: torch.Tensor, gen: torch.Generator, spec: dict, pad: int = 4, mode: str = "reflect") -> torch.Tensor:
+def _draw_crop_flip(n: int, gen: torch.Generator, spec: dict, pad: int = 4) -> tuple[torch.Tensor, ...]:
+    oy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    ox = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    return oy, ox, torch.rand(n, generator=gen) < 0.5
+
+
+def _crop_flip(x: torch.Tensor, params: tuple[torch.Tensor, ...], spec: dict, pad: int = 4,
+               mode: str = "reflect") -> torch.Tensor:
     """Random crop from a padded image (pad 4; reflect as in the BaDLoss code) and horizontal flip,
     one gather for the batch."""
+    oy, ox, flip = params
     n, c, h, w = x.shape
     xp = F.pad(x.float(), (pad, pad, pad, pad), mode=mode) if mode == "reflect" else F.pad(x.float(), (pad,) * 4)
-    oy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
-    ox = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
     rows = (oy[:, None] + torch.arange(h, device=x.device)).view(n, 1, h, 1).expand(n, c, h, w + 2 * pad)
     xp = xp.gather(2, rows)
     cols = (ox[:, None] + torch.arange(w, device=x.device)).view(n, 1, 1, w).expand(n, c, h, w)
-    return _flip(xp.gather(3, cols).to(x.dtype), gen)
+    x = xp.gather(3, cols).to(x.dtype)
+    return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
 
 
-@AUGMENTS.register("crop_flip_zero")
-def _crop_flip_zero(x: torch.Tensor, gen: torch.Generator, spec: dict) -> torch.Tensor:
-    """Random crop with 4 px of zero padding + flip (torchvision's RandomCrop(padding=4), as LfD trains)."""
-    return _crop_flip(x, gen, spec, mode="constant")
+AUGMENTS.register("crop_flip")(Augment(_draw_crop_flip, _crop_flip))
+# torchvision's RandomCrop(padding=4) + flip, as LfD trains.
+AUGMENTS.register("crop_flip_zero")(Augment(_draw_crop_flip, lambda x, p, spec: _crop_flip(x, p, spec, mode="constant")))
 
 
-@AUGMENTS.register("resized_crop_flip")
-def _resized_crop_flip(x: torch.Tensor, gen: torch.Generator, spec: dict) -> torch.Tensor:
-    """RandomResizedCrop (scale range from the config, ratio 3/4..4/3) + flip via one affine grid_sample."""
-    n = x.shape[0]
+def _draw_resized_crop(n: int, gen: torch.Generator, spec: dict) -> tuple[torch.Tensor, ...]:
+    """RandomResizedCrop's box (scale range from the config, ratio 3/4..4/3) and a flip sign."""
     lo, hi = spec.get("crop_scale", (0.08, 1.0))
     area = torch.empty(n).uniform_(lo, hi, generator=gen)
     logr = torch.empty(n).uniform_(math.log(3 / 4), math.log(4 / 3), generator=gen)
@@ -200,13 +218,33 @@ def _resized_crop_flip(x: torch.Tensor, gen: torch.Generator, spec: dict) -> tor
     tx = (torch.rand(n, generator=gen) * 2 - 1) * (1 - sw)
     ty = (torch.rand(n, generator=gen) * 2 - 1) * (1 - sh)
     flip = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 2] = sw * flip, tx
-    theta[:, 1, 1], theta[:, 1, 2] = sh, ty
-    theta = theta.to(x.device)
+    return sw * flip, tx, sh, ty
+
+
+def _resized_crop(x: torch.Tensor, params: tuple[torch.Tensor, ...], spec: dict) -> torch.Tensor:
+    """The drawn boxes resampled to the image size (one affine grid_sample, bilinear)."""
+    theta = torch.zeros(x.shape[0], 2, 3, device=x.device)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = params
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+AUGMENTS.register("resized_crop_flip")(Augment(_draw_resized_crop, _resized_crop))
+
+
+def _epoch_draws(augment: Augment, sizes: list[int], gen: torch.Generator, spec: dict,
+                 device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Every batch's augmentation draws of one epoch, batch by batch (the generator's stream is
+    the same as drawing before each batch), concatenated and copied to the device at once: no
+    host-to-device copy, and so no wait for the device, inside the epoch."""
+    per_batch = [augment.draw(size, gen, spec) for size in sizes]
+    if not per_batch or not per_batch[0]:
+        return ()
+    cat = [torch.cat(parts) for parts in zip(*per_batch)]
+    if device.type == "cuda":
+        return tuple(t.pin_memory().to(device, non_blocking=True) for t in cat)
+    return tuple(cat)
 
 
 # ---- the loop ---------------------------------------------------------------------------------
@@ -220,6 +258,7 @@ class TrainResult:
     wall_time_s: float
     images_per_s: float
     epochs_run: int
+    graphed: bool = False  # full batches replayed a captured CUDA graph
 
 
 def _to_float(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -336,7 +375,7 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
         ascent_clamp: float | None = None, checkpoint: str | None = None, init_model: nn.Module | None = None,
         step_loss: Callable | None = None, epoch_start: Callable | None = None,
         fingerprint: str = "", log: Callable[[str], None] | None = None,
-        progress_every: float | None = 60.0) -> TrainResult:
+        progress_every: float | None = 60.0, graphs: bool | None = None) -> TrainResult:
     """Train a fresh model from `training` (model, epochs, batch_size, optimizer, lr, weight_decay,
     loss_clamp, augment). The cosine schedule spans `training['epochs']`; `epochs_to_run` stops early
     (BaDLoss pretraining). `record`: None, 'eval' (extra eval-mode pass after every epoch, paper),
@@ -376,7 +415,13 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
     the global batch); on CPU each rank normalises its own share. Recorded losses are gathered so
     every rank returns every example once per epoch; only rank 0 writes the checkpoint, which
     resumes only a run with the same number of processes. A `step_loss`'s own state (CBD's
-    critic) is per rank. One process (no torchrun) is the plain path above, unchanged."""
+    critic) is per rank. One process (no torchrun) is the plain path above, unchanged.
+
+    On CUDA, full batches replay a captured CUDA graph of the whole step (forward, per-example
+    losses, backward, fused optimiser update) when `graphs` (default: the runtime's cuda_graphs)
+    is on, the optimiser is in GRAPH_OPTIMIZERS and neither `step_loss`, `epoch_start` nor
+    data-parallel processes are in use; the same operations run as in the eager step, so losses
+    agree within cuDNN's run-to-run noise. The CPU path never uses graphs and stays bit-exact."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     n = len(labels)
@@ -388,6 +433,10 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
     cl = device.type == "cuda"
     amp = cl and training.get("precision", "bf16") == "bf16"
     ddp = _process_group(device)
+    opt_name = training.get("optimizer", "adamw")
+    graphs = _RUNTIME["cuda_graphs"] if graphs is None else graphs
+    graphed = (graphs and cl and ddp is None and step_loss is None and epoch_start is None
+               and opt_name in GRAPH_OPTIMIZERS and n // bs > GRAPH_WARMUP)
 
     if init_model is not None:
         import copy
@@ -401,8 +450,16 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
     if ddp is not None and cl:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     net = model  # the module itself; `model` is what the step calls (DDP's wrapper under torchrun)
-    opt = OPTIMIZERS.get(training.get("optimizer", "adamw"), "optimizer")(model.parameters(), training)
+    # A graph replays the optimiser with the learning rate it reads from the device, so the
+    # schedule still acts; fused and capturable keep the whole update on the device.
+    opt = OPTIMIZERS.get(opt_name, "optimizer")(
+        model.parameters(), training,
+        **({"lr": torch.tensor(float(training["lr"]), device=device), **GRAPH_OPTIMIZERS[opt_name]} if graphed else {}))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    if graphed:  # the schedule's base rates as numbers, never aliases of the tensor it fills
+        sched.base_lrs = [float(b) for b in sched.base_lrs]
+        for g in opt.param_groups:
+            g["initial_lr"] = float(g["initial_lr"])
     data = as_tensor_data(images, device)
     y = torch.as_tensor(np.array(labels), dtype=torch.int64)
     y_dev = y.to(device)
@@ -433,11 +490,41 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
             losses[:start] = state["losses"].numpy()
         if log:
             log(f"resumed from checkpoint {checkpoint}: epochs 1-{start} done, continuing at epoch {start + 1}/{run}")
+    lr_now = _learning_rates(opt, device if graphed else None)
     if ddp is not None:
         from torch.nn.parallel import DistributedDataParallel
 
         gpu = device.index if device.index is not None else torch.cuda.current_device() if cl else None
         model = DistributedDataParallel(net, device_ids=[gpu] if cl else None)
+    # Written in place by every step, so a captured step keeps writing the same memory.
+    ep_sum = torch.zeros((), device=device)
+    rec = torch.zeros(n, dtype=torch.float32, device=device) if record == "train" else None
+
+    def step(xb: torch.Tensor, idx: torch.Tensor, params: tuple, real: int, share: float = 1.0) -> None:
+        """One optimiser step on a uint8 batch; `real` of its examples
+        count, `share` scales the loss (data-parallel shards)."""
+        xf = _to_float(augment.apply(xb, params, training), cl)
+        yb = y_dev[idx]
+        # No autocast weight cache: a captured step must cast the weights it is replayed with.
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp, cache_enabled=False):
+            logits = model(xf)
+        per = F.cross_entropy(logits.float(), yb, reduction="none")
+        if rec is not None and real:
+            rec[idx] = per.detach()
+        if step_loss is not None:
+            loss = step_loss(net, xf, yb, per, idx)
+        elif w_dev is None:
+            loss = objective(per.clamp(max=clamp))
+        else:
+            wb = w_dev[idx]
+            capped = per.clamp(max=clamp) if ascent_clamp is None else torch.where(wb < 0, per.clamp(max=ascent_clamp), per.clamp(max=clamp))
+            loss = (capped * wb).mean()
+        opt.zero_grad(set_to_none=True)
+        (loss if share == 1.0 else loss * share).backward()
+        opt.step()
+        ep_sum.add_(loss.detach() * real)
+
+    graph = _StepGraph(step, bs) if graphed else None
     aug_gen = gen
     t0 = time.perf_counter()
     n_batches = -(-n // bs)
@@ -457,47 +544,35 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
             torch.manual_seed(_rank_seed(seed, epoch, ddp.rank) + 1)
         # One host-to-device copy of the order per epoch, not one per batch.
         perm_dev = perm.to(device) if isinstance(data, torch.Tensor) else perm
-        ep_sum = torch.zeros((), device=device)
-        rec = torch.empty(n, dtype=torch.float32, device=device) if record == "train" else None
+        batches = [perm_dev[s:s + bs] for s in range(0, n, bs)]
+        if ddp is not None:
+            global_sizes = [len(b) for b in batches]
+            batches, reals = zip(*(_shard(b, ddp) for b in batches))
+        else:
+            reals = [len(b) for b in batches]
+        draws = _epoch_draws(augment, [len(b) for b in batches], aug_gen, training, device)
+        ep_sum.zero_()
         if rec is not None and ddp is not None:
             rec.zero_()  # summed over the ranks, each filling its own examples
-        for s in range(0, n, bs):
-            idx = perm_dev[s:s + bs]
-            real = len(idx)
-            if ddp is not None:
-                global_size = real
-                idx, real = _shard(idx, ddp)
-            xb = augment(_batch(data, idx, device), aug_gen, training)
-            yb = y_dev[idx.to(device)]
-            xf = _to_float(xb, cl)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = model(xf)
-            per = F.cross_entropy(logits.float(), yb, reduction="none")
-            if rec is not None and real:
-                rec[idx.to(device)] = per.detach()
-            if step_loss is not None:
-                loss = step_loss(net, xf, yb, per, idx)
-            elif w_dev is None:
-                loss = objective(per.clamp(max=clamp))
-            else:
-                wb = w_dev[idx.to(device)]
-                capped = per.clamp(max=clamp) if ascent_clamp is None else torch.where(wb < 0, per.clamp(max=ascent_clamp), per.clamp(max=clamp))
-                loss = (capped * wb).mean()
-            opt.zero_grad(set_to_none=True)
-            if ddp is None:
-                loss.backward()
+        offset = 0
+        for b, (idx, real) in enumerate(zip(batches, reals)):
+            params = tuple(t[offset:offset + len(idx)] for t in draws)
+            offset += len(idx)
+            xb = _batch(data, idx, device)
+            idx = idx.to(device)
+            if graph is not None and len(idx) == bs:
+                graph(xb, idx, params)
             else:
                 # DDP averages the ranks' gradients: weighting each by its share of the global batch
                 # makes that the gradient of the mean over the whole batch.
-                (loss * (real * ddp.world / global_size)).backward()
-            opt.step()
-            ep_sum += loss.detach() * real
+                step(xb, idx, params, real, 1.0 if ddp is None else real * ddp.world / global_sizes[b])
             now = time.perf_counter()
             if now >= next_report:
-                done = min(s + bs, n)
-                log(f"epoch {epoch + 1}/{run}: batch {s // bs + 1}/{n_batches}, {done / (now - t_ep):.0f} img/s")
+                done = min((b + 1) * bs, n)
+                log(f"epoch {epoch + 1}/{run}: batch {b + 1}/{n_batches}, {done / (now - t_ep):.0f} img/s")
                 next_report = now + progress_every
         sched.step()
+        lr_now()
         seen += n
         if ddp is not None:
             _sum_over_ranks(ep_sum)
@@ -519,16 +594,91 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
         epoch_times.append(time.perf_counter() - t_ep)
         if log:
             eta = (run - epoch - 1) * sum(epoch_times) / len(epoch_times)
-            log(f"epoch {epoch + 1}/{run} train_loss {train_loss[-1]:.4f} lr {sched.get_last_lr()[0]:.2e} "
+            log(f"epoch {epoch + 1}/{run} train_loss {train_loss[-1]:.4f} lr {float(sched.get_last_lr()[0]):.2e} "
                 f"{n / t_pass if t_pass > 0 else float('nan'):.0f} img/s {format_duration(epoch_times[-1])} "
-                f"ETA {format_duration(eta)}" + (" (checkpoint saved)" if checkpoint else ""))
+                f"ETA {format_duration(eta)}" + (" (checkpoint saved)" if checkpoint else "")
+                + (" (CUDA graph)" if graph is not None and graph.graph is not None else ""))
     if device.type == "cuda":
         torch.cuda.synchronize()
     wall = before + time.perf_counter() - t0
     if ddp is not None:
         model = _plain_batchnorm(net)
     return TrainResult(model=model, losses=losses, train_loss=train_loss, wall_time_s=wall,
-                       images_per_s=seen / wall if wall > 0 else float("nan"), epochs_run=run)
+                       images_per_s=seen / wall if wall > 0 else float("nan"), epochs_run=run,
+                       graphed=graph is not None and graph.graph is not None)
+
+
+# ---- CUDA graphs ------------------------------------------------------------------------------
+
+# Optimisers whose whole step can be captured (fused, learning rate read from the device), with
+# the constructor arguments that make it so; the others train eagerly.
+GRAPH_OPTIMIZERS = {"adamw": {"fused": True, "capturable": True}, "adam": {"fused": True, "capturable": True},
+                    "sgd": {"fused": True}}
+# Eager steps before the capture: real steps of the run that also create the optimiser state,
+# pick cuDNN's kernels and settle the allocator, as a capture needs.
+GRAPH_WARMUP = 3
+
+
+class _StepGraph:
+    """The training step of a full batch, captured once as a CUDA graph after GRAPH_WARMUP eager
+    steps and replayed for every later full batch: one launch instead of a few hundred kernel
+    launches from Python, and no host work the device waits for. The batch, its indices and its
+    augmentation draws are copied into fixed buffers the graph reads; the model, optimiser state,
+    learning rate, epoch loss sum and recorded losses live at fixed addresses the step updates in
+    place. A partial last batch runs eagerly on the same tensors."""
+
+    def __init__(self, step: Callable, batch_size: int):
+        self.step, self.bs = step, batch_size
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.warm = 0
+        self.inputs: tuple[torch.Tensor, ...] = ()
+
+    def __call__(self, xb: torch.Tensor, idx: torch.Tensor, params: tuple) -> None:
+        if self.graph is not None:
+            for buf, t in zip(self.inputs, (xb, idx, *params)):
+                buf.copy_(t, non_blocking=True)
+            self.graph.replay()
+            return
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            if self.warm < GRAPH_WARMUP:
+                self.step(xb, idx, params, self.bs)
+                self.warm += 1
+            else:
+                self.inputs = tuple(t.clone() for t in (xb, idx, *params))
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=side):
+                    x, i, *p = self.inputs
+                    self.step(x, i, tuple(p), self.bs)
+                self.graph = graph
+        torch.cuda.current_stream().wait_stream(side)
+        if self.graph is not None:
+            self.graph.replay()  # the capture recorded this batch's step without running it
+
+
+def _learning_rates(opt: torch.optim.Optimizer, device: torch.device | None) -> Callable[[], None]:
+    """Keep each group's learning rate a device tensor (a captured step reads it there) or a plain
+    float (device None). Returns what to call after each scheduler step: a scheduler that assigns a
+    float instead of filling the tensor is copied into the tensor the graph reads."""
+    if device is None:
+        for g in opt.param_groups:
+            g["lr"] = float(g["lr"])
+        return lambda: None
+    tensors = []
+    for g in opt.param_groups:
+        lr = g["lr"]
+        if not (isinstance(lr, torch.Tensor) and lr.device == device):
+            g["lr"] = torch.tensor(float(lr), device=device)
+        tensors.append(g["lr"])
+
+    def keep():
+        for g, t in zip(opt.param_groups, tensors):
+            if g["lr"] is not t:
+                t.fill_(float(g["lr"]))
+                g["lr"] = t
+
+    return keep
 
 
 def format_duration(seconds: float) -> str:
