@@ -19,26 +19,32 @@ from .zoo import AUGMENTS, OPTIMIZERS
 
 
 @OPTIMIZERS.register("adamw")
-def _adamw(params, spec: dict) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=float(spec["lr"]), weight_decay=float(spec["weight_decay"]))
+def _adamw(params, spec: dict, **kw) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, **_lr(spec, kw), weight_decay=float(spec["weight_decay"]))
 
 
 @OPTIMIZERS.register("adam")
-def _adam(params, spec: dict) -> torch.optim.Optimizer:
+def _adam(params, spec: dict, **kw) -> torch.optim.Optimizer:
     # Coupled L2 as torch's Adam does it (LfD trains with Adam and weight decay 0).
-    return torch.optim.Adam(params, lr=float(spec["lr"]), weight_decay=float(spec["weight_decay"]))
+    return torch.optim.Adam(params, **_lr(spec, kw), weight_decay=float(spec["weight_decay"]))
 
 
 @OPTIMIZERS.register("radam")
-def _radam(params, spec: dict) -> torch.optim.Optimizer:
+def _radam(params, spec: dict, **kw) -> torch.optim.Optimizer:
     # Narcissus's poison warm-up fine-tunes with RAdam.
-    return torch.optim.RAdam(params, lr=float(spec["lr"]), weight_decay=float(spec["weight_decay"]))
+    return torch.optim.RAdam(params, **_lr(spec, kw), weight_decay=float(spec["weight_decay"]))
 
 
 @OPTIMIZERS.register("sgd")
-def _sgd(params, spec: dict) -> torch.optim.Optimizer:
-    return torch.optim.SGD(params, lr=float(spec["lr"]), momentum=float(spec.get("momentum", 0.9)),
+def _sgd(params, spec: dict, **kw) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, **_lr(spec, kw), momentum=float(spec.get("momentum", 0.9)),
                            weight_decay=float(spec["weight_decay"]))
+
+
+def _lr(spec: dict, kw: dict) -> dict:
+    """The config's learning rate unless the caller passes its own (a device tensor for a captured
+    step), plus the caller's other constructor arguments (fused, capturable)."""
+    return {"lr": float(spec["lr"]), **kw}
 
 
 def resolve_device(name: str = "auto") -> torch.device:
