@@ -24,20 +24,20 @@ row() {  # label loop(base|new) args...
     python3 $T --label "$label" "$@"
   fi 2>&1 | tee -a "$OUT/throughput.log" | grep '^{' >> "$OUT/throughput.jsonl"
 }
-R50="--model resnet50 --image-size 32 --batch-size 128 --n-train 25600 --augment crop_flip"
+# In order of importance (a short lease may end the run early; every row is appended as it ends).
+R50="--model resnet50 --image-size 32 --batch-size 128 --n-train 25600 --epochs 2 --augment crop_flip"
+R18="--model resnet18 --image-size 32 --batch-size 512 --n-train 51200 --epochs 2 --augment crop_flip"
+IMN="--model resnet50 --image-size 224 --batch-size 128 --n-train 3200 --epochs 2 --augment resized_crop_flip"
 row r50-32-train base $R50
-row r50-32-train new $R50 --graphs off
 row r50-32-train new $R50 --graphs on
-row r50-32-train-fp32 new $R50 --graphs on --precision fp32
+row r50-32-train new $R50 --graphs off
+row r18-32-b512 base $R18
+row r18-32-b512 new $R18 --graphs on
+row r50-224 base $IMN
+row r50-224 new $IMN --graphs on
+row r50-32-share4 new $R50 --n-train 12800 --graphs on --processes 4
 row r50-32-pretrain base $R50 --augment none --record eval
 row r50-32-pretrain new $R50 --augment none --record eval --graphs on
-R18="--model resnet18 --image-size 32 --batch-size 512 --n-train 51200 --augment crop_flip"
-row r18-32-b512 base $R18
+row r50-32-share4 new $R50 --n-train 12800 --graphs off --processes 4
+row r50-32-train-fp32 new $R50 --graphs on --precision fp32
 row r18-32-b512 new $R18 --graphs off
-row r18-32-b512 new $R18 --graphs on
-IMN="--model resnet50 --image-size 224 --batch-size 128 --n-train 6400 --augment resized_crop_flip"
-row r50-224 base $IMN
-row r50-224 new $IMN --graphs off
-row r50-224 new $IMN --graphs on
-row r50-32-share4 new $R50 --graphs on --processes 4
-row r50-32-share4 new $R50 --graphs off --processes 4

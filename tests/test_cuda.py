@@ -62,9 +62,9 @@ def _params(model):
 
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
 def test_graphed_step_matches_the_eager_step(optimizer):
-    """Same seed, same batches: the graph-replayed run records the eager run's per-example losses
-    and ends at its weights, as closely as two eager runs agree (cuDNN is not bit-deterministic).
-    A learning rate frozen in the graph (the schedule ignored) would put the weights far apart."""
+    """Same seed, same batches, same fused optimiser: the graph-replayed run records the eager
+    run's per-example losses and ends at its weights, as closely as two eager runs agree. A
+    learning rate frozen in the graph (the schedule ignored) would put the weights far apart."""
     x, y = _data(n=2048)
     tr = dict(model="resnet18", epochs=3, batch_size=128, optimizer=optimizer, lr=1e-3 if optimizer == "adamw" else 0.05,
               weight_decay=5e-4, augment="crop_flip")
@@ -78,8 +78,8 @@ def test_graphed_step_matches_the_eager_step(optimizer):
     w_gap = float((_params(graphed.model) - _params(eager.model)).abs().max())
     print(f"{optimizer}: max |loss diff| graphed-eager {loss_gap:.3g}, eager-eager {loss_noise:.3g}; "
           f"max |weight diff| {w_gap:.3g} vs {w_noise:.3g}")
-    assert loss_gap <= 3 * loss_noise + 2e-2
-    assert w_gap <= 3 * w_noise + 1e-3
+    assert loss_gap <= 3 * loss_noise + 5e-3
+    assert w_gap <= 3 * w_noise + 1e-4
     np.testing.assert_allclose(graphed.train_loss, eager.train_loss, rtol=0.02, atol=0.01)
 
 
@@ -87,7 +87,8 @@ def test_graphed_training_learns_like_eager():
     """Loss curve and final accuracy of a graphed run stay within run-to-run tolerance of eager."""
     x, y = _data(n=4096, seed=1)
     xt, yt = _data(n=1024, seed=2)
-    tr = dict(model="resnet18", epochs=4, batch_size=256, lr=1e-3, weight_decay=1e-4, augment="crop_flip")
+    # No flip: it would swap the planted left and right quadrants' classes.
+    tr = dict(model="resnet18", epochs=4, batch_size=256, lr=1e-3, weight_decay=1e-4, augment="none")
     runs = {g: fit(tr, x, y, 4, seed=0, device=CUDA, record="eval", graphs=g) for g in (False, True)}
     acc = {g: float((predict(r.model, xt, CUDA) == yt).mean()) for g, r in runs.items()}
     print("train loss eager", runs[False].train_loss, "graphed", runs[True].train_loss, "accuracy", acc)

@@ -441,8 +441,11 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
     ddp = _process_group(device)
     opt_name = training.get("optimizer", "adamw")
     graphs = _RUNTIME["cuda_graphs"] if graphs is None else graphs
-    graphed = (graphs and cl and ddp is None and step_loss is None and epoch_start is None
-               and opt_name in GRAPH_OPTIMIZERS and n // bs > GRAPH_WARMUP)
+    # On CUDA the optimiser is always the fused one a graph can capture, so graphed and eager
+    # steps run the same kernels.
+    fused = cl and opt_name in GRAPH_OPTIMIZERS
+    graphed = (graphs and fused and ddp is None and step_loss is None and epoch_start is None
+               and n // bs > GRAPH_WARMUP)
 
     if init_model is not None:
         import copy
@@ -460,9 +463,9 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
     # schedule still acts; fused and capturable keep the whole update on the device.
     opt = OPTIMIZERS.get(opt_name, "optimizer")(
         model.parameters(), training,
-        **({"lr": torch.tensor(float(training["lr"]), device=device), **GRAPH_OPTIMIZERS[opt_name]} if graphed else {}))
+        **({"lr": torch.tensor(float(training["lr"]), device=device), **GRAPH_OPTIMIZERS[opt_name]} if fused else {}))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-    if graphed:  # the schedule's base rates as numbers, never aliases of the tensor it fills
+    if fused:  # the schedule's base rates as numbers, never aliases of the tensor it fills
         sched.base_lrs = [float(b) for b in sched.base_lrs]
         for g in opt.param_groups:
             g["initial_lr"] = float(g["initial_lr"])
@@ -496,7 +499,7 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
             losses[:start] = state["losses"].numpy()
         if log:
             log(f"resumed from checkpoint {checkpoint}: epochs 1-{start} done, continuing at epoch {start + 1}/{run}")
-    lr_now = _learning_rates(opt, device if graphed else None)
+    lr_now = _learning_rates(opt, device if fused else None)
     if ddp is not None:
         from torch.nn.parallel import DistributedDataParallel
 
