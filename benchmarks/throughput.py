@@ -10,8 +10,9 @@ Trains with the papers' optimiser (AdamW lr 1e-3, wd 1e-4, cosine) and per-examp
 BaDLoss pretraining does). Prints the device, then one JSON line per process: images/s over the
 steady epochs (all but the first, which pays cuDNN's autotuning, the graph capture and the
 allocator's growth), the first epoch's time, peak device memory. With `--processes N` the N jobs
-start together and the line `aggregate` sums their steady images/s: what a GPU shared by N jobs of
-a grid delivers. Works on an older poisongrid too (PYTHONPATH at its src), without `--graphs`."""
+wait for each other after their first epoch and start their steady epochs together; the line
+`aggregate` divides all their steady images by the common window (first start to last end): what a
+GPU shared by N jobs of a grid delivers. Works on an older poisongrid too (PYTHONPATH at its src), without `--graphs`."""
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,7 @@ import os
 import time
 
 
-def job(args, rank: int, queue) -> None:
+def job(args, rank: int, queue, barrier) -> None:
     import numpy as np
     import torch
 
@@ -42,21 +43,25 @@ def job(args, rank: int, queue) -> None:
     current = "graphs" in inspect.signature(training.fit).parameters
     kw = {"graphs": args.graphs == "on"} if current else {}
     ends: list[float] = []
+    synced: list[float] = []
 
     def log(msg: str) -> None:
         if msg.startswith("epoch ") and " train_loss " in msg:
-            ends.append(time.perf_counter())
+            ends.append(time.time())
+            if len(ends) == 1:
+                barrier.wait()  # every job's steady epochs start together
+                synced.append(time.time())
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    queue.put(("ready", rank))
-    t0 = time.perf_counter()
+    t0 = time.time()
     res = training.fit(tr, x, y, args.classes, seed=rank, device=device, record=None if args.record == "off" else args.record,
                        log=log, progress_every=None, **kw)
-    steady = args.n_train * (len(ends) - 1) / (ends[-1] - ends[0]) if len(ends) > 1 else float("nan")
+    steady = args.n_train * (len(ends) - 1) / (ends[-1] - synced[0]) if len(ends) > 1 else float("nan")
     queue.put(("done", {
         "rank": rank, "loop": "current" if current else "older", "steady_img_s": round(steady, 1), "overall_img_s": round(res.images_per_s, 1),
-        "first_epoch_s": round(ends[0] - t0, 2), "graphed": getattr(res, "graphed", False),
+        "first_epoch_s": round(ends[0] - t0, 2), "steady_start": synced[0], "steady_end": ends[-1],
+        "steady_images": args.n_train * (len(ends) - 1), "graphed": getattr(res, "graphed", False),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
         "final_train_loss": round(res.train_loss[-1], 4)}))
 
@@ -87,8 +92,8 @@ def main(argv=None):
     name = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "CPU"
     print(f"# device: {name}; torch {torch.__version__}; poisongrid loop from {os.path.dirname(training.__file__)}")
     ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=job, args=(args, r, queue)) for r in range(args.processes)]
+    queue, barrier = ctx.Queue(), ctx.Barrier(args.processes)
+    procs = [ctx.Process(target=job, args=(args, r, queue, barrier)) for r in range(args.processes)]
     for p in procs:
         p.start()
     rows = []
@@ -101,9 +106,11 @@ def main(argv=None):
     setting = {k: getattr(args, k) for k in ("label", "model", "image_size", "batch_size", "n_train", "epochs",
                                              "optimizer", "augment", "precision", "record", "graphs", "processes")}
     for r in sorted(rows, key=lambda r: r["rank"]):
-        print(json.dumps({**setting, **r}))
+        print(json.dumps({**setting, **{k: v for k, v in r.items() if not k.startswith("steady_")}, "steady_img_s": r["steady_img_s"]}))
     if args.processes > 1:
-        print(json.dumps({**setting, "aggregate_steady_img_s": round(sum(r["steady_img_s"] for r in rows), 1)}))
+        window = max(r["steady_end"] for r in rows) - min(r["steady_start"] for r in rows)
+        print(json.dumps({**setting, "aggregate_steady_img_s": round(sum(r["steady_images"] for r in rows) / window, 1),
+                          "window_s": round(window, 2)}))
 
 
 if __name__ == "__main__":

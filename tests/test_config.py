@@ -295,6 +295,34 @@ def test_estimates_scale_by_the_architectures_cost():
     assert config.resources(c, "train", "digits")["runtime"] == int(10 + 1.5 * 10 * 0.5 * ratio)
 
 
+def test_eager_work_is_estimated_at_the_eager_rate(monkeypatch):
+    """CBD's objective, GPU detectors and learned triggers run outside the captured training step:
+    they take eager_minutes_per_epoch; every other training the graph-replayed rate. grid
+    estimates add each GPU job's start once."""
+    from poisongrid import estimate
+
+    c = cfg(defenses__cbd={"detector": "cbd", "remedy": "cbd", "model": "backdoored"},
+            defender_models__backdoored={"epochs": 5, "record": "final"},
+            detectors__cbd={"type": "cbd", "model": "backdoored"},
+            detectors__nc={"type": "neural_cleanse", "model": "attacked"},
+            defenses__nc={"detector": "nc", "remedy": "remove_flagged"})
+    c["datasets"]["digits"].update(epochs=10, minutes_per_epoch=0.1, eager_minutes_per_epoch=0.4)
+    c = config.validate(c, deep=False)
+    assert config.estimated_minutes(c, "train", "digits", defense="badloss") == pytest.approx(10 * 0.1)
+    assert config.estimated_minutes(c, "train", "digits", defense="cbd") == pytest.approx(1.35 * 10 * 0.4)
+    nc = config.estimated_minutes(c, "score", "digits", detector="nc")
+    c2 = copy.deepcopy(c)
+    c2["datasets"]["digits"]["eager_minutes_per_epoch"] = None
+    assert nc == pytest.approx(4 * config.estimated_minutes(c2, "score", "digits", detector="nc")) and nc > 0
+    assert config.estimated_minutes(c2, "train", "digits", defense="cbd") == pytest.approx(1.35 * 10 * 0.1)
+    rows = estimate.estimate(c)
+    gpu_jobs = sum(r["jobs"] for r in rows if r["gpu_hours"] > 0)
+    monkeypatch.setattr(estimate, "GPU_JOB_START_MINUTES", 0.0)
+    bare = sum(r["gpu_hours"] for r in estimate.estimate(c))
+    assert gpu_jobs > 0
+    assert sum(r["gpu_hours"] for r in rows) - bare == pytest.approx(gpu_jobs * 0.3 / 60)
+
+
 def _two_sets(**extra):
     c = cfg(**extra)
     c["bona_fide_sets"] = {"n20": {"n_clean": 20}, "s40": {"n_clean": 40, "stratified": True}}

@@ -261,3 +261,63 @@ def test_a_full_disk_during_a_checkpoint_names_the_path_and_keeps_the_previous_o
     res = fit(TR, x, y, 4, seed=1, device=CPU, record="eval", checkpoint=ckpt, fingerprint="f", log=msgs.append)
     assert any("resumed" in m and "continuing at epoch 2/4" in m for m in msgs)  # epoch 1's checkpoint was usable
     np.testing.assert_array_equal(res.losses, fit(TR, x, y, 4, seed=1, device=CPU, record="eval").losses)
+
+
+def test_an_epochs_augmentation_draws_equal_drawing_before_each_batch():
+    """Drawn at the epoch's start (one copy to the device), sliced by batch: the same numbers, and
+    so the same augmented batches, as drawing before each batch from the same generator."""
+    from poisongrid.training import _epoch_draws
+
+    x, _ = _data(n=70, size=16)
+    t = torch.from_numpy(x)
+    sizes = [32, 32, 6]
+    spec = {"crop_scale": (0.3, 1.0)}
+    for name in ("none", "crop_flip", "crop_flip_zero", "resized_crop_flip"):
+        aug = AUGMENTS.get(name)
+        draws = _epoch_draws(aug, sizes, torch.Generator().manual_seed(5), spec, CPU)
+        gen = torch.Generator().manual_seed(5)
+        start = 0
+        for size in sizes:
+            batch = t[start:start + size]
+            one_by_one = aug(batch, gen, spec)
+            sliced = aug.apply(batch, tuple(d[start:start + size] for d in draws), spec)
+            assert torch.equal(one_by_one, sliced), name
+            start += size
+        assert all(len(d) == sum(sizes) for d in draws)
+        if name != "none":
+            assert not torch.equal(aug.apply(t[:32], tuple(d[:32] for d in draws), spec),
+                                   aug.apply(t[:32], tuple(d[32:64] for d in draws), spec))
+
+
+def test_cuda_graphs_setting_reaches_the_training_runtime():
+    """`cuda_graphs: false` reaches every GPU stage's runtime and the loop; the default leaves the
+    stages' settings (and so Snakemake's params and cached results) as they were."""
+    from poisongrid import config, training
+
+    base = {"datasets": {"digits": {"model": "smallcnn", "epochs": 2, "attacks": {"patch": {"ratio": 0.05}}}},
+            "defenses": {"none": {"remedy": "none"}}}
+    on = config.validate(base, deep=False)
+    off = config.validate({**base, "cuda_graphs": False}, deep=False)
+    assert config.runtime_spec(on) == {"device": on["device"], "threads": on["threads"]}
+    assert config.runtime_spec(off)["cuda_graphs"] is False
+    try:
+        training.setup_runtime(config.runtime_spec(off))
+        assert training._RUNTIME["cuda_graphs"] is False
+        training.setup_runtime(config.runtime_spec(on))
+        assert training._RUNTIME["cuda_graphs"] is True
+    finally:
+        training._RUNTIME["cuda_graphs"] = True
+        torch.set_num_threads(1)
+
+
+def test_cpu_training_keeps_plain_float_learning_rates(tmp_path):
+    """Learning rates as device tensors are for CUDA graphs: on the CPU the checkpointed optimiser
+    and schedule hold plain numbers, and no fused or capturable optimiser is asked for."""
+    x, y = _data(n=64)
+    ckpt = str(tmp_path / "c.ckpt")
+    res = fit({**TR, "epochs": 2}, x, y, 4, seed=0, device=CPU, checkpoint=ckpt, fingerprint="f")
+    state = torch.load(ckpt, weights_only=True)
+    group = state["opt"]["param_groups"][0]
+    assert not res.graphed
+    assert isinstance(group["lr"], float) and not group.get("fused") and not group.get("capturable")
+    assert all(isinstance(v, float) for v in state["sched"]["base_lrs"] + state["sched"]["_last_lr"])

@@ -598,10 +598,13 @@ def estimated_minutes(cfg: dict, stage: str, dataset: str, model: str | None = N
 
     ds = _dataset(cfg, dataset)
     mpe = ds["minutes_per_epoch"]
+    # Work outside the graph-replayed training step (detectors' own optimisation, a remedy's
+    # per-batch objective, learned triggers) launches every kernel from Python: its own rate.
+    eager = ds.get("eager_minutes_per_epoch") or mpe
 
-    def arch_mpe(arch: str) -> float:
+    def arch_mpe(arch: str, rate: float = mpe) -> float:
         # minutes_per_epoch is measured with the dataset's model; another architecture scales it.
-        return mpe * cost_factor(arch, ds["model"], ds["image_size"])
+        return rate * cost_factor(arch, ds["model"], ds["image_size"])
 
     if stage == "pretrain":
         names = [model] if model else list(cfg["defender_models"])
@@ -615,8 +618,11 @@ def estimated_minutes(cfg: dict, stage: str, dataset: str, model: str | None = N
 
         data = dataset_scale(cfg, dataset)
         names = [defense] if defense else [n for n, d in cfg["defenses"].items() if not trains_nothing(d)]
-        return max([REMEDIES.get(cfg["defenses"][n]["remedy"]).epochs(cfg["defenses"][n], {**data, "n_clean": n_clean_of(cfg, defense=n)})
-                    * arch_mpe(final_training_spec(cfg, dataset, n)["model"]) for n in names] + [0.0])
+        def remedy(n):
+            r = REMEDIES.get(cfg["defenses"][n]["remedy"])
+            return (r.epochs(cfg["defenses"][n], {**data, "n_clean": n_clean_of(cfg, defense=n)})
+                    * arch_mpe(final_training_spec(cfg, dataset, n)["model"], mpe if r.graphed else eager))
+        return max([remedy(n) for n in names] + [0.0])
     if stage == "features":
         names = [model] if model else list(cfg["defender_models"])
         return max(0.5 * arch_mpe(defender_model_spec(cfg, dataset, n)["training"]["model"]) for n in names) + 2
@@ -624,12 +630,12 @@ def estimated_minutes(cfg: dict, stage: str, dataset: str, model: str | None = N
         from .attacks import ATTACKS
 
         names = [attack] if attack else [a for a in ds["attacks"] if ATTACKS.get(a).learns()]
-        return max([ATTACKS.get(a).learn_epochs(ds["attacks"][a]["learn"]) * mpe + 5 for a in names] + [0.0])
+        return max([ATTACKS.get(a).learn_epochs(ds["attacks"][a]["learn"]) * eager + 5 for a in names] + [0.0])
     if stage == "score":
         from .detectors import DETECTORS
 
         names = [detector] if detector else list(cfg["detectors"])
-        return max([DETECTORS.get(cfg["detectors"][n]["type"]).epochs(cfg["detectors"][n], detector_scale(cfg, dataset, n)) * mpe
+        return max([DETECTORS.get(cfg["detectors"][n]["type"]).epochs(cfg["detectors"][n], detector_scale(cfg, dataset, n)) * eager
                     for n in names] + [0.0])
     return 0.0
 

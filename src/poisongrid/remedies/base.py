@@ -83,6 +83,9 @@ class Remedy:
     needs_detector: ClassVar[bool] = True
     ground_truth: ClassVar[bool] = False
     model_param: ClassVar[str | None] = None
+    # Its final training replays the captured training step on a GPU (False: a per-batch objective
+    # of its own runs eagerly, and its time estimate uses the dataset's eager rate).
+    graphed: ClassVar[bool] = True
 
     @classmethod
     def epochs(cls, d: dict, data: dict) -> float:

@@ -34,6 +34,7 @@ class CBD(Remedy):
 
     name = "cbd"
     model_param = "model"
+    graphed = False  # its per-batch objective (the critic) runs eagerly
     params = {"model": "backdoored", "mi_weight": 0.01, "critic_lr": 0.2, "critic_hidden": 0, "critic_step_epochs": 20}
 
     @classmethod
