@@ -90,8 +90,9 @@ def cell(tmp_path_factory):
     return {"root": root, "cfg": cfg, "man": man, "losses": losses, "poison_loaded": loaded, "bona_loaded": bona_loaded}
 
 
-def test_poison_with_a_learned_trigger_imports_no_torch(cell):
-    assert "torch" not in cell["poison_loaded"]
+def test_poison_with_a_learned_trigger_imports_neither_torch_nor_pandas(cell):
+    """The manifest is built as Arrow; scipy's FFT only for the frequency trigger."""
+    assert "torch" not in cell["poison_loaded"] and "pandas" not in cell["poison_loaded"]
     man = cell["man"]
     counts = man["attack"].value_counts().to_dict()
     n = len(man)

@@ -374,3 +374,26 @@ def test_detection_auroc_equals_scikit_learns_with_ties():
         keep = pos | neg
         assert abs(_auroc(scores, pos, neg) - roc_auc_score(pos[keep], scores[keep])) < 1e-12
     assert _auroc(np.ones(3), np.zeros(3, bool), np.ones(3, bool)) is None
+
+
+def test_the_manifest_is_written_as_pandas_would_write_it():
+    """Built without pandas, the manifest's Arrow table (columns, types, pandas schema metadata)
+    equals pa.Table.from_pandas of the DataFrame the poison stage used to write, so readers get
+    the same frame (`attack` a pandas string column, NA where no attack)."""
+    import pandas as pd
+    import pyarrow as pa
+
+    rng = np.random.default_rng(0)
+    n = 50
+    labels, orig = rng.integers(0, 10, n), rng.integers(0, 10, n)
+    attack = np.array([None] * n, dtype=object)
+    attack[[3, 7, 9]] = ["patch", "blend_random+patch", "sinusoid"]
+    target = np.where([a is not None for a in attack], 4, -1)
+    table = poisoning.manifest_arrow(labels, orig, attack, target)
+    df = pd.DataFrame({"index": np.arange(n, dtype=np.int64), "label": labels.astype(np.int64),
+                       "orig_label": orig.astype(np.int64), "attack": pd.array(attack, dtype="string"),
+                       "target": target.astype(np.int64)})
+    ref = pa.Table.from_pandas(df, preserve_index=False)
+    assert table.schema.equals(ref.schema, check_metadata=True) and table.equals(ref)
+    back = table.to_pandas()
+    assert back.equals(df) and back["attack"].isna().sum() == n - 3

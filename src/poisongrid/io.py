@@ -155,6 +155,19 @@ def from_numpy(x: np.ndarray) -> pa.Array:
     return pa.Array.from_buffers(pa.from_numpy_dtype(x.dtype), len(x), [None, pa.py_buffer(x.copy())])
 
 
+def string_array(values) -> pa.Array:
+    """Strings (None: null) as an Arrow large_string array, built from its buffers."""
+    import pyarrow as pa
+
+    valid = np.fromiter((v is not None for v in values), bool, len(values))
+    encoded = [v.encode() if v is not None else b"" for v in values]
+    offsets = np.zeros(len(values) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, encoded), np.int64, len(values)), out=offsets[1:])
+    bitmap = pa.py_buffer(np.packbits(valid, bitorder="little"))
+    return pa.Array.from_buffers(pa.large_string(), len(values), [bitmap, pa.py_buffer(offsets), pa.py_buffer(b"".join(encoded))],
+                                 null_count=int(len(values) - valid.sum()))
+
+
 def save_npz(path, **arrays) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
