@@ -426,8 +426,8 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
     On CUDA, full batches replay a captured CUDA graph of the whole step (forward, per-example
     losses, backward, fused optimiser update) when `graphs` (default: the runtime's cuda_graphs)
     is on, the optimiser is in GRAPH_OPTIMIZERS and neither `step_loss`, `epoch_start` nor
-    data-parallel processes are in use; the same operations run as in the eager step, so losses
-    agree within cuDNN's run-to-run noise. The CPU path never uses graphs and stays bit-exact."""
+    data-parallel processes are in use. Eager CUDA steps use the same fused optimiser, so both run
+    the same kernels (bit-equal on an H200). The CPU path never uses graphs and stays bit-exact."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     n = len(labels)
@@ -510,8 +510,8 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
     rec = torch.zeros(n, dtype=torch.float32, device=device) if record == "train" else None
 
     def step(xb: torch.Tensor, idx: torch.Tensor, params: tuple, real: int, share: float = 1.0) -> None:
-        """One optimiser step on a uint8 batch; `real` of its examples
-        count, `share` scales the loss (data-parallel shards)."""
+        """One optimiser step on a uint8 batch; `real` of its examples count, `share` scales the
+        loss (data-parallel shards)."""
         xf = _to_float(augment.apply(xb, params, training), cl)
         yb = y_dev[idx]
         # No autocast weight cache: a captured step must cast the weights it is replayed with.
