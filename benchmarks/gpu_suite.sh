@@ -2,7 +2,7 @@
 # Every GPU figure the README quotes, in one run on one card: the CUDA tests, then the training
 # loop's throughput at the papers' settings, eager and graph-replayed, and (with BASELINE_SRC, an
 # older checkout's src folder) the older loop side by side; then several jobs sharing the card.
-#   OUT=gpu-results bash benchmarks/gpu_suite.sh [tests|throughput|all]
+#   OUT=gpu-results bash benchmarks/gpu_suite.sh [tests|throughput|share|all]
 set -u
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
@@ -24,8 +24,18 @@ row() {  # label loop(base|new) args...
     python3 $T --label "$label" "$@"
   fi 2>&1 | tee -a "$OUT/throughput.log" | grep '^{' >> "$OUT/throughput.jsonl"
 }
-# In order of importance (a short lease may end the run early; every row is appended as it ends).
 R50="--model resnet50 --image-size 32 --batch-size 128 --n-train 25600 --epochs 2 --augment crop_flip"
+if [[ $what == share ]]; then
+  # Jobs sharing the card start their steady epochs together; 1 vs N of the same job.
+  SH="--model resnet50 --image-size 32 --batch-size 128 --n-train 12800 --epochs 4 --augment crop_flip"
+  SMALL="--model smallcnn --image-size 16 --batch-size 128 --n-train 25600 --epochs 4 --augment crop_flip"
+  for g in on off; do
+    for p in 1 4; do row "share-r50-32-graphs-$g" new $SH --graphs $g --processes $p; done
+  done
+  for p in 1 8; do row share-smallcnn-16 new $SMALL --graphs on --processes $p; done
+  exit 0
+fi
+# In order of importance (a short lease may end the run early; every row is appended as it ends).
 R18="--model resnet18 --image-size 32 --batch-size 512 --n-train 51200 --epochs 2 --augment crop_flip"
 IMN="--model resnet50 --image-size 224 --batch-size 128 --n-train 3200 --epochs 2 --augment resized_crop_flip"
 row r50-32-train base $R50
