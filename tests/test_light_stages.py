@@ -213,3 +213,12 @@ def test_zoo_declares_every_registered_name():
         assert set(reg._items) <= set(reg._lazy), f"{reg.kind}: declare {sorted(set(reg._items) - set(reg._lazy))} in zoo.py"
         for name in reg._lazy:
             assert reg.get(name) is not None
+
+
+@pytest.mark.parametrize("preset", ["badloss-architectures.yaml", "adaptive-digits.yaml"])
+def test_validating_final_architectures_and_adaptive_attacks_imports_no_torch(preset, tmp_path):
+    """A defense's `arch` and the adaptive attack's surrogate augmentation are checked by name
+    (zoo), as every other model and augmentation: validating these presets needs no torch."""
+    repo = Path(poisongrid_pkg.__file__).parents[2]
+    text, loaded = poisongrid(tmp_path, "validate", str(repo / "configs" / preset))
+    assert "valid" in text and "torch" not in loaded

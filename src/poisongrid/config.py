@@ -305,7 +305,7 @@ def _check_detectors_defenses(cfg: dict, teachers: bool = True) -> None:
         if "arch" in d:
             from .zoo import MODELS
 
-            MODELS.get(d["arch"], f"{key}.arch")
+            MODELS.check(d["arch"], f"{key}.arch")
     if teachers:
         _check_teachers(cfg)
 

@@ -85,9 +85,9 @@ class AdaptiveBlend(Attack):
         if s["criterion"] not in CRITERIA:
             raise ConfigError(f"{key}.criterion", s["criterion"], f"one of {list(CRITERIA)}")
         if deep:
-            from ..training import AUGMENTS
+            from ..zoo import AUGMENTS
 
-            AUGMENTS.get(s["augment"], f"{key}.augment")
+            AUGMENTS.check(s["augment"], f"{key}.augment")
         return {**s, "alphas": [float(a) for a in alphas], "min_asr": float(m),
                 "poison_ratio": None if r is None else float(r)}
 
