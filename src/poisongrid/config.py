@@ -363,18 +363,26 @@ def bona_fide_key(name: str) -> str:
     return "bona_fide" if name == DEFAULT_BONA_FIDE else f"bona_fide_sets.{name}"
 
 
+def bona_fide_set(cfg: dict, det: dict | None) -> tuple[str, int]:
+    """The name and size (n_clean) of the bona fide set a detector entry reads (None: the default)."""
+    name = (det or {}).get("bona_fide", DEFAULT_BONA_FIDE)
+    return name, bona_fide_sets(cfg)[name]["n_clean"]
+
+
 def bona_fide_of(cfg: dict, detector: str | None = None, defense: str | None = None) -> str:
     """The bona fide set a detector reads; that of a defense is its detector's (the plan must
     know every example the scores treated as bona fide), else the default."""
-    if defense is not None:
-        detector = cfg["defenses"][defense].get("detector")
-    if detector is None:
-        return DEFAULT_BONA_FIDE
-    return cfg["detectors"][detector].get("bona_fide", DEFAULT_BONA_FIDE)
+    return _named_bona_fide_set(cfg, detector, defense)[0]
 
 
 def n_clean_of(cfg: dict, detector: str | None = None, defense: str | None = None) -> int:
-    return bona_fide_sets(cfg)[bona_fide_of(cfg, detector, defense)]["n_clean"]
+    return _named_bona_fide_set(cfg, detector, defense)[1]
+
+
+def _named_bona_fide_set(cfg: dict, detector: str | None, defense: str | None) -> tuple[str, int]:
+    if defense is not None:
+        detector = cfg["defenses"][defense].get("detector")
+    return bona_fide_set(cfg, cfg["detectors"][detector] if detector is not None else None)
 
 
 def train_size(ds: dict, data_dir: str = "data") -> int | None:

@@ -100,14 +100,12 @@ def _missing(what: str, path: Path | str, layout: str, how: str) -> DatasetError
 
 def _resize_square(img: Image.Image, size: int) -> np.ndarray:
     """Shorter side -> size (PIL bilinear), centre-crop size x size, RGB; returns uint8 (3, size, size)."""
-    from PIL import Image
-
     img = img.convert("RGB")
     w, h = img.size
     if (w, h) != (size, size):
         s = size / min(w, h)
         nw, nh = max(size, round(w * s)), max(size, round(h * s))
-        img = img.resize((nw, nh), Image.BILINEAR)
+        img = img.resize((nw, nh), _image().BILINEAR)
         left, top = (nw - size) // 2, (nh - size) // 2
         img = img.crop((left, top, left + size, top + size))
     return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)

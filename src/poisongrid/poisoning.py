@@ -260,7 +260,6 @@ def read_bona_fide(path, index: np.ndarray, manifest_meta: dict) -> np.ndarray:
 def manifest_fingerprint(meta: dict) -> str:
     """What identifies a poisoned set: its cell, attacks (targets, counts, parameters) and size."""
     import hashlib
-    import json
 
     keys = {k: meta.get(k) for k in ("cell", "attacks", "n_train", "dataset", "seed")}
     return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -25,10 +25,9 @@ class BaDLoss(Detector):
     def check(cls, det: dict, key: str, cfg: dict) -> None:
         super().check(det, key, cfg)
         k = det.get("k", cls.params["k"])
-        from ..config import bona_fide_key, bona_fide_sets
+        from ..config import bona_fide_key, bona_fide_set
 
-        bona = det.get("bona_fide", "default")
-        n_clean = bona_fide_sets(cfg)[bona]["n_clean"]
+        bona, n_clean = bona_fide_set(cfg, det)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k > n_clean:
             raise ConfigError(f"{key}.k", k, f"an integer in [1, {bona_fide_key(bona)}.n_clean = {n_clean}]")
         if det.get("epsilon", 1e-8) <= 0:

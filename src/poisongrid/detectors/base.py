@@ -65,10 +65,9 @@ class Detector:
                 raise ConfigError(f"{key}.{k}", v, "an integer" if isinstance(default, int) else "a number")
             if isinstance(default, str) and not isinstance(v, str):
                 raise ConfigError(f"{key}.{k}", v, "a string")
-        from ..config import bona_fide_key, bona_fide_sets
+        from ..config import bona_fide_key, bona_fide_set
 
-        bona = det.get("bona_fide", "default")
-        n_clean = bona_fide_sets(cfg)[bona]["n_clean"]
+        bona, n_clean = bona_fide_set(cfg, det)
         if n_clean < cls.min_bona_fide:
             raise ConfigError(f"{bona_fide_key(bona)}.n_clean", n_clean, f"at least {cls.min_bona_fide}: detector "
                               f"'{key.split('.')[-1]}' ({cls.type}) learns from the bona fide examples")

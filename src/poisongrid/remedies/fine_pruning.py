@@ -147,11 +147,11 @@ class FinePrune(Remedy):
         if isinstance(e, bool) or not isinstance(e, int) or e < 1:
             raise ConfigError(f"{key}.finetune_epochs", e, "a positive integer")
         _number(f"{key}.finetune_lr", p["finetune_lr"], 0, float("inf"), True, True)
-        from ..config import bona_fide_key, bona_fide_of, bona_fide_sets
+        from ..config import bona_fide_key, bona_fide_set
 
-        bona = bona_fide_of(cfg, detector=d.get("detector"))
-        if bona_fide_sets(cfg)[bona]["n_clean"] < 1:
-            raise ConfigError(f"{bona_fide_key(bona)}.n_clean", bona_fide_sets(cfg)[bona]["n_clean"],
+        bona, n_clean = bona_fide_set(cfg, cfg["detectors"].get(d.get("detector")))
+        if n_clean < 1:
+            raise ConfigError(f"{bona_fide_key(bona)}.n_clean", n_clean,
                               "at least 1: fine-pruning ranks and fine-tunes on the bona fide examples")
         return p
 
