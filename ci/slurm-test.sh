@@ -48,6 +48,8 @@ export MPLBACKEND=Agg
 
 T0=$SECONDS
 log() { printf '[slurm-test %s +%ss] %s\n' "$(date +%H:%M:%S)" "$((SECONDS - T0))" "$*"; }
+# The Slurm job ids a rule log names ("... in SLURM job <id> on <node>"), one per line, in order.
+slurm_jobs_in() { sed -n 's/.*in SLURM job \([0-9][0-9]*\) on .*/\1/p' "$1"; }
 
 WORK=""
 BG_PIDS=()
@@ -281,7 +283,7 @@ for rule in "${STAGE_RULES[@]}" aggregate; do
     mapfile -t logs < <(find "$SD/logs/$rule" -name '*.log' 2>/dev/null | sort)
     [ "${#logs[@]}" -gt 0 ] || fail "no rule log under $SD/logs/$rule/"
     for f in "${logs[@]}"; do
-        id="$(sed -n 's/.*in SLURM job \([0-9][0-9]*\) on .*/\1/p' "$f" | tail -n 1)"
+        id="$(slurm_jobs_in "$f" | tail -n 1)"
         [ -n "$id" ] || fail "$f lacks 'in SLURM job <id>': rule $rule did not run through sbatch"
         [ -n "$(find "$SD/.snakemake/slurm_logs" -name "$id.log" 2>/dev/null)" ] \
             || fail "no .snakemake/slurm_logs/**/$id.log for $f"
@@ -315,7 +317,7 @@ log "shared grid through Slurm done in $((SECONDS - t)) s"
 grep -q "Group job gpu_pretrain" "$WORK/share.out" || fail "no 'Group job gpu_pretrain' in $WORK/share.out"
 mapfile -t plogs < <(find "$WORK/share/logs/pretrain" -name '*.log' | sort)
 [ "${#plogs[@]}" -eq 2 ] || fail "expected 2 pretrain logs (pretrain, attacked), found: ${plogs[*]}"
-pids="$(for f in "${plogs[@]}"; do sed -n 's/.*in SLURM job \([0-9][0-9]*\) on .*/\1/p' "$f" | tail -n 1; done | sort -u)"
+pids="$(for f in "${plogs[@]}"; do slurm_jobs_in "$f" | tail -n 1; done | sort -u)"
 [ "$(wc -w <<<"$pids")" -eq 1 ] || fail "the 2 grouped pretrain jobs ran in Slurm jobs '$(echo $pids)', not in one"
 n_share="$(grep -c 'has been submitted with SLURM jobid' "$WORK/share.out" || true)"
 log "the 2 pretrain jobs ran in Slurm job $pids; comparing with the local run"
@@ -335,7 +337,7 @@ BG_PIDS+=("$RUN1")
 job1=""
 for _ in $(seq 1 480); do
     if [ -f "$PL" ] && grep -q '(checkpoint saved)' "$PL"; then
-        job1="$(sed -n 's/.*in SLURM job \([0-9][0-9]*\) on .*/\1/p' "$PL" | head -n 1)"
+        job1="$(slurm_jobs_in "$PL" | head -n 1)"
         break
     fi
     kill -0 "$RUN1" 2>/dev/null || fail "snakemake exited before the pretrain job saved a checkpoint"
@@ -361,7 +363,7 @@ t=$SECONDS
 smk_slurm 400 "$FD" "$WORK/fault-run2.out" --retries 0 "$TRAJ" --configfile "$FAULT" \
     || fail "the rerun after the kill failed (rc $?), see $WORK/fault-run2.out"
 log "rerun done in $((SECONDS - t)) s"
-job2="$(sed -n 's/.*in SLURM job \([0-9][0-9]*\) on .*/\1/p' "$PL" | head -n 1)"
+job2="$(slurm_jobs_in "$PL" | head -n 1)"
 [ -n "$job2" ] || fail "$PL of the rerun lacks 'in SLURM job <id>'"
 [ "$job2" != "$job1" ] || fail "the rerun ran in the same Slurm job $job1"
 resumed="$(grep -m 1 'resumed from checkpoint' "$PL" || true)"
