@@ -30,3 +30,24 @@ def files(manifest_path) -> dict:
     """The stage inputs of a manifest written by write_manifest (its bona fide file beside it)."""
     p = Path(manifest_path)
     return {"manifest": p, "bona_fide": p.with_name(p.stem + ".bona_fide.parquet")}
+
+
+def view(images=None, labels=None, bona_fide=None, model=None, seed=0, num_classes=None, training=None,
+         features=None, index=None):
+    """A defender's view over in-memory data: what a detector or remedy receives from a stage."""
+    import torch
+
+    from poisongrid.defender import DefenderImages, DefenderView
+
+    n = len(labels)
+    loaders = {}
+    if images is not None:
+        loaders["images"] = lambda: images if isinstance(images, DefenderImages) else DefenderImages.from_array(np.asarray(images))
+    if model is not None:
+        loaders["model"] = lambda: (model, {"model_name": "planted"})
+    if features is not None:
+        loaders["features"] = lambda: (features, {"model_name": "planted"})
+    return DefenderView(index=np.arange(n, dtype=np.int64) if index is None else np.asarray(index), labels=np.asarray(labels),
+                        bona_fide=np.zeros(n, bool) if bona_fide is None else np.asarray(bona_fide, bool),
+                        num_classes=int(num_classes if num_classes is not None else int(np.max(labels)) + 1), seed=seed,
+                        training=training, device=lambda: torch.device("cpu"), **loaders)

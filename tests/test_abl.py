@@ -7,11 +7,12 @@ import pyarrow as pa
 import pytest
 import torch
 
+import planted
 from planted import files, write_manifest
 from poisongrid import config, stages, trajectories
 from poisongrid.errors import ConfigError
 from poisongrid.io import write_table
-from poisongrid.poisoning import TrainingImages
+from poisongrid.defender import DefenderImages
 from poisongrid.remedies import REMEDIES, FinalTraining
 from poisongrid.training import batch_objective, fit, per_example_loss
 
@@ -67,7 +68,7 @@ def _problem(n=240, classes=10, poisoned_frac=0.1, seed=0):
     labels[poisoned] = 0
     is_p = np.zeros(n, bool)
     is_p[poisoned] = True
-    return TrainingImages(clean, poisoned, patched), labels.astype(np.int64), is_p
+    return DefenderImages.overlay(clean, poisoned, patched), labels.astype(np.int64), is_p
 
 
 def _auroc(pos, neg) -> float:
@@ -162,8 +163,8 @@ def test_unlearn_trains_both_phases_and_raises_the_isolated_loss():
     iso = w < 0
     assert iso.sum() == 8 and loss[iso].max() <= loss[~iso].min()  # the lowest losses
     assert is_p[iso].mean() >= 0.75  # mostly the planted poison
-    job = FinalTraining(training=TRAIN, images=x, labels=y, weights=w, bona_fide=man["bona_fide"].to_numpy(),
-                        num_classes=10, seed=0, device=CPU, plan_meta=remedy.plan_meta(), load_model=lambda: iso_model)
+    job = FinalTraining(view=planted.view(x, y, man["bona_fide"].to_numpy(), iso_model, num_classes=10, training=TRAIN),
+                        weights=w, plan_meta=remedy.plan_meta())
     res = remedy.train(job)
     assert [p for p, _ in job.phases] == ["finetune", "unlearn"]
     (_, ft), (_, ul) = job.phases

@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
+import planted
 from poisongrid import config
 from poisongrid.detectors import DETECTORS
 from poisongrid.errors import ConfigError
@@ -40,8 +41,9 @@ def _critic_estimate(dependent: bool, steps: int = 120, d: int = 8) -> float:
     opt = torch.optim.Adam(critic.parameters(), lr=REMEDIES.get("cbd").params["critic_lr"])
     for _ in range(steps):
         opt.zero_grad()
-        (-critic(*pair(64))).backward()
+        (-0.01 * critic(*pair(64))).backward()
         opt.step()
+        critic.lipschitz_()
     critic.eval()
     with torch.no_grad():
         return float(critic(*pair(2048)))
@@ -81,9 +83,8 @@ def test_remedy_down_weights_the_planted_backdoor():
     assert DETECTORS.get("cbd").default_model == "backdoored" and DETECTORS.get("cbd").negated_loss
     remedy = REMEDIES.get("cbd")()
     assert (remedy.weights(None, pd.DataFrame({"index": np.arange(len(y))}), {}) == 1).all()
-    job = FinalTraining(training=TINY, images=x, labels=y, weights=np.ones(len(y), np.float32),
-                        bona_fide=np.zeros(len(y), bool), num_classes=4, seed=0, device=dev, plan_meta={},
-                        load_model=lambda: backdoored.model)
+    job = FinalTraining(view=planted.view(x, y, model=backdoored.model, num_classes=4, training=TINY),
+                        weights=np.ones(len(y), np.float32), plan_meta={})
     res = remedy.train(job)
     assert [p for p, _ in job.phases] == ["cbd"] and len(res.train_loss) == TINY["epochs"]
     w = remedy.objective.mean_weight()
@@ -151,3 +152,71 @@ def test_a_digits_cell_runs_cbd_end_to_end(tmp_path):
     assert [p["phase"] for p in tmeta["phases"]] == ["cbd"] and tmeta["epochs"] == 3
     m, _, _ = run("evaluate", defense="cbd")
     assert m["clean_accuracy"] > 0.3
+
+
+def test_schedules_follow_the_reference_rates():
+    from poisongrid.training import OPTIMIZERS, lr_schedule
+
+    def rates(training, epochs=80):
+        p = [torch.nn.Parameter(torch.zeros(2))]
+        opt = OPTIMIZERS.get(training["optimizer"])(p, {"weight_decay": 1e-4, **training})
+        sched = lr_schedule(opt, training, epochs)
+        out = []
+        for _ in range(epochs):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out, opt
+
+    ref = REMEDIES.get("cbd").clean_training(REMEDIES.get("cbd").params)
+    lr, opt = rates(ref)
+    # CBD's code: 0.1 for epochs 1-20, 0.01 for 21-70, 0.001 after (epochs counted from 0 here).
+    np.testing.assert_allclose(lr, [0.1] * 20 + [0.01] * 50 + [0.001] * 10, rtol=1e-9)
+    assert opt.param_groups[0]["nesterov"] and opt.param_groups[0]["momentum"] == 0.9
+    assert opt.param_groups[0]["weight_decay"] == 1e-4
+    const, _ = rates({"optimizer": "adamw", "lr": 1e-3, "schedule": "constant"}, 5)
+    assert const == [1e-3] * 5
+    cos, _ = rates({"optimizer": "adamw", "lr": 1e-3}, 5)
+    np.testing.assert_allclose(cos, [1e-3 * (1 + np.cos(np.pi * e / 5)) / 2 for e in range(5)])
+
+
+def test_power_norm_matches_the_exact_value_where_power_iteration_is_exact():
+    from poisongrid.remedies.cbd_objective import power_norm
+
+    a, b = torch.tensor([3.0, -1.0, 2.0]), torch.tensor([0.5, 4.0])
+    # A rank-one matrix's largest singular value is |a| |b|; power iteration finds it exactly.
+    assert power_norm(torch.outer(a, b)).item() == pytest.approx(float((a.norm() * b.norm()).sqrt()), rel=1e-5)
+    # A bias counts as one column: its norm.
+    assert power_norm(a).item() == pytest.approx(float(a.norm().sqrt()), rel=1e-6)
+    critic = MICritic(4, 4, 8)
+    before = [q.detach().clone() for q in critic.parameters()]
+    critic.lipschitz_()
+    for q, q0 in zip(critic.parameters(), before):
+        torch.testing.assert_close(q.detach(), q0 / power_norm(q0))
+
+
+def test_the_critic_makes_its_own_pass_then_stays_fixed():
+    """Before each epoch the critic takes one step per batch of a pass over the data, with the clean
+    model forward only (its weights untouched); during the clean model's pass it does not change."""
+    from poisongrid.remedies.cbd_objective import CBDObjective
+
+    x, y, _ = _synthetic(96, 3)
+    b = fit({**TINY, "epochs": 1, "augment": "none"}, x, y, 4, seed=0, device=torch.device("cpu")).model
+    c = fit({**TINY, "epochs": 1, "augment": "none"}, x, y, 4, seed=1, device=torch.device("cpu")).model
+    p = {**REMEDIES.get("cbd").params}
+    obj = CBDObjective(b, planted.view(x, y).images, y, p, {**TINY, "batch_size": 32}, torch.device("cpu"), 0)
+    weights = {k: v.clone() for k, v in c.state_dict().items() if "running" not in k and "num_batches" not in k}
+    obj.epoch_start(0, c)
+    assert obj.critic_steps == 3  # 96 images in batches of 32
+    for k, v in weights.items():
+        torch.testing.assert_close(c.state_dict()[k], v)
+    assert not any(q.requires_grad for q in obj.critic.parameters())
+    critic = [q.clone() for q in obj.critic.parameters()]
+    xb = torch.from_numpy(x[:32]).float() / 255
+    c.train()
+    per = torch.nn.functional.cross_entropy(c(xb), torch.from_numpy(y[:32]), reduction="none")
+    loss = obj(c, xb, torch.from_numpy(y[:32]), per, torch.arange(32))
+    loss.backward()
+    assert obj.critic_steps == 3 and all(torch.equal(q, q0) for q, q0 in zip(obj.critic.parameters(), critic))
+    assert any(q.grad is not None and q.grad.abs().sum() > 0 for q in c.parameters())
+    obj.close()

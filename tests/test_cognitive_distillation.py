@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
+import planted
 from poisongrid import config
-from poisongrid.detectors import DETECTORS, Context, read_scores
+from poisongrid.detectors import DETECTORS, read_scores
 from poisongrid.detectors.cognitive_distillation import CognitiveDistillation, distill, example_noise, total_variation
 from poisongrid.errors import ConfigError
 
@@ -68,34 +69,11 @@ def backdoored():
     torch.set_num_threads(threads)
 
 
-class _Ctx(Context):
-    """A Context over in-memory images and model (the manifest here still holds the ground truth,
-    so a detector that read it would see it)."""
-
-    def __init__(self, model, images, manifest, seed=0):
-        super().__init__({"seed": seed}, {}, None)
-        self._model, self._images, self._man = model, images, manifest
-
-    @property
-    def device(self):
-        return torch.device("cpu")
-
-    @property
-    def manifest(self):
-        return self._man
-
-    def images(self):
-        return self._images
-
-    def model(self):
-        return self._model
-
-
 def _score(tmp_path, model, images, man, name="s", **params):
     det = CognitiveDistillation(**params)
     det.cell = {"dataset": "synthetic", "scenario": "patch", "seed": 0}
-    det.ctx = _Ctx(model, images, man)
-    meta = det.score({}, tmp_path / f"{name}.parquet")
+    det.view = planted.view(images, man["label"].to_numpy(), man["bona_fide"].to_numpy(), model, index=man["index"].to_numpy())
+    meta = det.score(tmp_path / f"{name}.parquet")
     df, _ = read_scores(tmp_path / f"{name}.parquet")
     return df.set_index("index")["score"].loc[man["index"]].to_numpy(), meta  # in the manifest's row order
 
@@ -109,7 +87,7 @@ def test_tv_and_noise_by_hand():
     m = torch.zeros(1, 1, 2, 3)
     m[0, 0, 0, 1] = 1.0  # 2 horizontal neighbours + 1 vertical neighbour differ by 1
     assert total_variation(m).item() == pytest.approx(3 / 6)
-    gen = Context({"seed": 3}, {}).generator
+    gen = planted.view(labels=np.zeros(1, np.int64), seed=3).generator
     a = example_noise(gen, np.array([5, 9, 2]), 4, 3)
     b = example_noise(gen, np.array([2, 5]), 4, 3)
     assert a.shape == (3, 4, 3) and 0 <= a.min() and a.max() < 1
@@ -121,13 +99,13 @@ def test_batched_masks_equal_masks_optimised_alone(backdoored):
     model.requires_grad_(False)
     rows = np.array([0, 7, 11, 42, 300, 319])
     xf = torch.from_numpy(x[rows]).float() / 255
-    noise = example_noise(Context({"seed": 0}, {}).generator, rows, 30, 3)
+    noise = example_noise(planted.view(labels=np.zeros(1, np.int64), seed=0).generator, rows, 30, 3)
     together = distill(model, xf, noise)
     alone = torch.cat([distill(model, xf[i:i + 1], noise[i:i + 1]) for i in range(len(rows))])
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
     # The same through the detector: batch size changes nothing.
     det = CognitiveDistillation(steps=30, batch_size=4)
-    det.ctx = _Ctx(model, x, man)
+    det.view = planted.view(x, man["label"].to_numpy(), man["bona_fide"].to_numpy(), model)
     torch.testing.assert_close(det.masks(rows, rows), together, atol=1e-5, rtol=1e-5)
 
 
@@ -144,7 +122,7 @@ def test_poisoned_images_get_small_masks_on_the_patch(backdoored, tmp_path):
     # Where the masks sit: a poisoned image keeps its patch whole and much less of the rest;
     # clean images keep that corner no more than the rest.
     det = CognitiveDistillation()
-    det.ctx = _Ctx(model, x, man)
+    det.view = planted.view(x, man["label"].to_numpy(), man["bona_fide"].to_numpy(), model)
     m = det.masks(rows, rows)[:, 0]
     corner = m[:, :3, :3].mean((1, 2))
     rest = (m.sum((1, 2)) - m[:, :3, :3].sum((1, 2))) / (SIZE * SIZE - 9)
@@ -192,7 +170,7 @@ def test_config_accepts_the_badloss_setup():
 @pytest.mark.slow
 def test_digits_cell_end_to_end(tmp_path):
     """Poison a digits cell, train the attacked model, score every training example through the
-    real Context (poisoned images, the attacked model) and plan BaDLoss's 15% removal."""
+    real defender view (poisoned images, the attacked model) and plan BaDLoss's 15% removal."""
     from poisongrid.jobs import run_job
     from poisongrid.stages import read_plan
 

@@ -309,12 +309,12 @@ def test_eager_work_is_estimated_at_the_eager_rate(monkeypatch):
     c["datasets"]["digits"].update(epochs=10, minutes_per_epoch=0.1, eager_minutes_per_epoch=0.4)
     c = config.validate(c, deep=False)
     assert config.estimated_minutes(c, "train", "digits", defense="badloss") == pytest.approx(10 * 0.1)
-    assert config.estimated_minutes(c, "train", "digits", defense="cbd") == pytest.approx(1.35 * 10 * 0.4)
+    assert config.estimated_minutes(c, "train", "digits", defense="cbd") == pytest.approx(2.02 * 10 * 0.4)
     nc = config.estimated_minutes(c, "score", "digits", detector="nc")
     c2 = copy.deepcopy(c)
     c2["datasets"]["digits"]["eager_minutes_per_epoch"] = None
     assert nc == pytest.approx(4 * config.estimated_minutes(c2, "score", "digits", detector="nc")) and nc > 0
-    assert config.estimated_minutes(c2, "train", "digits", defense="cbd") == pytest.approx(1.35 * 10 * 0.1)
+    assert config.estimated_minutes(c2, "train", "digits", defense="cbd") == pytest.approx(2.02 * 10 * 0.1)
     rows = estimate.estimate(c)
     gpu_jobs = sum(r["jobs"] for r in rows if r["gpu_hours"] > 0)
     monkeypatch.setattr(estimate, "GPU_JOB_START_MINUTES", 0.0)

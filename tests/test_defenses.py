@@ -335,12 +335,11 @@ def test_score_wall_time_covers_the_detectors_whole_run(tmp_path):
             needs = ()
             default_model = None
 
-            def score(self, paths, out_path):
+            def score(self, out_path):
                 _time.sleep(1.5)
-                man = self.ctx.manifest
                 meta = {"cell": self.cell, "detector": self.type, "params": self.p}
-                with ScoreWriter(out_path, meta) as w:
-                    w.write(man["index"].to_numpy(), np.zeros(len(man)))
+                with ScoreWriter(out_path, meta, self.view) as w:
+                    w.write(self.view.index, np.zeros(len(self.view)))
                 return meta
 
     try:

@@ -10,9 +10,10 @@ import scipy.fft
 import torch
 from sklearn.metrics import roc_auc_score
 
+import planted
 from planted import files, write_manifest
 from poisongrid import config
-from poisongrid.detectors import DETECTORS, Context, read_scores
+from poisongrid.detectors import DETECTORS, read_scores
 from poisongrid.detectors.frequency import DCT2d, add_random_patches, dct_matrix, patch_ranges
 from poisongrid.errors import ConfigError
 from poisongrid.io import write_table
@@ -74,13 +75,11 @@ def _manifest(shuffled=False):
 
 
 def _score(tmp_path, name, images, seed=0, shuffled=False, **params):
-    mpath = tmp_path / f"{name}_m.parquet"
-    inp = write_manifest(mpath, _manifest(shuffled), {"scenario": "single-patch", "attacks": {}, "seed": 0, "cell": CELL})
+    man = _manifest(shuffled)
     det = DETECTORS.get("frequency_analysis")(**params)
-    det.ctx = Context({"seed": seed, "runtime": {"device": "cpu", "threads": 1}}, inp)
-    det.ctx._cache["images"] = images  # the synthetic training set in place of a dataset's
+    det.view = planted.view(images, man["label"].to_numpy(), man["bona_fide"].to_numpy(), seed=seed)
     out = tmp_path / f"{name}.parquet"
-    det.score(inp, out)
+    det.score(out)
     df, meta = read_scores(out)
     return df.sort_values("index")["score"].to_numpy(), meta
 

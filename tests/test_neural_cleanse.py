@@ -8,8 +8,9 @@ import pyarrow as pa
 import pytest
 import torch
 
+import planted as planted_cells
 from planted import files, write_manifest
-from poisongrid.detectors import Context, DETECTORS, read_scores
+from poisongrid.detectors import DETECTORS, read_scores
 from poisongrid.detectors.neural_cleanse import NeuralCleanse, flag_classes, mad_anomaly_index, probe_threshold
 from poisongrid.errors import ConfigError
 from poisongrid.io import write_table
@@ -73,14 +74,11 @@ def planted():
 def _score(tmp_path, planted, man=None, name="s", **params):
     images, man0, _, model = planted
     man = man0 if man is None else man
-    inp = write_manifest(tmp_path / f"{name}.m.parquet", man, {"scenario": "patch", "attacks": {}, "seed": 0, "cell": CELL})
     det = DETECTORS.get("neural_cleanse")(**{**FAST, **params})
     det.cell = CELL
-    det.ctx = Context({"type": "neural_cleanse", "seed": 0, "training": {"batch_size": 64}},
-                      inp)
-    det.ctx._cache.update(device=torch.device("cpu"), model=model, images=images,
-                          dataset=types.SimpleNamespace(num_classes=K))
-    det.score(det.ctx.paths, tmp_path / f"{name}.parquet")
+    det.view = planted_cells.view(images, man["label"].to_numpy(), man["bona_fide"].to_numpy(), model, num_classes=K,
+                            training={"batch_size": 64})
+    det.score(tmp_path / f"{name}.parquet")
     s, meta = read_scores(tmp_path / f"{name}.parquet")
     return s.sort_values("index")["score"].to_numpy(), meta
 

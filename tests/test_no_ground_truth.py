@@ -1,6 +1,7 @@
 """No defense reads the ground truth: every registered detector scores a real poisoned digits cell
 identically when the manifest's ground-truth columns (attack, orig_label, target) are shuffled,
-and every remedy but the `oracle` reference plans the same weights."""
+and when the poisoned set is stored dense (every row in poisoned.npz) instead of sparse (the
+poisoned rows only); every remedy but the `oracle` reference plans the same weights."""
 import copy
 import shutil
 
@@ -11,7 +12,7 @@ import yaml
 
 from poisongrid import config, poisoning, stages
 from poisongrid.detectors import DETECTORS, read_scores
-from poisongrid.io import read_table, table_meta, write_table
+from poisongrid.io import read_table, save_npz, table_meta, write_table
 from poisongrid.jobs import run_job
 from poisongrid.remedies import REMEDIES
 
@@ -61,15 +62,28 @@ def test_scores_and_plans_ignore_shuffled_ground_truth(tmp_path):
     write_table(fake, pa.Table.from_pandas(shuffled, preserve_index=False), poisoning.MANIFEST_KIND,
                 {k: v for k, v in meta.items() if k != "kind"})
 
+    # The same poisoned training set stored dense: every row in the images file, poisoned or not.
+    ds = stages.get_dataset(config.stage_spec(cfg, "poison", "digits", "multi", 0))
+    full = poisoning.training_images(ds, poisoned["images"], len(df)).materialize()
+    assert not np.array_equal(full, ds.train.images)
+    dense = tmp_path / "dense" / "poisoned.npz"
+    dense.parent.mkdir()
+    save_npz(dense, index=np.arange(len(full), dtype=np.int64), images=full)
+
     types = set()
     for name, det in cfg["detectors"].items():
         types.add(det["type"])
         _, inp_s, out_s = run_job(cfg, "score", root, **cell, detector=name)
         spec = config.stage_spec(cfg, "score", "digits", "multi", 0, detector=name)
-        other = tmp_path / "again" / f"{name}.parquet"
-        stages.score(spec, {**inp_s, "manifest": str(fake)}, {"out": str(other)})
-        a, b = read_scores(out_s["out"])[0], read_scores(other)[0]
-        np.testing.assert_array_equal(a["score"].to_numpy(), b["score"].to_numpy(), err_msg=name)
+        a = read_scores(out_s["out"])[0]
+        variants = {"shuffled ground truth": {"manifest": str(fake)}}
+        if "images" in inp_s:
+            variants["dense storage"] = {"images": str(dense)}
+        for what, change in variants.items():
+            other = tmp_path / "again" / f"{name}-{what.replace(' ', '_')}.parquet"
+            stages.score(spec, {**inp_s, **change}, {"out": str(other)})
+            b = read_scores(other)[0]
+            np.testing.assert_array_equal(a["score"].to_numpy(), b["score"].to_numpy(), err_msg=f"{name}, {what}")
     assert types == set(DETECTORS.names())
 
     remedies = set()

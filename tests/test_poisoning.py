@@ -130,7 +130,7 @@ def test_asr_excludes_target_class(ds):
 def test_training_images_overlay_without_copy(ds, tmp_path):
     ps = poisoning.poison(ds, ATTACKS, list(ATTACKS), seed=0)
     poisoning.write(ps, tmp_path / "m.parquet", tmp_path / "p.npz")
-    x = poisoning.training_images(ds, tmp_path / "p.npz", ps.manifest)
+    x = poisoning.training_images(ds, tmp_path / "p.npz", len(ps.manifest))
     full = np.array(ds.train.images)
     full[ps.index] = ps.images
     np.testing.assert_array_equal(x.materialize(), full)
@@ -319,7 +319,6 @@ def test_detection_quality_counts_a_shared_image_for_each_of_its_attacks():
 
 def test_poison_stage_passes_overlap_from_the_config_and_the_defender_never_sees_it(tmp_path):
     from poisongrid import config, stages
-    from poisongrid.detectors import defender_manifest
 
     big = {"patch": {"ratio": 0.6}, "blend_random": {"ratio": 0.5, "alpha": 0.1}}
     c = config.validate({"datasets": {"digits": {"model": "smallcnn", "image_size": 16, "overlap": True, "attacks": big}},
@@ -332,9 +331,9 @@ def test_poison_stage_passes_overlap_from_the_config_and_the_defender_never_sees
         assert poisoning.carries(man["attack"], name).sum() == int(len(man) * cfg["ratio"])
     bf = tmp_path / "bf.parquet"
     stages.bonafide(config.stage_spec(c, "bonafide", "digits", "multi", 0), {"manifest": out["manifest"]}, {"out": bf})
-    seen, _ = defender_manifest(out["manifest"], bf)
-    assert list(seen.columns) == ["index", "label", "bona_fide"] and seen["bona_fide"].sum() == 10
-    assert not (seen["bona_fide"] & man["attack"].notna()).any()
+    seen = stages.defender_view(config.stage_spec(c, "bonafide", "digits", "multi", 0), {"manifest": out["manifest"], "bona_fide": bf})
+    assert seen.bona_fide.sum() == 10 and (seen.labels == man["label"].to_numpy()).all()
+    assert not (seen.bona_fide & man["attack"].notna().to_numpy()).any()
 
 
 def test_a_bona_fide_file_from_another_poisoned_set_is_refused(ds, tmp_path):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import planted
 from poisongrid import config
 from poisongrid.detectors import DETECTORS, read_scores
 from poisongrid.detectors.pss import PSS, intraclass_loss, strong_transform
@@ -56,14 +57,6 @@ def _planted(n=480, size=12, seed=0):
     return np.clip(x, 0, 255).astype(np.uint8), labels.astype(np.int64), poisoned
 
 
-def _ctx(x, labels, model, training):
-    bona = np.zeros(len(labels), bool)
-    return types.SimpleNamespace(
-        images=lambda: x, labels=labels, model=lambda: model.eval(), device=CPU, seed=0, training=training,
-        num_classes=4, log=None, manifest=pd.DataFrame({"index": np.arange(len(labels)), "label": labels, "bona_fide": bona}),
-        generator=lambda *s: torch.Generator().manual_seed(1000 + sum(s)))
-
-
 @pytest.mark.slow
 def test_pss_ranks_planted_poison_above_clean(tmp_path):
     from sklearn.metrics import roc_auc_score
@@ -72,8 +65,8 @@ def test_pss_ranks_planted_poison_above_clean(tmp_path):
     training = {"model": "smallcnn", "epochs": 4, "batch_size": 32, "lr": 3e-3, "weight_decay": 1e-4, "augment": "none"}
     warm = fit(training, x, labels, 4, seed=0, device=CPU).model
     det = PSS()
-    det.ctx, det.cell = _ctx(x, labels, warm, training), {"dataset": "planted"}
-    meta = det.score({}, tmp_path / "s.parquet")
+    det.view, det.cell = planted.view(x, labels, model=warm, num_classes=4, training=training), {"dataset": "planted"}
+    meta = det.score(tmp_path / "s.parquet")
     s = read_scores(tmp_path / "s.parquet")[0].sort_values("index")["score"].to_numpy()
     assert len(s) == len(labels) and len(meta["intraclass_loss"]) == 3
     auc = roc_auc_score(poisoned, s)
@@ -94,15 +87,11 @@ def test_pss_unlearn_partition():
 
 
 def _job(x, labels, bona, model, training, tmp=None):
-    return FinalTraining(training=training, images=x, labels=labels, weights=np.ones(len(labels), np.float32),
-                         bona_fide=bona, num_classes=int(labels.max()) + 1, seed=0, device=CPU, plan_meta={},
-                         load_model=lambda: copy.deepcopy(model))
+    return FinalTraining(view=planted.view(x, labels, bona, copy.deepcopy(model), training=training),
+                         weights=np.ones(len(labels), np.float32), plan_meta={})
 
 
-class _Images(np.ndarray):
-    """A plain array with TrainingImages' subset()."""
-
-    def subset(self, mask):
+def subset(self, mask):
         return self[mask]
 
 
@@ -112,7 +101,7 @@ def test_pss_unlearn_alternates_ascent_and_descent():
     attacked = fit(training, x, labels, 4, seed=0, device=CPU).model
     rem = REMEDIES.get("pss_unlearn")(epochs=2, r_poison=0.1, r_clean=0.5)
     w = rem.weights(np.random.default_rng(0).random(96), pd.DataFrame({"bona_fide": np.zeros(96, bool)}), {})
-    job = _job(x.view(_Images), labels, np.zeros(96, bool), attacked, training)
+    job = _job(x, labels, np.zeros(96, bool), attacked, training)
     job.weights = w
     res = rem.train(job)
     assert [p for p, _ in job.phases] == ["ascent0", "descent0", "ascent1", "descent1"]
@@ -190,7 +179,7 @@ def test_fine_prune_channels_stay_zero_through_finetuning_and_save(tmp_path):
     bona[:40] = True
     rem = REMEDIES.get("fine_prune")(max_acc_drop=1.0, prune_ratio=0.5, finetune_epochs=2, finetune_lr=1e-2)
     np.testing.assert_array_equal(rem.weights(None, pd.DataFrame({"bona_fide": bona}), {}), bona.astype(np.float32))
-    job = _job(x.view(_Images), labels, bona, attacked, training)
+    job = _job(x, labels, bona, attacked, training)
     res = rem.train(job)
     assert [p for p, _ in job.phases] == ["finetune"] and len(rem.pruned) == 32
     pruned = rem.pruned

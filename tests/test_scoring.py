@@ -3,8 +3,8 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from planted import files, write_manifest
-from poisongrid import trajectories
+from planted import DEFAULT_CELL, files, write_manifest
+from poisongrid import stages, trajectories
 from poisongrid.detectors import knn_log_distance, read_scores
 from poisongrid.detectors.badloss import BaDLoss
 from poisongrid.errors import ArtifactError, ConfigError
@@ -84,7 +84,7 @@ def _write_cell(tmp_path, n=300, epochs=6, n_bona=30, skipped=(3,)):
     losses[3, :] += 100  # spike epoch: must not be used by the score
     kept = [e for e in range(epochs) if e not in skipped]
     tpath = tmp_path / "traj.parquet"
-    trajectories.write(tpath, losses, {"epochs_recorded": epochs, "accepted_epochs": kept, "skipped_epochs": list(skipped),
+    trajectories.write(tpath, losses, {"cell": {**DEFAULT_CELL, "model": "pretrain"}, "epochs_recorded": epochs, "accepted_epochs": kept, "skipped_epochs": list(skipped),
                                        "n_examples": n})
     bona = np.zeros(n, dtype=bool)
     bona[:n_bona] = True
@@ -109,7 +109,9 @@ def test_trajectory_file_one_row_per_example(tmp_path):
 def test_badloss_detector_matches_reference_and_streams(tmp_path):
     tpath, mpath, losses, kept, bona, poisoned = _write_cell(tmp_path)
     out = tmp_path / "scores.parquet"
-    BaDLoss(k=10, chunk_rows=37).score({"trajectories": tpath, **files(mpath)}, out)
+    det = BaDLoss(k=10, chunk_rows=37)
+    det.view = stages.defender_view({"model": "pretrain"}, {"trajectories": tpath, **files(mpath)})
+    det.score(out)
     df, meta = read_scores(out)
     assert meta["epochs_used"] == kept and meta["wall_time_s"] > 0
     x = losses[kept].T.astype(float)

@@ -25,7 +25,9 @@ KNOWN_TRAIN_SIZES = {"cifar10": 50000, "gtsrb": 26640, "imagenette": 9469, "imag
 KNOWN_NUM_CLASSES = {"digits": 10, "cifar10": 10, "gtsrb": 43, "imagenette": 10, "imagenet": 1000}
 
 TRAIN_KEYS = ("model", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "momentum", "loss_clamp", "augment",
-              "crop_scale", "precision")
+              "crop_scale", "precision", "nesterov", "schedule", "milestones", "gamma")
+# nesterov, schedule, milestones and gamma have no schema default: a spec carries them only where a
+# config sets them, so the caches of configs without them stay valid.
 
 
 @functools.cache
@@ -248,10 +250,13 @@ def _check_dataset(name: str, ds: dict, deep: bool = True) -> None:
     cs = ds["crop_scale"]
     if not (0 < cs[0] <= cs[1] <= 1):
         raise ConfigError(f"datasets.{name}.crop_scale", cs, "[lo, hi] with 0 < lo <= hi <= 1")
+    from .zoo import check_schedule
+
+    check_schedule(ds, f"datasets.{name}")
 
 
 def _check_defender_models(cfg: dict) -> None:
-    from .zoo import AUGMENTS, MODELS, OPTIMIZERS
+    from .zoo import AUGMENTS, MODELS, OPTIMIZERS, check_schedule
 
     models = cfg["defender_models"]
     att = models[ATTACKED]
@@ -272,6 +277,10 @@ def _check_defender_models(cfg: dict) -> None:
             OPTIMIZERS.check(m["optimizer"], f"{key}.optimizer")
         if "crop_scale" in m and not (0 < m["crop_scale"][0] <= m["crop_scale"][1] <= 1):
             raise ConfigError(f"{key}.crop_scale", m["crop_scale"], "[lo, hi] with 0 < lo <= hi <= 1")
+        for dname, ds in cfg["datasets"].items():
+            # A model that names its own schedule replaces the dataset's (milestones with it).
+            base = {k: v for k, v in ds.items() if k in TRAIN_KEYS and not ("schedule" in m and k in ("milestones", "gamma"))}
+            check_schedule({**base, **m}, key)
 
 
 def _check_detectors_defenses(cfg: dict, teachers: bool = True) -> None:
@@ -434,7 +443,7 @@ def runtime_spec(cfg: dict) -> dict:
 
 def training_spec(cfg: dict, dataset: str) -> dict:
     ds = _dataset(cfg, dataset)
-    return {k: ds[k] for k in TRAIN_KEYS}
+    return {k: ds[k] for k in TRAIN_KEYS if k in ds}
 
 
 def final_training_spec(cfg: dict, dataset: str, defense: str) -> dict:
@@ -450,7 +459,10 @@ def defender_model_spec(cfg: dict, dataset: str, name: str) -> dict:
     if name not in cfg["defender_models"]:
         raise ConfigError("model", name, f"one of the defender models {sorted(cfg['defender_models'])}")
     m = cfg["defender_models"][name]
-    training = {**training_spec(cfg, dataset), **{k: m[k] for k in TRAIN_KEYS if k in m}}
+    base = training_spec(cfg, dataset)
+    if "schedule" in m:  # its own schedule replaces the dataset's, milestones and all
+        base = {k: v for k, v in base.items() if k not in ("milestones", "gamma")}
+    training = {**base, **{k: m[k] for k in TRAIN_KEYS if k in m}}
     if "r_epoch" in m:
         # BaDLoss: stop early; the cosine schedule still spans the dataset's full run.
         training["epochs"] = ds["epochs"]

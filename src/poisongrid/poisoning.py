@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
     from .attacks import Attack
     from .data import Dataset
+    from .defender import DefenderImages
 
 # pandas and the attack registry are imported where used: the score and plan stages import this
 # module for the manifest's name and columns only.
@@ -105,6 +106,7 @@ def poison(ds: Dataset, attacks: dict[str, dict], all_attacks: list[str], seed: 
            artifacts: dict[str, dict] | None = None, overlap: bool = False) -> PoisonedSet:
     from .attacks import ATTACKS
     from .config import attack_params
+    from .defender import DefenderImages
 
     artifacts = artifacts or {}
     labels = ds.train.labels
@@ -132,7 +134,7 @@ def poison(ds: Dataset, attacks: dict[str, dict], all_attacks: list[str], seed: 
             raise ConfigError(f"attacks.{name}.ratio", cfg["ratio"], f"at most {len(pool)} available images ({k} requested)")
         chosen = np.sort(rng.choice(pool, size=k, replace=False))
         # Each trigger goes onto the image as earlier attacks left it (only ever clean without overlap).
-        current = TrainingImages(ds.train.images, index, images)[chosen]
+        current = DefenderImages.overlay(ds.train.images, index, images)[chosen]
         index, images = _replace(index, images, chosen, atk.poison(current, chosen))
         attack_col[chosen] = [name if prev is None else f"{prev}{SEP}{name}" for prev in attack_col[chosen]]
         used[chosen] = True
@@ -285,50 +287,17 @@ def manifest_table(path, ground_truth: bool = False, bona_fide_path=None, column
     return table, meta
 
 
-class TrainingImages:
-    """The poisoned training set without copying the clean one: rows come from the (possibly
-    memory-mapped) clean array, with the poisoned rows swapped in. Indexable by integer arrays."""
+def training_images(ds: Dataset, images_path, n_manifest: int) -> DefenderImages:
+    """The poisoned training images as one set: the clean set with the stored rows swapped in
+    (poisoned.npz holds the poisoned rows only, or every row)."""
+    from .defender import DefenderImages
 
-    def __init__(self, base: np.ndarray, index: np.ndarray, images: np.ndarray, rows: np.ndarray | None = None):
-        self.base, self.index, self.images = base, np.asarray(index, dtype=np.int64), images
-        self.rows = np.arange(len(base), dtype=np.int64) if rows is None else rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (len(self.rows), *self.base.shape[1:])
-
-    @property
-    def nbytes(self) -> int:
-        return len(self.rows) * int(np.prod(self.base.shape[1:])) * self.base.itemsize
-
-    def subset(self, mask: np.ndarray) -> "TrainingImages":
-        return TrainingImages(self.base, self.index, self.images, self.rows[mask])
-
-    def __getitem__(self, idx) -> np.ndarray:
-        rows = self.rows[idx]
-        out = np.array(self.base[rows])
-        if not len(self.index):  # nothing poisoned (the clean scenario)
-            return out
-        pos = np.searchsorted(self.index, rows)
-        hit = (pos < len(self.index)) & (self.index[np.minimum(pos, len(self.index) - 1)] == rows)
-        out[hit] = self.images[pos[hit]]
-        return out
-
-    def materialize(self) -> np.ndarray:
-        return self[np.arange(len(self.rows))]
-
-
-def training_images(ds: Dataset, images_path, manifest: pd.DataFrame) -> TrainingImages:
-    """The poisoned training images: the clean set with the poisoned rows swapped in."""
     z = load_npz(images_path, keys=("index", "images"))
-    if len(manifest) != len(ds.train.labels):
-        raise ArtifactError(f"manifest has {len(manifest)} rows but dataset '{ds.name}' has {len(ds.train.labels)} training images")
+    if n_manifest != len(ds.train.labels):
+        raise ArtifactError(f"manifest has {n_manifest} rows but dataset '{ds.name}' has {len(ds.train.labels)} training images")
     if z["images"].shape[1:] != ds.train.images.shape[1:]:
         raise ArtifactError(f"{images_path}: images of shape {z['images'].shape[1:]}, the dataset's are {ds.train.images.shape[1:]}")
-    return TrainingImages(ds.train.images, z["index"], z["images"])
+    return DefenderImages.overlay(ds.train.images, z["index"], z["images"])
 
 
 def test_attacks(meta: dict, shape, artifacts: dict[str, dict]) -> dict[str, tuple[Attack, int]]:

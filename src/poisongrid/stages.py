@@ -132,8 +132,8 @@ def bonafide(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
 
 def _manifest(spec: dict, manifest_path, bona_fide_path=None):
     """The cell's whole manifest (with the bona fide mask when its file is given), checked against
-    the dataset and seed of the job reading it. Detectors and remedies get the defender's columns
-    elsewhere (Context.manifest, poisoning.manifest_table)."""
+    the dataset and seed of the job reading it. Detectors and remedies get the defender's view
+    instead (defender_view)."""
     from . import poisoning
 
     man, meta = poisoning.read_manifest(manifest_path, bona_fide_path)
@@ -146,7 +146,72 @@ def _poisoned_training_set(spec: dict, manifest_path, images_path, bona_fide_pat
 
     ds = get_dataset(spec)
     man, meta = _manifest(spec, manifest_path, bona_fide_path=bona_fide_path)
-    return ds, man, meta, poisoning.training_images(ds, images_path, man)
+    return ds, man, meta, poisoning.training_images(ds, images_path, len(man))
+
+
+def defender_view(spec: dict, inp: dict, log: Log = _quiet, model_role: dict | None = None) -> DefenderView:
+    """What a detector or remedy of this cell may read (defender.DefenderView): the manifest's
+    defender columns and the bona fide flags, now; the images, the device, the defender model in
+    `inp['weights']` (checked to be this cell's `model_role`), its features and its trajectories,
+    on first use. The ground truth and the files' paths stay here."""
+    from . import poisoning
+    from .defender import DefenderView, Trajectories, model_record
+
+    man, mmeta = poisoning.manifest_table(inp["manifest"], bona_fide_path=inp.get("bona_fide"))
+    provenance.check(inp["manifest"], mmeta, dataset=(spec.get("dataset") or {}).get("name"), seed=spec.get("seed"))
+    ref = provenance.of(mmeta, inp["manifest"])
+    n = man.num_rows
+    bona = to_numpy(man["bona_fide"]) if "bona_fide" in man.column_names else np.zeros(n, dtype=bool)
+    runtime = spec.get("runtime") or {"device": "cpu"}
+    role = model_role if model_role is not None else {"model": spec.get("model")}
+    loaders: dict = {}
+
+    def device():
+        from .training import setup_runtime
+
+        return setup_runtime(runtime)
+
+    if "images" in inp:
+        loaders["images"] = lambda: poisoning.training_images(get_dataset(spec), inp["images"], n)
+    if "weights" in inp:
+        def model():
+            from .training import load_model
+
+            m, meta = load_model(inp["weights"], view.device)
+            provenance.same_cell(inp["weights"], meta, ref, **role)
+            return m, model_record(meta)
+
+        loaders["model"] = model
+    if "features" in inp:
+        def features():
+            from .io import load_features
+
+            f, meta = load_features(inp["features"])
+            provenance.same_cell(inp["features"], meta, ref, **role)
+            if len(f) != n:
+                raise ArtifactError(f"{inp['features']}: {len(f)} rows, the manifest {n}; rerun features")
+            return f, meta.get("defender_model")
+
+        loaders["features"] = features
+    if "trajectories" in inp:
+        def trajs():
+            path = inp["trajectories"]
+            pf, tmeta = table_meta(path, trajectories.KIND)
+            provenance.same_cell(path, tmeta, ref, **role)
+            if tmeta.get("n_examples") != n or pf.metadata.num_rows != n:
+                raise ArtifactError(f"{path}: has {pf.metadata.num_rows} rows but the manifest has {n}; the two come from "
+                                    "different runs: delete it and rerun pretrain")
+            return Trajectories(tmeta, lambda rows, epochs: trajectories.iter_batches(path, rows, epochs=epochs))
+
+        loaders["trajectories"] = trajs
+    labels = to_numpy(man["label"])
+    num_classes = mmeta.get("num_classes")  # absent only from hand-made manifests
+    if num_classes is None:
+        num_classes = get_dataset(spec).num_classes if spec.get("dataset") else int(labels.max(initial=-1)) + 1
+    view = DefenderView(index=to_numpy(man["index"]), labels=labels, bona_fide=bona,
+                        num_classes=int(num_classes), seed=int(spec.get("seed", 0)),
+                        training=spec.get("training") or {}, log=log, device=device, **loaders)
+    return view
 
 
 # ---- defender models (pretrain) -------------------------------------------------------------
@@ -199,12 +264,11 @@ def features(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
     f = penultimate_features(model, x, device)
     if len(f) != len(man):
         raise ArtifactError(f"{inp['weights']}: gave {len(f)} feature rows for {len(man)} examples")
+    from .defender import model_record
     from .io import save_features
 
-    from .detectors.base import weights_meta
-
     meta = {"cell": provenance.of_role(provenance.of(pmeta, inp["manifest"]), model=spec["model"]), "shape": list(f.shape),
-            "model": mmeta.get("model"), "defender_model": weights_meta(mmeta)}
+            "model": mmeta.get("model"), "defender_model": model_record(mmeta)}
     save_features(out["out"], f, meta)
     log(f"features of {spec['model']}: {f.shape}")
     return meta
@@ -217,27 +281,15 @@ SCORE_CONTEXT_KEYS = ("type", "detector", "model", "dataset", "seed", "runtime",
 
 
 def score(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
-    from . import poisoning
-    from .detectors import DETECTORS, Context
+    from .detectors import DETECTORS
 
     det_cls = DETECTORS.get(spec["type"], "detector type")
     params = {k: v for k, v in spec.items() if k not in SCORE_CONTEXT_KEYS}
-    ref = provenance.of(table_meta(inp["manifest"], poisoning.MANIFEST_KIND)[1], inp["manifest"])  # metadata only
-    if "trajectories" in inp:
-        provenance.same_cell(inp["trajectories"], trajectories.meta(inp["trajectories"]), ref, model=spec.get("model"))
     det = det_cls(**params)
-    det.cell = provenance.of_role(ref, detector=spec.get("detector"))
-    det.ctx = Context(spec, inp, log)
-    t0 = time.perf_counter()
-    meta = det.score(inp, out["out"])
-    wall = time.perf_counter() - t0
-    if (det.ctx.model_meta and not meta.get("defender_model")) or wall > 2 * (meta.get("wall_time_s") or 0) + 1:
-        # The file records the detector's whole run (a detector may optimise for minutes before it
-        # opens its writer) and the defender model it read: the cost table reads both.
-        meta["defender_model"] = meta.get("defender_model") or det.ctx.model_meta
-        meta["wall_time_s"] = wall
-        table, _ = read_table(out["out"], "scores")
-        write_table(out["out"], table, "scores", {k: v for k, v in meta.items() if k != "kind"})
+    det.view = defender_view(spec, inp, log)
+    det.cell = provenance.of_role(provenance.of(table_meta(inp["manifest"], "manifest")[1], inp["manifest"]),
+                                  detector=spec.get("detector"))
+    meta = det.score(out["out"])
     log(f"scores written to {out['out']} ({meta['wall_time_s']:.2f}s)")
     return meta
 
@@ -293,43 +345,31 @@ def train(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
     """The final model: the defense's remedy trains it from the plan (by default from scratch on
     the weighted loss, weight-0 examples dropped)."""
     from .remedies import REMEDIES, FinalTraining
-    from .training import is_main, load_model, processes, remove_checkpoint, save_model, setup_runtime
+    from .training import is_main, processes, remove_checkpoint, save_model
 
-    device = setup_runtime(spec["runtime"])
-    ds, man, mmeta, x = _poisoned_training_set(spec, inp["manifest"], inp["images"], inp["bona_fide"])
-    pl, pmeta = read_plan(inp["plan"], len(man))
-    ref = provenance.of(mmeta, inp["manifest"])
     d = spec["defense"]
-    cell = provenance.same_cell(inp["plan"], pmeta, ref, defense=d["name"])
     cls = REMEDIES.get(d["remedy"], "remedy")
+    view = defender_view(spec, inp, log, model_role={"model": cls.reads_model(d)})
+    device = view.device
+    n = len(view)
+    pl, pmeta = read_plan(inp["plan"], n)
+    ref = provenance.of(table_meta(inp["manifest"], "manifest")[1], inp["manifest"])
+    cell = provenance.same_cell(inp["plan"], pmeta, ref, defense=d["name"])
     remedy = cls(**{k: v for k, v in d.items() if k in cls.params})
     w = pl["weight"].to_numpy(dtype=np.float32)
-
-    read: dict = {}
-
-    def reference_model():
-        from .detectors.base import weights_meta
-
-        model, meta = load_model(inp["weights"], device)
-        provenance.same_cell(inp["weights"], meta, ref, model=cls.reads_model(d))
-        read.update(weights_meta(meta))
-        return model
-
     ckpt = str(out["out"]) + ".ckpt"
-    job = FinalTraining(training=spec["training"], images=x, labels=man["label"].to_numpy(), weights=w,
-                        bona_fide=man["bona_fide"].to_numpy(), num_classes=ds.num_classes, seed=spec["seed"],
-                        device=device, plan_meta=pmeta, checkpoint=ckpt,
-                        fingerprint=fingerprint(spec, *[inp[k] for k in ("manifest", "images", "plan", "weights") if k in inp]),
-                        log=log, load_model=reference_model if "weights" in inp else None)
+    job = FinalTraining(view=view, weights=w, plan_meta=pmeta, checkpoint=ckpt,
+                        fingerprint=fingerprint(spec, *[inp[k] for k in ("manifest", "images", "plan", "weights") if k in inp]))
     res = remedy.train(job)
     wall = sum(r.wall_time_s for _, r in job.phases)
     seen = sum(r.images_per_s * r.wall_time_s for _, r in job.phases if r.wall_time_s > 0)
-    meta = {"cell": cell, "model": spec["training"]["model"], "num_classes": ds.num_classes, "image_size": int(ds.image_shape[-1]),
+    meta = {"cell": cell, "model": spec["training"]["model"], "num_classes": view.num_classes,
+            "image_size": int(view.images.shape[-1]),
             "n_trained_on": int((w != 0).sum()), "n_ascent": int((w < 0).sum()), "train_loss": res.train_loss,
             "wall_time_s": wall, "images_per_s": seen / wall if wall > 0 else float("nan"), "device": str(device), "processes": processes(),
             "epochs": sum(r.epochs_run for _, r in job.phases),
             "phases": [{"phase": p, "epochs": r.epochs_run, "wall_time_s": r.wall_time_s} for p, r in job.phases],
-            "reference_model": read or None}
+            "reference_model": view.model_meta}
     if not is_main():
         return meta  # data-parallel: rank 0 writes the outputs
     save_model(out["out"], res.model, meta)

@@ -15,7 +15,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .models import build_model
-from .zoo import AUGMENTS, OPTIMIZERS
+from .zoo import AUGMENTS, OPTIMIZERS, SCHEDULES
 
 
 @OPTIMIZERS.register("adamw")
@@ -38,7 +38,22 @@ def _radam(params, spec: dict, **kw) -> torch.optim.Optimizer:
 @OPTIMIZERS.register("sgd")
 def _sgd(params, spec: dict, **kw) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, **_lr(spec, kw), momentum=float(spec.get("momentum", 0.9)),
-                           weight_decay=float(spec["weight_decay"]))
+                           weight_decay=float(spec["weight_decay"]), nesterov=bool(spec.get("nesterov", False)))
+
+
+def lr_schedule(opt: torch.optim.Optimizer, training: dict, epochs: int):
+    """The learning-rate schedule, stepped once per epoch: `cosine` (the default) anneals to 0 over
+    `epochs`; `constant`; `multistep` multiplies the rate by `gamma` at each epoch in `milestones`
+    (CBD's code: SGD 0.1, x0.1 at epochs 20 and 70)."""
+    kind = training.get("schedule", "cosine")
+    if kind == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    if kind == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0)
+    if kind == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[int(m) for m in training.get("milestones", [])],
+                                                    gamma=float(training.get("gamma", 0.1)))
+    raise ConfigError("schedule", kind, ", ".join(SCHEDULES))
 
 
 def _lr(spec: dict, kw: dict) -> dict:
@@ -464,7 +479,7 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
     opt = OPTIMIZERS.get(opt_name, "optimizer")(
         model.parameters(), training,
         **({"lr": torch.tensor(float(training["lr"]), device=device), **GRAPH_OPTIMIZERS[opt_name]} if fused else {}))
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    sched = lr_schedule(opt, training, epochs)
     if fused:  # the schedule's base rates as numbers, never aliases of the tensor it fills
         sched.base_lrs = [float(b) for b in sched.base_lrs]
         for g in opt.param_groups:

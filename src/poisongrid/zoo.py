@@ -3,6 +3,7 @@ torch. Each name is declared with the module that registers it (Registry.lazy), 
 names are checked in a process that never imports torch; `get` imports the module on first use."""
 from __future__ import annotations
 
+from .errors import ConfigError
 from .registry import Registry
 
 MODELS: Registry = Registry("model")
@@ -17,6 +18,24 @@ for _name in ("adamw", "adam", "radam", "sgd"):
     OPTIMIZERS.lazy(_name, "poisongrid.training")
 for _name in ("none", "crop_flip", "crop_flip_zero", "resized_crop_flip"):
     AUGMENTS.lazy(_name, "poisongrid.training")
+# Learning-rate schedules (training.lr_schedule).
+SCHEDULES = ("cosine", "constant", "multistep")
+
+
+def check_schedule(training: dict, key: str) -> None:
+    """The schedule keys of one training run (its own keys over the dataset's) fit together."""
+    kind = training.get("schedule", "cosine")
+    if kind == "multistep":
+        ms = training.get("milestones") or []
+        if not ms or list(ms) != sorted(set(ms)):
+            raise ConfigError(f"{key}.milestones", training.get("milestones"), "increasing epochs, at least one, "
+                              "for schedule: multistep")
+    else:
+        for k in ("milestones", "gamma"):
+            if k in training:
+                raise ConfigError(f"{key}.{k}", training[k], f"nothing unless schedule: multistep (schedule is {kind})")
+    if training.get("nesterov") and (training.get("optimizer") != "sgd" or not training.get("momentum", 0.9) > 0):
+        raise ConfigError(f"{key}.nesterov", True, "true only with optimizer: sgd and a momentum > 0")
 
 
 def parameter_count(name: str, num_classes: int = 10, image_size: int = 32, cache_dir=None) -> int:

@@ -1,10 +1,10 @@
 """Detectors: give every training example an anomaly score (higher = more suspicious).
 
-A detector reads what it declares in `needs` (a defender model's loss trajectories, features or
-weights, the poisoned training set) and, of the manifest, only the columns the defender knows
-(`index`, `label`, `bona_fide`); never the ground truth `attack`. One module per detector; each
+A detector reads the defender's view of its cell (defender.DefenderView): the training set's
+labels and bona fide flags and what it declares in `needs` (a defender model's loss trajectories,
+features or weights, the training images); never the ground truth. One module per detector; each
 registers itself in DETECTORS on import."""
-from .base import DETECTORS, DEFENDER_COLUMNS, SCORES_KIND, Context, Detector, ScoreWriter, defender_manifest, knn_log_distance, read_scores
+from .base import DETECTORS, SCORES_KIND, Detector, ScoreWriter, knn_log_distance, read_scores
 
 from . import abl, badloss, teacher  # noqa: F401  (registration)
 
@@ -14,5 +14,4 @@ for _type, _module in {"activation_clustering": "activation", "cbd": "cbd", "cog
                        "neural_cleanse": "neural_cleanse", "pss": "pss", "spectral_signatures": "spectral"}.items():
     DETECTORS.lazy(_type, f"{__name__}.{_module}")
 
-__all__ = ["DETECTORS", "DEFENDER_COLUMNS", "SCORES_KIND", "Context", "Detector", "ScoreWriter", "defender_manifest",
-           "knn_log_distance", "read_scores"]
+__all__ = ["DETECTORS", "SCORES_KIND", "Detector", "ScoreWriter", "knn_log_distance", "read_scores"]

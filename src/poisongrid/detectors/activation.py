@@ -86,23 +86,23 @@ class ActivationClustering(Detector):
 
     def groups(self, feats: np.ndarray) -> np.ndarray:
         if self.p["group_by"] == "label":
-            return self.ctx.labels
+            return self.view.labels
         from ..models import penultimate_module
 
-        lin = penultimate_module(self.ctx.model())
+        lin = penultimate_module(self.view.model())
         w = lin.weight.detach().float().cpu().numpy()
         b = lin.bias.detach().float().cpu().numpy() if lin.bias is not None else 0.0
         return (feats.astype(np.float32) @ w.T + b).argmax(1)
 
-    def score(self, paths: dict, out_path) -> dict:
-        feats = self.ctx.features()
+    def score(self, out_path) -> dict:
+        feats = self.view.features()
         groups = self.groups(feats)
         thr = float(self.p["silhouette_threshold"])
         scores = np.full(len(groups), UNFLAGGED, dtype=np.float64)
         classes, flagged = {}, []
         for c in np.unique(groups):
             idx = np.flatnonzero(groups == c)
-            seed = int(np.random.SeedSequence([self.ctx.seed, int(c)]).generate_state(1)[0] % (2**31))
+            seed = int(np.random.SeedSequence([self.view.seed, int(c)]).generate_state(1)[0] % (2**31))
             r = cluster_class(feats[idx], int(self.p["n_components"]), seed)
             small = r.pop("smaller", None)
             rec = {"n": int(len(idx)), **r}
@@ -113,9 +113,9 @@ class ActivationClustering(Detector):
                 if rec["attacked"]:
                     flagged.append(int(c))
             classes[int(c)] = rec
-            self.ctx.log(f"class {c}: {rec}")
+            self.view.log(f"class {c}: {rec}")
         meta = {"cell": self.cell, "detector": self.type, "params": self.p, "classes": classes,
                 "flagged_classes": flagged, "n_flagged": int((scores > 0).sum()), "feature_dim": int(feats.shape[1])}
-        with ScoreWriter(out_path, meta) as w:
-            w.write(self.ctx.manifest["index"].to_numpy(), scores)
+        with ScoreWriter(out_path, meta, self.view) as w:
+            w.write(self.view.index, scores)
         return meta

@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import trajectories
 from ..errors import ConfigError
-from ..io import to_numpy
-from .base import DETECTORS, Detector, ScoreWriter, _manifest_and_trajectories, _model_meta, knn_log_distance
+from .base import DETECTORS, Detector, ScoreWriter, knn_log_distance
 
 
 @DETECTORS.register("badloss")
@@ -40,19 +38,20 @@ class BaDLoss(Detector):
         # Optional: compare log-losses, so low-loss attacks are not squashed against zero.
         return np.log(np.maximum(t, 1e-6)) if self.p["log_losses"] else t
 
-    def score(self, paths: dict, out_path) -> dict:
-        man, tmeta = _manifest_and_trajectories(paths)
-        bona = set(to_numpy(man["index"])[to_numpy(man["bona_fide"])].tolist())
+    def score(self, out_path) -> dict:
+        view = self.view
+        traj = view.trajectories
+        bona = view.index[view.bona_fide]
         k = int(self.p["k"])
         if k > len(bona):
             raise ConfigError("k", k, f"at most the number of bona fide examples ({len(bona)})")
         rows = self.p["chunk_rows"]
         # Pass 1 collects the few bona fide trajectories; pass 2 streams every row against them.
-        ref = np.concatenate([t[np.isin(i, list(bona))] for i, t in trajectories.iter_batches(paths["trajectories"], rows)])
+        ref = np.concatenate([t[np.isin(i, bona)] for i, t in traj.batches(rows)])
         ref = self._transform(ref)
-        meta = {"cell": self.cell, "detector": self.type, "params": self.p, "epochs_used": tmeta["accepted_epochs"], "n_bona_fide": len(ref),
-                "defender_model": _model_meta(tmeta)}
-        with ScoreWriter(out_path, meta) as w:
-            for idx, t in trajectories.iter_batches(paths["trajectories"], rows):
+        meta = {"cell": self.cell, "detector": self.type, "params": self.p, "epochs_used": traj.meta["accepted_epochs"],
+                "n_bona_fide": len(ref)}
+        with ScoreWriter(out_path, meta, view) as w:
+            for idx, t in traj.batches(rows):
                 w.write(idx, knn_log_distance(self._transform(t), ref, k, self.p["epsilon"]))
         return meta

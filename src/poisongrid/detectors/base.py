@@ -1,19 +1,20 @@
-"""The detector contract: a registered class per detector type, what it may read (its Context),
-and the scores file it writes."""
+"""The detector contract: a registered class per detector type, which reads the defender's view
+of a cell (defender.DefenderView) and writes one scores file."""
 from __future__ import annotations
 
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
-from .. import trajectories
-from ..errors import ArtifactError, ConfigError
+from ..errors import ConfigError
 from ..io import META_KEY, atomic_path, from_numpy, read_table
-from ..poisoning import DEFENDER_COLUMNS, manifest_table
 from ..registry import Registry
+
+if TYPE_CHECKING:
+    from ..defender import DefenderView
 
 DETECTORS: Registry = Registry("detector type")
 SCORES_KIND = "scores"
@@ -41,7 +42,7 @@ class Detector:
     cost_epochs: ClassVar[float] = 0.0
     min_bona_fide: ClassVar[int] = 0
     cell: dict | None = None  # what the scores are for, recorded in their metadata
-    ctx: "Context | None" = None  # the cell's data and models, set by the score stage
+    view: "DefenderView | None" = None  # what the defender has of the cell, set by the score stage
 
     def __init__(self, **params):
         self.p = {**self.params, **params}
@@ -97,109 +98,10 @@ class Detector:
         `data`: num_classes, n_train, n_clean, epochs of the dataset."""
         return cls.cost_epochs
 
-    def score(self, paths: dict, out_path) -> dict:
+    def score(self, out_path) -> dict:
+        """Score every example of `self.view` and write them with `ScoreWriter(out_path, meta,
+        self.view)`; return the metadata written."""
         raise NotImplementedError
-
-
-class Context:
-    """What a detector that reads data may use: the cell's poisoned training set as the defender
-    sees it (images, the labels as trained on, the bona fide mask; never the ground truth), the
-    defender model its config names, the device, the cell's seed and the dataset's training
-    settings. Loaded on first use."""
-
-    def __init__(self, spec: dict, paths: dict, log=None):
-        self.spec, self.paths = spec, paths
-        self.seed = int(spec.get("seed", 0))
-        self.training = spec.get("training") or {}
-        self.log = log or (lambda msg: None)
-        self._cache: dict = {}
-        self.model_meta: dict | None = None  # the defender model read, for the scores' metadata
-
-    def _get(self, key, make):
-        if key not in self._cache:
-            self._cache[key] = make()
-        return self._cache[key]
-
-    @property
-    def device(self):
-        from ..training import setup_runtime
-
-        return self._get("device", lambda: setup_runtime(self.spec.get("runtime") or {"device": "cpu"}))
-
-    @property
-    def dataset(self):
-        from ..stages import get_dataset
-
-        return self._get("dataset", lambda: get_dataset(self.spec))
-
-    @property
-    def num_classes(self) -> int:
-        return self.dataset.num_classes
-
-    @property
-    def manifest(self):
-        return self._get("manifest", lambda: defender_manifest(self.paths["manifest"], self.paths.get("bona_fide"))[0])
-
-    @property
-    def labels(self) -> np.ndarray:
-        return self.manifest["label"].to_numpy()
-
-    @property
-    def bona_fide(self) -> np.ndarray:
-        return self.manifest["bona_fide"].to_numpy()
-
-    def images(self):
-        """The poisoned training images (uint8 N x C x H x W, indexable like an array)."""
-        from ..poisoning import training_images
-
-        return self._get("images", lambda: training_images(self.dataset, self.paths["images"], self.manifest))
-
-    def model(self):
-        """The defender model named in the config, in eval mode on the device, checked to belong
-        to this cell."""
-        from .. import provenance
-        from ..training import load_model
-
-        def load():
-            model, meta = load_model(self.paths["weights"], self.device)
-            provenance.same_cell(self.paths["weights"], meta, self.cell_ref(), model=self.spec.get("model"))
-            self.model_meta = weights_meta(meta)
-            return model.eval()
-
-        return self._get("model", load)
-
-    def features(self) -> np.ndarray:
-        from .. import provenance
-        from ..io import load_features
-
-        def load():
-            f, meta = load_features(self.paths["features"])
-            provenance.same_cell(self.paths["features"], meta, self.cell_ref(), model=self.spec.get("model"))
-            if len(f) != len(self.manifest):
-                raise ArtifactError(f"{self.paths['features']}: {len(f)} rows, the manifest {len(self.manifest)}; rerun features")
-            self.model_meta = meta.get("defender_model")
-            return f
-
-        return self._get("features", load)
-
-    def cell_ref(self) -> dict:
-        from .. import poisoning, provenance
-        from ..io import table_meta
-
-        return self._get("ref", lambda: provenance.of(table_meta(self.paths["manifest"], poisoning.MANIFEST_KIND)[1], self.paths["manifest"]))
-
-    def generator(self, *stream: int):
-        """A torch generator seeded from the cell's seed and a stream number (one per use)."""
-        import torch
-
-        return torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, *stream]).generate_state(1)[0]))
-
-
-def defender_manifest(path, bona_fide_path=None):
-    """The manifest as the defender sees it (a DataFrame): `index`, `label` and, from the bona fide
-    file, `bona_fide`."""
-    table, meta = manifest_table(path, bona_fide_path=bona_fide_path)
-    return table.to_pandas(), meta
 
 
 def knn_log_distance(x: np.ndarray, ref: np.ndarray, k: int, eps: float = 1e-8, chunk: int = 1024,
@@ -264,16 +166,19 @@ def _cpus() -> int:
 
 
 class ScoreWriter:
-    """Stream (index, score) blocks into a poisongrid scores Parquet file, atomically. The
-    metadata goes into the footer at close, with the wall time the detector took."""
+    """Stream (index, score) blocks into a poisongrid scores Parquet file, atomically, once. The
+    metadata goes into the footer at close, with the detector's wall time counted from when its
+    view was made (a detector may optimise for minutes before it opens the writer) and the
+    defender model it read through the view."""
 
-    def __init__(self, path, meta: dict):
+    def __init__(self, path, meta: dict, view: "DefenderView | None" = None):
         import pyarrow as pa
 
         self.meta = meta
+        self.view = view
         self.schema = pa.schema([("index", pa.int64()), ("score", pa.float64())])
         self._ctx = atomic_path(path)
-        self._t0 = time.perf_counter()
+        self._t0 = view.started if view is not None else time.perf_counter()
 
     def __enter__(self):
         import pyarrow.parquet as pq
@@ -292,6 +197,8 @@ class ScoreWriter:
         import json
 
         self.meta["wall_time_s"] = time.perf_counter() - self._t0
+        if not self.meta.get("defender_model") and self.view is not None and self.view.model_meta:
+            self.meta["defender_model"] = self.view.model_meta
         self._w.add_key_value_metadata({META_KEY: json.dumps({"kind": SCORES_KIND, **self.meta}, default=str).encode()})
         self._w.close()
         return self._ctx.__exit__(*exc)
@@ -300,29 +207,3 @@ class ScoreWriter:
 def read_scores(path):
     table, meta = read_table(path, SCORES_KIND, require=("index", "score"))
     return table.to_pandas(), meta
-
-
-def _model_meta(tmeta: dict) -> dict:
-    """What the score file records of the defender model it read (for wall times and provenance)."""
-    return {k: tmeta.get(k) for k in ("model_name", "model", "wall_time_s", "record", "epochs_recorded", "epochs_run")}
-
-
-def weights_meta(meta: dict) -> dict:
-    """The same record, from a saved defender model's metadata (training.save_model)."""
-    return {"model_name": meta.get("defender_model"), "model": meta.get("model"), "wall_time_s": meta.get("wall_time_s"),
-            "epochs_run": meta.get("epochs")}
-
-
-def _manifest_and_trajectories(paths: dict) -> tuple:
-    """The defender's manifest and the trajectory file's metadata, after checking the file has one
-    row per example (its own row count, not only what its metadata claims)."""
-    from ..io import table_meta
-
-    # Arrow columns: a trajectory detector's job never imports pandas.
-    man, _ = manifest_table(paths["manifest"], bona_fide_path=paths.get("bona_fide"))
-    pf, tmeta = table_meta(paths["trajectories"], trajectories.KIND)
-    n, rows = len(man), pf.metadata.num_rows
-    if tmeta.get("n_examples") != n or rows != n:
-        raise ArtifactError(f"{paths['trajectories']}: has {rows} rows but the manifest has {n}; the two come from "
-                            "different runs: delete it and rerun pretrain")
-    return man, tmeta

@@ -9,7 +9,7 @@ import torch
 from ..errors import ConfigError
 from .base import DETECTORS, Detector, ScoreWriter
 
-NOISE_STREAM = 7301  # ctx.generator stream of the background colours; one sub-stream per example index
+NOISE_STREAM = 7301  # view.generator stream of the background colours; one sub-stream per example index
 
 
 def example_noise(ctx_generator, index: np.ndarray, steps: int, channels: int) -> torch.Tensor:
@@ -104,35 +104,34 @@ class CognitiveDistillation(Detector):
         indices `index`, (b, 1, h, w) on the CPU."""
         from ..training import _batch, _to_float
 
-        ctx = self.ctx
-        x = _to_float(_batch(ctx.images(), torch.from_numpy(rows), ctx.device), False)
-        noise = example_noise(ctx.generator, index, int(self.p["steps"]), x.shape[1])
-        m = distill(ctx.model(), x, noise, lr=self.p["lr"], alpha=self.p["alpha"], beta=self.p["beta"], amp=self.p["amp"])
+        view = self.view
+        x = _to_float(_batch(view.images, torch.from_numpy(rows), view.device), False)
+        noise = example_noise(view.generator, index, int(self.p["steps"]), x.shape[1])
+        m = distill(view.model(), x, noise, lr=self.p["lr"], alpha=self.p["alpha"], beta=self.p["beta"], amp=self.p["amp"])
         return m.cpu()
 
-    def score(self, paths: dict, out_path) -> dict:
-        ctx = self.ctx
-        man = ctx.manifest
-        index, n, bs = man["index"].to_numpy(), len(man), int(self.p["batch_size"])
-        model = ctx.model()
+    def score(self, out_path) -> dict:
+        view = self.view
+        index, n, bs = view.index, len(view), int(self.p["batch_size"])
+        model = view.model()
         frozen = [p.requires_grad for p in model.parameters()]
         model.requires_grad_(False)  # gradients to the input only
         norms = np.empty(n, dtype=np.float64)
         meta = {"cell": self.cell, "detector": self.type, "params": self.p, "n_examples": n}
         t0 = time.perf_counter()
         try:
-            with ScoreWriter(out_path, meta) as w:
+            with ScoreWriter(out_path, meta, self.view) as w:
                 for s in range(0, n, bs):
                     rows = np.arange(s, min(s + bs, n))
                     m = self.masks(index[rows], rows)
                     norms[rows] = m.sum((1, 2, 3)).double().numpy()
                     w.write(index[rows], -norms[rows])
-                    ctx.log(f"cognitive distillation: {rows[-1] + 1}/{n} images, {time.perf_counter() - t0:.1f}s")
+                    view.log(f"cognitive distillation: {rows[-1] + 1}/{n} images, {time.perf_counter() - t0:.1f}s")
                 elapsed = time.perf_counter() - t0
-                h, w_ = ctx.images().shape[-2:]
+                h, w_ = view.images.shape[-2:]
                 meta.update(self._stats(norms, h * w_))
                 meta.update({"optimisation_s": elapsed, "images_per_s": n / max(elapsed, 1e-9),
-                             "forward_backward_passes": n * int(self.p["steps"]), "device": str(ctx.device)})
+                             "forward_backward_passes": n * int(self.p["steps"]), "device": str(view.device)})
         finally:
             for p, g in zip(model.parameters(), frozen):
                 p.requires_grad_(g)
@@ -140,8 +139,8 @@ class CognitiveDistillation(Detector):
 
     def _stats(self, norms: np.ndarray, pixels: int) -> dict:
         """Mask-norm statistics: overall, of the bona fide examples and per trained-on label."""
-        ctx = self.ctx
-        bona, labels = ctx.bona_fide, ctx.labels
+        view = self.view
+        bona, labels = view.bona_fide, view.labels
         q = [0.01, 0.05, 0.15, 0.5, 0.95]
         if not len(norms):
             return {"mask_pixels": int(pixels)}

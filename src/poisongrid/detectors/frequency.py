@@ -135,19 +135,19 @@ class FrequencyAnalysis(Detector):
 
     def _train(self, clean: torch.Tensor, device: torch.device) -> nn.Module:
         """Fit the DCT classifier on the bona fide images (float, [0, 1]) and patched copies."""
-        ctx = self.ctx
-        bad = add_random_patches(clean, ctx.generator(1), self.p["scale_patch"])
+        view = self.view
+        bad = add_random_patches(clean, view.generator(1), self.p["scale_patch"])
         x = torch.cat([clean, bad])
         y = torch.cat([torch.zeros(len(clean), dtype=torch.int64), torch.ones(len(bad), dtype=torch.int64)])
         _, c, h, w = clean.shape
         devices = [device] if device.type == "cuda" else []
         # Initialisation and dropout draw from the global RNGs: seed them, then restore them.
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(_seed(ctx.generator(2)))
+            torch.manual_seed(_seed(view.generator(2)))
             dct = DCT2d(h, w).to(device)
             net = freq_cnn(c, h, w).to(device)
             opt = torch.optim.Adadelta(net.parameters(), lr=float(self.p["lr"]), weight_decay=float(self.p["weight_decay"]))
-            order_gen = ctx.generator(3)
+            order_gen = view.generator(3)
             x_dev, y_dev = dct(x.to(device)), y.to(device)
             bs = int(self.p["batch_size"])
             net.train()
@@ -161,7 +161,7 @@ class FrequencyAnalysis(Detector):
                     loss.backward()
                     opt.step()
                     total += float(loss.detach()) * len(idx)
-                ctx.log(f"frequency_analysis epoch {epoch + 1}: loss {total / len(y):.4f}")
+                view.log(f"frequency_analysis epoch {epoch + 1}: loss {total / len(y):.4f}")
         net.eval()
         return nn.Sequential(dct, net)
 
@@ -177,17 +177,16 @@ class FrequencyAnalysis(Detector):
             out[s:s + len(idx)] = F.softmax(model(x).float(), dim=1)[:, 1].double().cpu().numpy()
         return out
 
-    def score(self, paths: dict, out_path) -> dict:
-        ctx = self.ctx
-        man = ctx.manifest
-        images = ctx.images()
+    def score(self, out_path) -> dict:
+        view = self.view
+        images = view.images
         h, w = images.shape[-2:]
         if min(h, w) < MIN_IMAGE:
             raise ConfigError("image_size", f"{h}x{w}", f"at least {MIN_IMAGE} px for the frequency_analysis network")
-        bona = np.flatnonzero(ctx.bona_fide)
+        bona = np.flatnonzero(view.bona_fide)
         if len(bona) < self.min_bona_fide:
             raise ConfigError("bona_fide.n_clean", len(bona), f"at least {self.min_bona_fide} bona fide examples for frequency_analysis")
-        device = ctx.device
+        device = view.device
         clean = torch.from_numpy(np.asarray(images[bona])).float().div_(255.0)
         model = self._train(clean, device)
         p = self._p_poisoned(model, images, device)
@@ -195,6 +194,6 @@ class FrequencyAnalysis(Detector):
                 "patch_range_px": list(patch_ranges(min(h, w), self.p["scale_patch"])),
                 "n_flagged_at_0.5": int((p >= 0.5).sum()),
                 "p_bona_fide_mean": float(p[bona].mean())}
-        with ScoreWriter(out_path, meta) as wr:
-            wr.write(man["index"].to_numpy(), p)
+        with ScoreWriter(out_path, meta, self.view) as wr:
+            wr.write(view.index, p)
         return meta

@@ -231,15 +231,15 @@ class NeuralCleanse(Detector):
         if v["cost_multiplier"] <= 1:
             raise ConfigError(f"{key}.cost_multiplier", v["cost_multiplier"], "a number > 1")
 
-    def score(self, paths: dict, out_path) -> dict:
-        ctx, p = self.ctx, self.p
+    def score(self, out_path) -> dict:
+        view, p = self.view, self.p
         t0 = time.perf_counter()
-        device, model = ctx.device, ctx.model()
-        images, bona = ctx.images(), ctx.bona_fide
-        n, k_cls = len(images), ctx.num_classes
+        device, model = view.device, view.model()
+        images, bona = view.images, view.bona_fide
+        n, k_cls = len(images), view.num_classes
         if not bona.any():
             raise ConfigError("bona_fide.n_clean", 0, "at least 1: neural_cleanse thresholds on the bona fide examples")
-        bs = int(p["batch_size"] or ctx.training.get("batch_size", 128))
+        bs = int(p["batch_size"] or view.training.get("batch_size", 128))
         counter = _Counter()
         grad = [q.requires_grad for q in model.parameters()]
         model.requires_grad_(False)  # only the mask and pattern are optimised
@@ -255,7 +255,7 @@ class NeuralCleanse(Detector):
         rank = flagged or [int(np.argmin(norms))]
         for c in rank:
             if c not in rev["masks"]:  # a pre-screen-only class (max_classes): search it in full now
-                more = reverse_triggers(model, x, [c], p, p["epochs"], ctx.generator(3, c), bs, counter)
+                more = reverse_triggers(model, x, [c], p, p["epochs"], view.generator(3, c), bs, counter)
                 for key in rev:
                     rev[key][c] = more[key][c]
         clean = penultimate(model, images, device, bs, counter)
@@ -281,8 +281,8 @@ class NeuralCleanse(Detector):
                 "cost": {"search_wall_s": t_search, "total_wall_s": time.perf_counter() - t0,
                          "images_fwd_bwd": counter.fwd_bwd, "images_fwd": counter.fwd,
                          "epochs_fwd_bwd": counter.fwd_bwd / n, "epochs_fwd": counter.fwd / n}}
-        with ScoreWriter(out_path, meta) as w:
-            w.write(ctx.manifest["index"].to_numpy(), score)
+        with ScoreWriter(out_path, meta, self.view) as w:
+            w.write(view.index, score)
         return meta
 
     def _sample(self, n: int) -> np.ndarray:
@@ -290,21 +290,21 @@ class NeuralCleanse(Detector):
         m = self.p["images_per_class"]
         if not m or m >= n:
             return np.arange(n)
-        g = self.ctx.generator(1)
+        g = self.view.generator(1)
         return np.sort(torch.randperm(n, generator=g)[:m].numpy())
 
     def _search(self, model, x, k_cls: int, bs: int, counter: _Counter):
         """Norm of every class: full searches for all classes, or a pre-screen of all and full
         searches for the `max_classes` smallest."""
-        p, ctx = self.p, self.ctx
+        p, view = self.p, self.view
         classes = list(range(k_cls))
         if not p["max_classes"] or p["max_classes"] >= k_cls:
-            rev = reverse_triggers(model, x, classes, p, p["epochs"], ctx.generator(2), bs, counter)
+            rev = reverse_triggers(model, x, classes, p, p["epochs"], view.generator(2), bs, counter)
             return np.array([rev["stats"][c]["norm"] for c in classes]), classes, None, rev
-        pre = reverse_triggers(model, x, classes, p, p["prescreen_epochs"], ctx.generator(4), bs, counter)
+        pre = reverse_triggers(model, x, classes, p, p["prescreen_epochs"], view.generator(4), bs, counter)
         pre_norms = np.array([pre["stats"][c]["norm"] for c in classes])
         searched = sorted(int(c) for c in np.argsort(pre_norms, kind="stable")[:p["max_classes"]])
-        rev = reverse_triggers(model, x, searched, p, p["epochs"], ctx.generator(2), bs, counter)
+        rev = reverse_triggers(model, x, searched, p, p["epochs"], view.generator(2), bs, counter)
         norms = pre_norms.copy()
         for c in searched:
             norms[c] = rev["stats"][c]["norm"]

@@ -137,26 +137,26 @@ class PSS(Detector):
         """The warm-up model after the intra-class epochs."""
         from ..training import fit
 
-        ctx = self.ctx
-        training = {**ctx.training, "optimizer": "sgd", "lr": self.p["lr"], "momentum": self.p["momentum"],
+        view = self.view
+        training = {**view.training, "optimizer": "sgd", "lr": self.p["lr"], "momentum": self.p["momentum"],
                     "weight_decay": self.p["weight_decay"], "epochs": self.p["schedule_epochs"], "augment": "none"}
 
         def step_loss(model, x, y, per_example_ce, idx):
             return intraclass_loss(model.features, y)
 
-        res = fit(training, ctx.images(), ctx.labels, ctx.num_classes, seed=ctx.seed, device=ctx.device,
-                  epochs_to_run=self.p["intraclass_epochs"], init_model=_FeatureTap(ctx.model()), step_loss=step_loss,
-                  log=ctx.log)
+        res = fit(training, view.images, view.labels, view.num_classes, seed=view.seed, device=view.device,
+                  epochs_to_run=self.p["intraclass_epochs"], init_model=_FeatureTap(view.model()), step_loss=step_loss,
+                  log=view.log)
         self.train_loss = res.train_loss
         return res.model.net
 
-    def score(self, paths: dict, out_path) -> dict:
-        ctx = self.ctx
+    def score(self, out_path) -> dict:
+        view = self.view
         model = self.finetune()
-        fct = feature_change(model, ctx.images(), ctx.device, ctx.generator(7), float(self.p["degrees"]),
+        fct = feature_change(model, view.images, view.device, view.generator(7), float(self.p["degrees"]),
                              float(self.p["translate"]))
         meta = {"cell": self.cell, "detector": self.type, "params": self.p, "intraclass_loss": self.train_loss,
                 "fct_quantiles": np.quantile(fct, [0.05, 0.2, 0.5, 0.8, 0.95]).tolist()}
-        with ScoreWriter(out_path, meta) as w:
-            w.write(ctx.manifest["index"].to_numpy(), fct)
+        with ScoreWriter(out_path, meta, self.view) as w:
+            w.write(view.index, fct)
         return meta

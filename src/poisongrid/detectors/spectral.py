@@ -35,10 +35,10 @@ class SpectralSignatures(Detector):
     default_model = "attacked"
     params = {"per_class_rank": True}
 
-    def score(self, paths: dict, out_path) -> dict:
+    def score(self, out_path) -> dict:
         from scipy.stats import rankdata  # here: a config check that names this detector never loads scipy
 
-        feats, labels = self.ctx.features(), self.ctx.labels
+        feats, labels = self.view.features(), self.view.labels
         scores = np.zeros(len(labels), dtype=np.float64)
         classes = {}
         for c in np.unique(labels):
@@ -51,6 +51,6 @@ class SpectralSignatures(Detector):
             classes[int(c)] = {"n": int(len(idx)), "singular_values": [float(v) for v in s]}
         meta = {"cell": self.cell, "detector": self.type, "params": self.p, "classes": classes,
                 "feature_dim": int(feats.shape[1])}
-        with ScoreWriter(out_path, meta) as w:
-            w.write(self.ctx.manifest["index"].to_numpy(), scores)
+        with ScoreWriter(out_path, meta, self.view) as w:
+            w.write(self.view.index, scores)
         return meta

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import trajectories
-from .base import DETECTORS, Detector, ScoreWriter, _manifest_and_trajectories, _model_meta
+from .base import DETECTORS, Detector, ScoreWriter
 
 
 @DETECTORS.register("teacher_loss")
@@ -18,12 +17,11 @@ class TeacherLoss(Detector):
     default_model = "teacher"
     negated_loss = True
 
-    def score(self, paths: dict, out_path) -> dict:
-        man, tmeta = _manifest_and_trajectories(paths)
-        last = tmeta["epochs_recorded"] - 1
-        meta = {"cell": self.cell, "detector": self.type, "params": self.p, "epoch_used": last, "negated_loss": True,
-                "defender_model": _model_meta(tmeta)}
-        with ScoreWriter(out_path, meta) as w:
-            for idx, t in trajectories.iter_batches(paths["trajectories"], self.p.get("chunk_rows", 1 << 18), epochs=[last]):
+    def score(self, out_path) -> dict:
+        traj = self.view.trajectories
+        last = traj.meta["epochs_recorded"] - 1
+        meta = {"cell": self.cell, "detector": self.type, "params": self.p, "epoch_used": last, "negated_loss": True}
+        with ScoreWriter(out_path, meta, self.view) as w:
+            for idx, t in traj.batches(self.p.get("chunk_rows", 1 << 18), epochs=[last]):
                 w.write(idx, -t[:, 0].astype(np.float64))
         return meta

@@ -3,12 +3,15 @@ weights and trains the final model from it (FinalTraining)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
 from ..errors import ConfigError
 from ..registry import Registry
+
+if TYPE_CHECKING:
+    from ..defender import DefenderView
 
 REMEDIES: Registry = Registry("remedy")
 
@@ -36,24 +39,48 @@ def _number(key: str, v, lo: float, hi: float, lo_open: bool, hi_open: bool) -> 
 
 @dataclass
 class FinalTraining:
-    """What a remedy's final training may use: the dataset's training settings, the poisoned
-    training set as the defender sees it (images, labels as trained on, bona fide mask), the plan's
-    weights and metadata, and the defender model the remedy names (`model()`), if any."""
+    """What a remedy's final training may use: the defender's view of the cell (`view`: images,
+    labels as trained on, bona fide flags, the defender model the remedy names, device, seed,
+    training settings), the plan's weights and metadata, and where to checkpoint."""
 
-    training: dict
-    images: Any
-    labels: np.ndarray
+    view: DefenderView
     weights: np.ndarray
-    bona_fide: np.ndarray
-    num_classes: int
-    seed: int
-    device: Any
     plan_meta: dict
     checkpoint: str | None = None
     fingerprint: str = ""
-    log: Callable[[str], None] | None = None
-    load_model: Callable[[], Any] | None = None
     phases: list = field(default_factory=list)
+
+    @property
+    def images(self):
+        return self.view.images
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.view.labels
+
+    @property
+    def bona_fide(self) -> np.ndarray:
+        return self.view.bona_fide
+
+    @property
+    def training(self) -> dict:
+        return self.view.training
+
+    @property
+    def num_classes(self) -> int:
+        return self.view.num_classes
+
+    @property
+    def seed(self) -> int:
+        return self.view.seed
+
+    @property
+    def device(self):
+        return self.view.device
+
+    @property
+    def log(self):
+        return self.view.log
 
     def fit(self, images, labels, phase: str = "train", training: dict | None = None, **kw):
         """One run of the training loop with the dataset's settings (overridden by `training`);
@@ -67,9 +94,8 @@ class FinalTraining:
         return res
 
     def model(self):
-        if self.load_model is None:
-            raise ValueError("this remedy names no defender model")
-        return self.load_model()
+        """The defender model this remedy names, in eval mode on the device."""
+        return self.view.model()
 
 
 class Remedy:

@@ -6,44 +6,55 @@ import numpy as np
 from ..errors import ConfigError
 from .base import REMEDIES, FinalTraining, Remedy, _number
 
+# The clean model's optimiser in CBD's code (and the BaDLoss authors', which keeps it): SGD 0.1,
+# Nesterov momentum 0.9, weight decay 1e-4, the rate x0.1 at epochs 20 and 70.
+REFERENCE_TRAINING = {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4,
+                      "schedule": "multistep", "milestones": [20, 70], "gamma": 0.1}
+
 
 @REMEDIES.register("cbd")
 class CBD(Remedy):
     """CBD (Zhang et al., CVPR 2023) as the BaDLoss paper runs it: a backdoored model B, trained
-    on purpose for a few epochs (the defender model `model`, default `backdoored`), stays frozen;
-    the final (clean) model is trained from scratch on the whole poisoned set with, per batch,
+    on purpose for a few epochs at a constant rate (the defender model `model`, default
+    `backdoored`: AdamW 1e-3, 5 epochs, `schedule: constant`), stays frozen; the final (clean)
+    model C is trained from scratch on the whole poisoned set with, per batch,
     loss = mean(w * l_C) + mi_weight * MI(r, z): l_C, l_B the two models' per-example CE on the
-    same augmented batch, w = l_B / (l_B + l_C + 1e-8) (detached) scaled to mean 1 per batch, and
-    MI a critic's estimate of the dependence between B's penultimate features r and the clean
-    model's z. No example is dropped: the plan's weights are all 1.
+    same augmented batch (unclamped, as the reference), w = l_B / (l_B + l_C + 1e-8) (detached)
+    scaled to mean 1 per batch, and MI a critic's estimate of the dependence between B's
+    penultimate features r and C's z. No example is dropped: the plan's weights are all 1.
 
-    Deviations from the original (zaixizhang/CBD, BaDLoss `defenses/cbd.py`):
-    - The clean model trains with the dataset's settings (optimiser, lr, cosine schedule, epochs,
-      augmentation); the original uses SGD lr 0.1 nesterov, steps at epochs 20 and 70.
-    - The critic takes one Adam step per batch, just before the clean model's step on the same
-      batch, instead of a separate full pass over the data before each epoch. Its lr is divided
-      by 10 every `critic_step_epochs` epochs (the original's StepLR(20, 0.1)).
-    - The critic is Lipschitz-bounded with torch's spectral normalisation of its two weight
-      matrices; the original divides every parameter (biases too) by the square root of a
-      5-iteration power estimate after each step.
-    - `mi_weight` multiplies the critic's plain estimate; the original scales the estimate by
-      0.01 inside the estimator and adds it with weight 1 (same effective 0.01).
-    - The critic is not checkpointed: a resumed final training keeps the clean model's state but
-      starts a fresh critic (at the scheduled lr of the resumed epoch).
+    As the reference code: C trains with `optimizer` sgd, `lr` 0.1, `momentum` 0.9, `nesterov`,
+    `weight_decay` 1e-4 and the rate x`gamma` 0.1 at the `milestones` epochs 20 and 70, for the
+    dataset's epochs, batch size and augmentation (`optimizer: dataset` trains C with the
+    dataset's own settings instead). Before each epoch the critic makes its own pass over the data
+    (`critic_pass: epoch`: a fresh order and augmentation, C forward in train mode, one Adam step
+    per batch at `critic_lr` 0.2, x0.1 every `critic_step_epochs` 20), then stays fixed during C's
+    pass; after each critic step every critic parameter is divided by the square root of its
+    5-iteration power estimate. `critic_pass: batch` instead steps the critic on each batch just
+    before C's step (cheaper, not the reference).
+
+    Deviations from the reference (zaixizhang/CBD, BaDLoss `defenses/cbd.py`): the critic is not
+    checkpointed (a resumed final training keeps C's state but starts a fresh critic, at the
+    scheduled lr of the resumed epoch); on CUDA the forward passes run in bf16 autocast.
     """
 
     name = "cbd"
     model_param = "model"
     graphed = False  # its per-batch objective (the critic) runs eagerly
-    params = {"model": "backdoored", "mi_weight": 0.01, "critic_lr": 0.2, "critic_hidden": 0, "critic_step_epochs": 20}
+    params = {"model": "backdoored", "mi_weight": 0.01, "critic_lr": 0.2, "critic_hidden": 0, "critic_step_epochs": 20,
+              "critic_pass": "epoch", **REFERENCE_TRAINING}
 
     @classmethod
     def epochs(cls, d: dict, data: dict) -> float:
-        # B's forward on every batch and the critic's step: about a third of an epoch per epoch.
-        return 1.35 * data["epochs"]
+        # Per epoch: C's step plus B's forward on every batch; the critic pass adds C's and B's
+        # forwards again (a forward about a third of a training step).
+        p = {**cls.params, **d}
+        return (1.35 + (0.67 if p["critic_pass"] == "epoch" else 0.0)) * data["epochs"]
 
     @classmethod
     def check(cls, d, key, cfg) -> dict:
+        from ..zoo import OPTIMIZERS, check_schedule
+
         p = super().check(d, key, cfg)
         _number(f"{key}.mi_weight", p["mi_weight"], 0, float("inf"), False, True)
         _number(f"{key}.critic_lr", p["critic_lr"], 0, float("inf"), True, True)
@@ -51,7 +62,25 @@ class CBD(Remedy):
             v = p[k]
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ConfigError(f"{key}.{k}", v, f"an integer >= {lo}" + (" (0: the feature width)" if k == "critic_hidden" else ""))
+        if p["critic_pass"] not in ("epoch", "batch"):
+            raise ConfigError(f"{key}.critic_pass", p["critic_pass"], "'epoch' (the reference) or 'batch'")
+        if p["optimizer"] != "dataset":
+            OPTIMIZERS.check(p["optimizer"], f"{key}.optimizer")
+            _number(f"{key}.lr", p["lr"], 0, float("inf"), True, True)
+            _number(f"{key}.weight_decay", p["weight_decay"], 0, float("inf"), False, True)
+            _number(f"{key}.momentum", p["momentum"], 0, 1, False, True)
+            check_schedule(cls.clean_training(p), key)
         return p
+
+    @staticmethod
+    def clean_training(p: dict) -> dict:
+        """What C's training takes from the remedy over the dataset's settings."""
+        if p["optimizer"] == "dataset":
+            return {}
+        t = {k: p[k] for k in REFERENCE_TRAINING}
+        if t["schedule"] != "multistep":
+            t.pop("milestones"), t.pop("gamma")
+        return t
 
     def weights(self, scores, manifest, score_meta) -> np.ndarray:
         return np.ones(len(manifest), dtype=np.float32)
@@ -62,9 +91,10 @@ class CBD(Remedy):
     def train(self, job: FinalTraining):
         from .cbd_objective import CBDObjective
 
-        self.objective = CBDObjective(job.model(), len(job.labels), self.p, job.training, job.device, job.seed, job.log)
+        training = {**job.training, **self.clean_training(self.p)}
+        self.objective = CBDObjective(job.model(), job.images, job.labels, self.p, training, job.device, job.seed, job.log)
         try:
-            return job.fit(job.images, job.labels, phase="cbd", step_loss=self.objective,
+            return job.fit(job.images, job.labels, phase="cbd", training=training, step_loss=self.objective,
                            epoch_start=self.objective.epoch_start)
         finally:
             self.objective.close()
