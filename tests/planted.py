@@ -33,7 +33,7 @@ def files(manifest_path) -> dict:
 
 
 def view(images=None, labels=None, bona_fide=None, model=None, seed=0, num_classes=None, training=None,
-         features=None, index=None):
+         features=None, index=None, validation=None):
     """A defender's view over in-memory data: what a detector or remedy receives from a stage."""
     import torch
 
@@ -47,6 +47,8 @@ def view(images=None, labels=None, bona_fide=None, model=None, seed=0, num_class
         loaders["model"] = lambda: (model, {"model_name": "planted"})
     if features is not None:
         loaders["features"] = lambda: (features, {"model_name": "planted"})
+    if validation is not None:
+        loaders["validation"] = lambda: (DefenderImages.from_array(np.asarray(validation[0])), np.asarray(validation[1]))
     return DefenderView(index=np.arange(n, dtype=np.int64) if index is None else np.asarray(index), labels=np.asarray(labels),
                         bona_fide=np.zeros(n, bool) if bona_fide is None else np.asarray(bona_fide, bool),
                         num_classes=int(num_classes if num_classes is not None else int(np.max(labels)) + 1), seed=seed,

@@ -145,7 +145,7 @@ def test_plans_import_neither_torch_nor_pandas(cell):
     cut = np.sort(s[~bona])[::-1][k - 1]
     assert (w == 0).sum() == k and not (w[bona] == 0).any() and (s[w == 0] >= cut).all()
     assert np.array_equal(to_numpy(plan["oracle"]["weight"]), man["attack"].isna().to_numpy().astype(np.float32))
-    assert np.array_equal(to_numpy(plan["fine_prune"]["weight"]), bona.astype(np.float32))
+    assert np.array_equal(to_numpy(plan["fine_prune"]["weight"]), np.ones(len(man), np.float32))  # removes none
 
 
 def test_plan_from_the_config_and_validate_estimate_import_no_torch(cell):

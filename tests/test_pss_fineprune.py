@@ -91,10 +91,6 @@ def _job(x, labels, bona, model, training, tmp=None):
                          weights=np.ones(len(labels), np.float32), plan_meta={})
 
 
-def subset(self, mask):
-        return self[mask]
-
-
 def test_pss_unlearn_alternates_ascent_and_descent():
     x, labels, _ = _planted(n=96, size=8)
     training = {"model": "smallcnn", "epochs": 1, "batch_size": 32, "lr": 3e-3, "weight_decay": 0.0, "augment": "none"}
@@ -177,8 +173,8 @@ def test_fine_prune_channels_stay_zero_through_finetuning_and_save(tmp_path):
     attacked = fit(training, x, labels, 4, seed=0, device=CPU).model
     bona = np.zeros(96, bool)
     bona[:40] = True
-    rem = REMEDIES.get("fine_prune")(max_acc_drop=1.0, prune_ratio=0.5, finetune_epochs=2, finetune_lr=1e-2)
-    np.testing.assert_array_equal(rem.weights(None, pd.DataFrame({"bona_fide": bona}), {}), bona.astype(np.float32))
+    rem = REMEDIES.get("fine_prune")(data="bona_fide", max_acc_drop=1.0, prune_ratio=0.5, finetune_epochs=2, finetune_lr=1e-2)
+    np.testing.assert_array_equal(rem.weights(None, pd.DataFrame({"bona_fide": bona}), {}), np.ones(96, np.float32))
     job = _job(x, labels, bona, attacked, training)
     res = rem.train(job)
     assert [p for p, _ in job.phases] == ["finetune"] and len(rem.pruned) == 32
@@ -218,7 +214,76 @@ def test_config_accepts_the_defaults():
     ("pss", {"epochs": 0}), ("pss", {"ascent_clamp": 0}), ("pss", {"lr": 0}), ("pss", {"model": "nope"}),
     ("fp", {"max_acc_drop": -0.1}), ("fp", {"prune_ratio": 0}), ("fp", {"prune_ratio": 1.5}), ("fp", {"prune_step": 0}),
     ("fp", {"finetune_epochs": 0}), ("fp", {"finetune_lr": 0}), ("fp", {"detector": "pss"}),
+    ("fp", {"data": "test"}), ("fp", {"finetune_optimizer": "lbfgs"}), ("fp", {"finetune_momentum": 1.0}),
 ])
 def test_bad_params_are_config_errors(where, bad):
     with pytest.raises(ConfigError):
         config.validate(_cfg(**{where: bad}))
+
+
+def test_validation_split_is_stratified_seeded_and_left_out_of_evaluation():
+    from poisongrid.validation import evaluated, split
+
+    labels = np.repeat(np.arange(4), [40, 20, 100, 8])
+    rows = split(labels, 0.25, seed=3)
+    assert list(np.bincount(labels[rows], minlength=4)) == [10, 5, 25, 2]
+    assert np.array_equal(rows, split(labels, 0.25, seed=3)) and not np.array_equal(rows, split(labels, 0.25, seed=4))
+    assert len(split(labels, 0.25, seed=3, stratified=False)) == 42
+    keep = evaluated(len(labels), rows)
+    assert keep.sum() == len(labels) - len(rows) and not keep[rows].any()
+
+
+def test_fine_prune_prunes_against_and_tunes_on_the_held_out_split(monkeypatch):
+    from poisongrid.remedies.fine_pruning import accuracy
+
+    x, labels, _ = _planted(n=96, size=8)
+    xv, yv, _ = _planted(n=40, size=8, seed=5)
+    training = {"model": "smallcnn", "epochs": 2, "batch_size": 32, "lr": 3e-3, "weight_decay": 1e-2, "augment": "none"}
+    attacked = fit(training, x, labels, 4, seed=0, device=CPU).model
+    job = FinalTraining(view=planted.view(x, labels, np.zeros(96, bool), copy.deepcopy(attacked), training=training,
+                                          validation=(xv, yv)), weights=np.ones(96, np.float32), plan_meta={})
+    seen = {}
+    real_fit = job.fit
+
+    def spy(images, labels_, **kw):
+        seen.update(n=len(labels_), training=kw["training"])
+        return real_fit(images, labels_, **{**kw, "training": {**kw["training"], "epochs": 1}})
+
+    monkeypatch.setattr(job, "fit", spy)
+    rem = REMEDIES.get("fine_prune")()
+    assert REMEDIES.get("fine_prune").uses_validation({}) and not REMEDIES.get("fine_prune").uses_validation({"data": "bona_fide"})
+    rem.train(job)
+    # The unpruned accuracy it compared against is the attacked model's on the held-out images.
+    assert rem.accuracy[0] == accuracy(attacked.eval(), xv, yv, CPU)
+    assert seen["n"] == 40 and seen["training"] == {"epochs": 100, "lr": 0.01, "optimizer": "sgd", "momentum": 0.9,
+                                                     "weight_decay": 5e-4, "schedule": "cosine", "nesterov": False}
+
+
+@pytest.mark.slow
+def test_every_defense_of_a_grid_with_fine_pruning_is_evaluated_without_the_held_out_split(tmp_path):
+    from poisongrid import stages
+    from poisongrid.jobs import run_job
+    from poisongrid.training import load_model, predict
+    from poisongrid.validation import evaluated, split
+
+    cfg = config.validate({**_cfg(fp={"finetune_epochs": 2}), "validation": {"fraction": 0.25},
+                           "defenses": {"none": {"remedy": "none"}, "fp": {"remedy": "fine_prune", "finetune_epochs": 2}}})
+
+    def run(stage, **extra):
+        return run_job(cfg, stage, str(tmp_path), dataset="digits", scenario="single-patch", seed=0, **extra)
+
+    for stage in ("poison", "bonafide"):
+        run(stage)
+    run("pretrain", model="attacked")
+    ds = stages.get_dataset(config.stage_spec(cfg, "poison", "digits", "single-patch", 0))
+    keep = evaluated(len(ds.test.labels), split(ds.test.labels, 0.25, 0))
+    for d in ("none", "fp"):
+        run("plan", defense=d)
+        if d == "fp":
+            tmeta, _, _ = run("train", defense=d)
+            assert tmeta["n_trained_on"] == 1437 and [p["phase"] for p in tmeta["phases"]] == ["finetune"]
+        m, inp, _ = run("evaluate", defense=d)
+        assert m["n_test"] == keep.sum() == 270 and m["validation"]["n_held_out"] == 90
+        model, _ = load_model(inp["weights"], CPU)
+        direct = float((predict(model, ds.test.images[keep], CPU) == ds.test.labels[keep]).mean())
+        assert m["clean_accuracy"] == direct

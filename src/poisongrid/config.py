@@ -23,6 +23,8 @@ SCHEMA = json.loads(resources.files("poisongrid").joinpath("schemas/config.schem
 # Training-set sizes of the standard datasets, so impossible budgets fail before any job runs.
 KNOWN_TRAIN_SIZES = {"cifar10": 50000, "gtsrb": 26640, "imagenette": 9469, "imagenet": 1281167}
 KNOWN_NUM_CLASSES = {"digits": 10, "cifar10": 10, "gtsrb": 43, "imagenette": 10, "imagenet": 1000}
+KNOWN_TEST_SIZES = {"digits": 360, "fashion_mnist": 10000, "cifar10": 10000, "gtsrb": 12630, "imagenette": 3925,
+                    "imagenet": 50000}
 
 TRAIN_KEYS = ("model", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "momentum", "loss_clamp", "augment",
               "crop_scale", "precision", "nesterov", "schedule", "milestones", "gamma")
@@ -534,14 +536,21 @@ def stage_spec(cfg: dict, stage: str, dataset: str, scenario: str | None = None,
     elif stage == "plan":
         spec = {"defense": defense, **_defense(cfg, defense), "bona_fide": bona_fide_of(cfg, defense=defense)}
     elif stage == "train":
+        from .remedies import REMEDIES
+
         spec["defense"] = {"name": defense, **_defense(cfg, defense)}
         spec["bona_fide"] = bona_fide_of(cfg, defense=defense)
         spec["training"] = final_training_spec(cfg, dataset, defense)
         spec["runtime"] = runtime_spec(cfg)
+        if REMEDIES.get(spec["defense"]["remedy"]).uses_validation(spec["defense"]):
+            spec["validation"] = dict(cfg["validation"])
     elif stage == "evaluate":
         spec["defense"] = {"name": defense, **_defense(cfg, defense)}
         spec["attacks"] = scenario_attacks(ds, scenario) if scenario else []
         spec["runtime"] = runtime_spec(cfg)
+        held_out = validation_spec(cfg, dataset)
+        if held_out:
+            spec["validation"] = held_out
     else:
         raise ConfigError("stage", stage, "one of trigger, poison, bonafide, pretrain, features, score, plan, train, evaluate")
     return spec
@@ -569,6 +578,17 @@ def swept_detectors(defenses) -> set[str]:
 
 def defense_applies(d: dict, dataset: str, scenario: str) -> bool:
     return dataset in d.get("datasets", [dataset]) and scenario in d.get("scenarios", [scenario])
+
+
+def validation_spec(cfg: dict, dataset: str) -> dict | None:
+    """The held-out validation split of a dataset's test set (validation.py) when a defense of
+    that dataset reads it, else None (and evaluation scores the whole test set)."""
+    from .remedies import REMEDIES
+
+    for d in cfg["defenses"].values():
+        if dataset in d.get("datasets", [dataset]) and REMEDIES.get(d["remedy"]).uses_validation(d):
+            return dict(cfg["validation"])
+    return None
 
 
 def cells(cfg: dict) -> list[dict]:
@@ -600,9 +620,12 @@ def dataset_scale(cfg: dict, dataset: str) -> dict:
     except Exception:  # noqa: BLE001 - an estimate falls back to the standard size
         n = None
     loader = ds["loader"]
-    return {"num_classes": KNOWN_NUM_CLASSES.get(loader, KNOWN_NUM_CLASSES.get(dataset, 10)),
-            "n_train": n or KNOWN_TRAIN_SIZES.get(loader, KNOWN_TRAIN_SIZES.get(dataset)),
-            "n_clean": cfg["bona_fide"]["n_clean"], "epochs": ds["epochs"]}
+    n_train = n or KNOWN_TRAIN_SIZES.get(loader, KNOWN_TRAIN_SIZES.get(dataset))
+    # The test set's size where known, else a fifth of the training set's.
+    n_test = KNOWN_TEST_SIZES.get(loader, KNOWN_TEST_SIZES.get(dataset)) or int(0.2 * (n_train or 50000))
+    return {"num_classes": KNOWN_NUM_CLASSES.get(loader, KNOWN_NUM_CLASSES.get(dataset, 10)), "n_train": n_train,
+            "n_clean": cfg["bona_fide"]["n_clean"], "epochs": ds["epochs"],
+            "n_validation": int(round(cfg["validation"]["fraction"] * n_test))}
 
 
 def detector_scale(cfg: dict, dataset: str, detector: str) -> dict:

@@ -3,7 +3,8 @@
 Detectors and remedies receive one `DefenderView`: the training set as one set of images (the
 poisoned rows already in place, with no record of which rows they are), the labels as trained on,
 the bona fide flags, the defender models trained on that set (weights, features, loss
-trajectories), the device, the cell's seed and the dataset's training settings. Not in it: the
+trajectories), the device, the cell's seed and the dataset's training settings; and, for a remedy
+that asks for it, a held-out clean validation split of the test set. Not in it: the
 clean originals, the poisoned rows' indices, the manifest's ground-truth columns, a dataset
 handle, or any file path (a path leads to its neighbours, the manifest among them).
 
@@ -113,7 +114,8 @@ class DefenderView:
                  images: Callable[[], DefenderImages] | None = None, device: Callable[[], Any] | None = None,
                  model: Callable[[], tuple[Any, dict]] | None = None,
                  features: Callable[[], tuple[np.ndarray, dict]] | None = None,
-                 trajectories: Callable[[], Trajectories] | None = None):
+                 trajectories: Callable[[], Trajectories] | None = None,
+                 validation: Callable[[], tuple[DefenderImages, np.ndarray]] | None = None):
         self.index = _frozen(np.asarray(index, dtype=np.int64))
         self.labels = _frozen(np.asarray(labels, dtype=np.int64))
         self.bona_fide = _frozen(np.asarray(bona_fide, dtype=bool))
@@ -126,7 +128,7 @@ class DefenderView:
         self.model_meta: dict | None = None
         self.started = time.perf_counter()
         self._load = {"images": images, "device": device, "model": model, "features": features,
-                      "trajectories": trajectories}
+                      "trajectories": trajectories, "validation": validation}
         self._cache: dict = {}
 
     def __len__(self) -> int:
@@ -167,6 +169,11 @@ class DefenderView:
         self.model_meta = {k: t.meta.get(k) for k in ("model_name", "model", "wall_time_s", "record", "epochs_recorded",
                                                       "epochs_run")}
         return t
+
+    def validation(self) -> tuple[DefenderImages, np.ndarray]:
+        """Clean held-out images the attacked model never saw, with their labels (a seeded part of
+        the test set that evaluation then leaves out; validation.py)."""
+        return self._get("validation")
 
     def generator(self, *stream: int):
         """A torch generator seeded from the cell's seed and a stream number (one per use)."""

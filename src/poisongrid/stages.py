@@ -204,6 +204,16 @@ def defender_view(spec: dict, inp: dict, log: Log = _quiet, model_role: dict | N
             return Trajectories(tmeta, lambda rows, epochs: trajectories.iter_batches(path, rows, epochs=epochs))
 
         loaders["trajectories"] = trajs
+    if spec.get("validation"):
+        def held_out():
+            from .defender import DefenderImages
+            from .validation import split
+
+            test = get_dataset(spec).test
+            rows = split(test.labels, spec["validation"]["fraction"], int(spec["seed"]), spec["validation"]["stratified"])
+            return DefenderImages.from_array(np.asarray(test.images[rows])), np.array(test.labels[rows])
+
+        loaders["validation"] = held_out
     labels = to_numpy(man["label"])
     num_classes = mmeta.get("num_classes")  # absent only from hand-made manifests
     if num_classes is None:
@@ -466,8 +476,17 @@ def evaluate(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
     provenance.same_cell(inp["weights"], mmeta, ref, **role)
     trig = paths.trigger_inputs(inp)
     attacks = poisoning.test_attacks(pmeta, ds.image_shape, _artifacts(trig))
-    clean_acc = float((predict(model, ds.test.images, device) == ds.test.labels).mean())
-    asr, boosted = attack_success(model, attacks, ds.test.images, ds.test.labels, device)
+    test_x, test_y, held_out = ds.test.images, ds.test.labels, None
+    if spec.get("validation"):
+        from .validation import evaluated, split
+
+        v = spec["validation"]
+        rows = split(test_y, v["fraction"], int(spec["seed"]), v["stratified"])
+        keep = evaluated(len(test_y), rows)
+        test_x, test_y = np.asarray(test_x)[keep], np.asarray(test_y)[keep]
+        held_out = {**v, "n_held_out": int(len(rows))}
+    clean_acc = float((predict(model, test_x, device) == test_y).mean())
+    asr, boosted = attack_success(model, attacks, test_x, test_y, device)
     paper = {a: boosted.get(a, asr[a]) for a in asr}
     pl, plmeta = read_plan(inp["plan"], len(man))
     provenance.same_cell(inp["plan"], plmeta, ref, defense=d["name"])
@@ -497,6 +516,7 @@ def evaluate(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
         "n_train": len(man), "n_poisoned": int(man["attack"].notna().sum()), "n_removed": int((w == 0).sum()),
         "n_ascent": int((w < 0).sum()), "rejection": rejection_counts(man, w), "wall_time_s": wall, "cost": cost, "config": spec, "versions": versions(),
         "device": device_name(device), "train_images_per_s": mmeta["images_per_s"], "train_epochs": mmeta.get("epochs"),
+        "n_test": int(len(test_y)), "validation": held_out,
     }
     write_json(out["out"], metrics)
     log(f"clean acc {clean_acc:.4f}" + (f"  mean ASR {metrics['mean_asr']:.4f}  " if asr else "  (no attack)  ")

@@ -97,6 +97,10 @@ class FinalTraining:
         """The defender model this remedy names, in eval mode on the device."""
         return self.view.model()
 
+    def validation(self):
+        """The held-out clean validation split: (images, labels), for remedies with `validation`."""
+        return self.view.validation()
+
 
 class Remedy:
     """`params`: name -> default; `needs_detector`: reads a detector's scores; `ground_truth`: a
@@ -118,6 +122,12 @@ class Remedy:
         """The final training's GPU work in epochs of the dataset's training (`data`: num_classes,
         n_train, n_clean, epochs); by default one full training."""
         return float(data["epochs"])
+
+    @classmethod
+    def uses_validation(cls, d: dict) -> bool:
+        """Whether a defense entry's final training reads the held-out validation split of the test
+        set (FinalTraining.validation()); the grid's evaluation then scores the rest of the test set."""
+        return False
 
     @classmethod
     def reads_model(cls, d: dict) -> str | None:
