@@ -144,6 +144,24 @@ def test_digits_cell_scores_the_patch_attack(tmp_path):
     man = pd.read_parquet(inp["manifest"]).sort_values("index")
     s = df.sort_values("index")["score"].to_numpy()
     assert len(s) == len(man) and ((s >= 0) & (s <= 1)).all()
-    assert meta["n_bona_fide"] == 60 and meta["patch_range_px"] == [1, 4, 3]
+    assert meta["n_bona_fide"] == 60 and meta["patch_range_px"] == [2, 7, 5] and meta["budget"] is None
     patch, clean = (man["attack"] == "patch").fillna(False).to_numpy(), man["attack"].isna().to_numpy()
     assert roc_auc_score(patch[patch | clean], s[patch | clean]) > 0.75
+
+
+def test_reference_patches_keep_their_pixel_size_and_one_margin_at_224_px():
+    """BaDLoss's patches: sides 2-7 px and a corner margin of 0-5 px, the same from both edges,
+    whatever the image size (Imagenette's 224 px included); scaling is an option, about 7x there."""
+    x = torch.zeros(300, 3, 224, 224)
+    out = add_random_patches(x, torch.Generator().manual_seed(1))
+    margins = set()
+    for img in out:
+        rows, cols = np.nonzero(img.amax(0).numpy() > 0)
+        assert 2 <= rows.max() - rows.min() + 1 <= 7 and 2 <= cols.max() - cols.min() + 1 <= 7
+        m_r = min(rows.min(), 223 - rows.max())
+        m_c = min(cols.min(), 223 - cols.max())
+        assert m_r == m_c <= 5
+        margins.add(int(m_r))
+    assert margins == set(range(6))
+    assert patch_ranges(224, True) == (14, 49, 35)
+    assert DETECTORS.get("frequency_analysis").params["scale_patch"] is False

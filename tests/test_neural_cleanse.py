@@ -22,7 +22,7 @@ PATCH = (slice(13, 16), slice(13, 16))  # bottom-right 3x3 corner
 CENTRES = [(3, 3), (3, 8), (3, 12), (8, 3), (8, 8), (12, 4)]
 K = len(CENTRES)
 # A short, high-rate search: the tiny problem needs no 15 epochs at Adam's default rate.
-FAST = {"epochs": 12, "class_batch": 3, "lr": 0.1, "init_cost": 0.01, "images_per_class": 200, "batch_size": 25}
+FAST = {"epochs": 12, "class_batch": 3, "lr": 0.1, "init_cost": 0.01, "search_images": 200, "batch_size": 25}
 
 
 def _blobs(rng, labels):
@@ -108,7 +108,7 @@ def test_reversed_trigger_sits_on_the_patch_and_flags_target(tmp_path, planted):
     assert np.hypot(cy - 14, cx - 14) <= 4
     assert roc_auc_score(poisoned, s) > 0.8
     assert meta["n_flagged_examples"] == (s > 0).sum() > 0
-    assert meta["cost"]["images_fwd_bwd"] == K * FAST["epochs"] * FAST["images_per_class"]
+    assert meta["cost"]["images_fwd_bwd"] == K * FAST["epochs"] * FAST["search_images"]
     # Shuffled ground truth, same scores.
     shuffled = man.assign(attack=man["attack"].sample(frac=1, random_state=1).to_numpy(),
                           target=man["target"].to_numpy()[::-1], orig_label=0)
@@ -125,7 +125,7 @@ def test_prescreen_and_nothing_flagged(tmp_path, planted):
     images, man, poisoned, model = planted
     s, meta = _score(tmp_path, planted, max_classes=1, prescreen_epochs=3, anomaly_threshold=1e9)
     assert meta["searched_classes"] == [TARGET] and len(meta["prescreen_norms"]) == K
-    assert meta["cost"]["images_fwd_bwd"] == (K * 3 + FAST["epochs"]) * FAST["images_per_class"]
+    assert meta["cost"]["images_fwd_bwd"] == (K * 3 + FAST["epochs"]) * FAST["search_images"]
     assert meta["flagged_classes"] == [] and meta["ranking_classes"] == [TARGET] and meta["n_flagged_examples"] == 0
     assert s.max() <= -1.0 and roc_auc_score(poisoned, s) > 0.8
 
@@ -137,8 +137,10 @@ def test_mad_anomaly_index_matches_numpy():
     np.testing.assert_allclose(mad_anomaly_index(norms), want)
     # Only small outliers count: 60 is far from the median too, but above it.
     assert want[5] >= 2 and flag_classes(norms, 2.0).tolist() == [2]
-    # Even count: numpy's median (mean of the two middle values).
-    np.testing.assert_allclose(mad_anomaly_index([1.0, 2.0, 3.0, 10.0]), np.array([1.5, 0.5, 0.5, 7.5]) / (1.4826 * 1.0))
+    # Even count: the lower middle value, as the reference's torch.median (numpy's mean of the two
+    # middle values would give [1.5, 0.5, 0.5, 7.5] / 1.4826).
+    np.testing.assert_allclose(mad_anomaly_index([1.0, 2.0, 3.0, 10.0]), np.array([1.0, 0.0, 1.0, 8.0]) / (1.4826 * 1.0))
+    assert float(torch.median(torch.tensor([1.0, 2.0, 3.0, 10.0]))) == 2.0
     # Zero MAD: the median classes 0, any other infinitely anomalous.
     assert mad_anomaly_index([3.0, 3.0, 3.0, 1.0]).tolist() == [0.0, 0.0, 0.0, np.inf]
 
@@ -157,7 +159,7 @@ BASE = {"bona_fide": {"n_clean": 10}, "defender_models": {"attacked": {}}}
 
 @pytest.mark.parametrize("bad", [{"epochs": 0}, {"epochs": 1.5}, {"lr": -1.0}, {"attack_success": 1.5},
                                  {"neuron_frac": 0}, {"fpr": 2.0}, {"cost_multiplier": 1.0}, {"max_classes": -1},
-                                 {"images_per_class": 2.5}, {"class_batch": 0}, {"anomaly_threshold": 0},
+                                 {"search_images": 2.5}, {"class_batch": 0}, {"anomaly_threshold": 0},
                                  {"epochs": True}, {"unknown": 1}, {"model": "nope"}])
 def test_bad_params_raise_config_error(bad):
     with pytest.raises(ConfigError):
@@ -165,6 +167,42 @@ def test_bad_params_raise_config_error(bad):
 
 
 def test_good_params_pass_and_need_a_bona_fide_example():
-    NeuralCleanse.check({"type": "neural_cleanse", "max_classes": 5, "images_per_class": 0}, "detectors.nc", BASE)
+    NeuralCleanse.check({"type": "neural_cleanse", "max_classes": 5, "search_images": 0}, "detectors.nc", BASE)
     with pytest.raises(ConfigError):
         NeuralCleanse.check({"type": "neural_cleanse"}, "detectors.nc", {**BASE, "bona_fide": {"n_clean": 0}})
+
+
+@pytest.mark.slow
+def test_the_reference_budget_makes_sparse_masks_where_a_tenth_cannot(tmp_path):
+    """At Adam's 1e-3 a mask entry moves at most about 1e-3 per step. Searching the whole set for
+    15 epochs (the reference's budget, ~940 steps per class here) shrinks the attacked class's mask
+    to a fraction of the others' and flags it; a tenth of the images (~94 steps) leaves every mask
+    near its initial mass (0.5 per entry), so the anomaly index rests on tiny differences."""
+    n = 2000
+    rng = np.random.default_rng(0)
+    orig = rng.integers(0, K, n)
+    x = _blobs(rng, orig)
+    poisoned = np.zeros(n, bool)
+    poisoned[rng.choice(np.flatnonzero(orig != TARGET), n // 10, replace=False)] = True
+    x[np.ix_(poisoned, range(3), range(13, 16), range(13, 16))] = 1.0
+    images = (x * 255).round().astype(np.uint8)
+    labels = np.where(poisoned, TARGET, orig)
+    bona = np.zeros(n, bool)
+    bona[rng.choice(np.flatnonzero(~poisoned), 40, replace=False)] = True
+    training = {"model": "smallcnn", "epochs": 8, "batch_size": 32, "optimizer": "adam", "lr": 0.005, "weight_decay": 0}
+    model = fit(training, images, labels, K, seed=0, device=torch.device("cpu"), init_model=_located_cnn(),
+                progress_every=None).model.eval()
+    initial = 0.5 * 3 * SIZE * SIZE
+    metas = {}
+    for name, p in (("tenth", {"search_images": n // 10}), ("reference", {})):
+        det = DETECTORS.get("neural_cleanse")(batch_size=32, class_batch=K, **p)
+        det.cell = CELL
+        det.view = planted_cells.view(images, labels, bona, model, num_classes=K)
+        metas[name] = det.score(tmp_path / f"{name}.parquet")
+    ref, tenth = metas["reference"], metas["tenth"]
+    assert ref["budget"] is None and tenth["budget"] == f"mask search on {n // 10:,} of {n:,} training images"
+    assert ref["flagged_classes"] == [TARGET]
+    others = [v for c, v in enumerate(ref["norms"]) if c != TARGET]
+    assert ref["norms"][TARGET] < 0.5 * min(others) and max(others) < 0.85 * initial
+    assert min(tenth["norms"]) > 0.65 * initial  # no mask got anywhere near sparse
+    assert ref["cost"]["images_fwd_bwd"] == 10 * tenth["cost"]["images_fwd_bwd"]

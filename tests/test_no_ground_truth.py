@@ -29,7 +29,7 @@ def _tiny_full_config() -> dict:
         if "epochs" in m:
             m["epochs"] = 1
     d = cfg["detectors"]
-    d["nc"].update(epochs=1, images_per_class=200)
+    d["nc"].update(epochs=1, search_images=200)
     d["cd"].update(steps=2)
     d["freq"].update(epochs=1)
     d["pss"].update(intraclass_epochs=1)

@@ -127,6 +127,27 @@ def test_activation_clustering_matches_direct_sklearn_and_finds_planted_class(tm
     assert roc_auc_score(poisoned, s) > 0.6
 
 
+def test_activation_clustering_rules_match_a_direct_computation(tmp_path):
+    """LfD's variant keeps the larger cluster of every class; Trojan-zoo's code flags a class when
+    its silhouette > 0.1 and its smaller cluster holds < 35% of it."""
+    feats, labels, poisoned = _planted()
+    inp = _inputs(tmp_path, feats, labels, poisoned)
+    larger, meta_l = _score(tmp_path, inp, "activation_clustering", "larger", group_by="label", rule="larger_cluster")
+    relsize, meta_r = _score(tmp_path, inp, "activation_clustering", "rel", group_by="label", rule="relative_size",
+                             silhouette_threshold=0.1)
+    for c in range(N_CLASSES):
+        idx = np.flatnonzero(labels == c)
+        seed = int(np.random.SeedSequence([0, c]).generate_state(1)[0] % (2**31))
+        sil, small = _direct_ac(feats[idx], seed)
+        share = small.mean()
+        np.testing.assert_allclose(larger[idx], np.where(small, 1 - share, -3.0))
+        want = min(sil - 0.1, 0.35 - share)
+        np.testing.assert_allclose(relsize[idx], np.where(small, want, -3.0))
+        assert meta_r["classes"][c]["attacked"] == (sil > 0.1 and share < 0.35)
+    assert meta_l["flagged_classes"] == list(range(N_CLASSES))  # no test: every class loses its smaller cluster
+    assert meta_l["n_flagged"] == (larger > 0).sum() > (relsize > 0).sum()
+
+
 def test_both_rank_planted_poison_and_ignore_ground_truth(tmp_path):
     feats, labels, poisoned = _planted(seed=1)
     # A last layer that predicts the label from the class centres (nearest-centre rule).

@@ -1,5 +1,5 @@
 """Activation Clustering (Chen et al. 2018): per class, ICA-reduced penultimate features split
-into two clusters; a class whose split is clean (high silhouette) loses its smaller cluster."""
+into two clusters; a class whose split passes the rule loses its smaller cluster."""
 from __future__ import annotations
 
 import warnings
@@ -48,18 +48,28 @@ def cluster_class(feats: np.ndarray, n_components: int, seed: int) -> dict:
     return {"silhouette": sil, "smaller": small, "components": k, "ica_converged": converged}
 
 
+RULES = ("silhouette", "larger_cluster", "relative_size")
+
+
 @DETECTORS.register("activation_clustering")
 class ActivationClustering(Detector):
-    """Activation Clustering as adapted by BaDLoss (silhouette mode): the attacked model's
-    penultimate features, grouped by the PREDICTED class (`group_by: label` groups by the given
-    label, as IBM ART does); all-zero columns dropped; FastICA to `n_components` (10), KMeans(2);
-    a class is attacked if its silhouette score > `silhouette_threshold` (0.15), and then its
-    smaller cluster is flagged. The exact decision is in the metadata (`flagged_classes`,
-    `n_flagged`).
-
-    Score: silhouette - threshold for the members of each class's smaller cluster, -3 for
-    everyone else, so score > 0 is exactly the original decision (remedy `remove_flagged`), and
-    sweeping the threshold over the smaller-cluster members gives BaDLoss's AUROC sweep.
+    """Activation Clustering: the defender model's penultimate features, grouped by the PREDICTED
+    class (`group_by: label` groups by the given label, as IBM ART does); all-zero columns
+    dropped; FastICA to `n_components` (10), KMeans(2); then per class, by `rule`:
+    - `silhouette` (BaDLoss's adaptation, the default): the class is attacked if its silhouette
+      score > `silhouette_threshold` (0.15), and then its smaller cluster is flagged. Score:
+      silhouette - threshold for the members of each class's smaller cluster.
+    - `larger_cluster` (LfD's Trojan-zoo variant as LfD describes it: "trained a new model from
+      scratch using the cluster with more data"): every class keeps its larger cluster, no test.
+      Score: 1 - the smaller cluster's share of its class (in [0.5, 1)).
+    - `relative_size` (Trojan-zoo's code): the class is attacked if its silhouette score >
+      `silhouette_threshold` (Trojan-zoo: 0.1) and its smaller cluster holds less than
+      `size_threshold` (0.35) of it. Score: min(silhouette - threshold, size_threshold - share).
+    Everyone else scores -3, so score > 0 is exactly the rule's decision (remedy
+    `remove_flagged`), and sweeping the threshold over the smaller-cluster members gives
+    BaDLoss's AUROC sweep. The exact decision is in the metadata (`flagged_classes`, `n_flagged`).
+    LfD ran its variant on a ResNet-18 trained 80 epochs without augmentation (a defender model of
+    its own in configs/lfd-paper.yaml), layer-4 activations (the penultimate features here).
 
     Deviations: predictions come from the features through the model's last linear layer (float32
     here, bfloat16 autocast on GPU in the forward pass, so a near-tie may differ); FastICA and
@@ -71,7 +81,8 @@ class ActivationClustering(Detector):
     type = "activation_clustering"
     needs = ("features", "weights")
     default_model = "attacked"
-    params = {"group_by": "predicted", "silhouette_threshold": 0.15, "n_components": 10}
+    params = {"group_by": "predicted", "silhouette_threshold": 0.15, "n_components": 10, "rule": "silhouette",
+              "size_threshold": 0.35}
 
     @classmethod
     def check(cls, det: dict, key: str, cfg: dict) -> None:
@@ -83,6 +94,21 @@ class ActivationClustering(Detector):
         if not -1 <= t < 1:
             raise ConfigError(f"{key}.silhouette_threshold", t, "a number in [-1, 1)")
         cls.positive(f"{key}.n_components", p["n_components"], integer=True)
+        if p["rule"] not in RULES:
+            raise ConfigError(f"{key}.rule", p["rule"], "'silhouette' (BaDLoss), 'larger_cluster' (LfD) or "
+                              "'relative_size' (Trojan-zoo's code)")
+        if not 0 < p["size_threshold"] <= 0.5:
+            raise ConfigError(f"{key}.size_threshold", p["size_threshold"], "a number in (0, 0.5]")
+
+    def decide(self, r: dict, small: np.ndarray) -> tuple[bool, float]:
+        """Whether a clustered class is attacked under the rule, and its flagged members' score."""
+        thr, share = float(self.p["silhouette_threshold"]), float(small.mean())
+        if self.p["rule"] == "larger_cluster":
+            return True, 1.0 - share
+        if self.p["rule"] == "relative_size":
+            s = min(r["silhouette"] - thr, float(self.p["size_threshold"]) - share)
+            return s > 0, s
+        return r["silhouette"] > thr, r["silhouette"] - thr
 
     def groups(self, feats: np.ndarray) -> np.ndarray:
         if self.p["group_by"] == "label":
@@ -97,7 +123,6 @@ class ActivationClustering(Detector):
     def score(self, out_path) -> dict:
         feats = self.view.features()
         groups = self.groups(feats)
-        thr = float(self.p["silhouette_threshold"])
         scores = np.full(len(groups), UNFLAGGED, dtype=np.float64)
         classes, flagged = {}, []
         for c in np.unique(groups):
@@ -107,9 +132,8 @@ class ActivationClustering(Detector):
             small = r.pop("smaller", None)
             rec = {"n": int(len(idx)), **r}
             if small is not None:
-                scores[idx[small]] = r["silhouette"] - thr
+                rec["attacked"], scores[idx[small]] = self.decide(r, small)
                 rec["n_smaller"] = int(small.sum())
-                rec["attacked"] = r["silhouette"] > thr
                 if rec["attacked"]:
                     flagged.append(int(c))
             classes[int(c)] = rec

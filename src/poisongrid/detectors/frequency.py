@@ -68,10 +68,10 @@ def patch_ranges(size: int, scale: bool) -> tuple[int, int, int]:
     return min(lo, hi), hi, max(0, min(margin, size - hi))
 
 
-def add_random_patches(x: torch.Tensor, gen: torch.Generator, scale: bool = True) -> torch.Tensor:
+def add_random_patches(x: torch.Tensor, gen: torch.Generator, scale: bool = False) -> torch.Tensor:
     """A copy of the float images x (N, C, H, W, in [0, 1]) with one patch each, as in the BaDLoss
     reference: a white block or a block of uniform noise, each side drawn from the patch range,
-    at a random margin from one of the four corners."""
+    at one random margin (the same from both edges) from one of the four corners."""
     out = x.clone()
     n, c, h, w = x.shape
     lo_h, hi_h, m_h = patch_ranges(h, scale)
@@ -82,7 +82,7 @@ def add_random_patches(x: torch.Tensor, gen: torch.Generator, scale: bool = True
 
     for j in range(n):
         ph, pw = draw(lo_h, hi_h), draw(lo_w, hi_w)
-        mh, mw = draw(0, m_h), draw(0, m_w)
+        mh = mw = draw(0, min(m_h, m_w))
         corner = draw(0, 3)
         top = mh if corner in (0, 1) else h - mh - ph
         left = mw if corner in (0, 2) else w - mw - pw
@@ -106,9 +106,10 @@ class FrequencyAnalysis(Detector):
     each; the patches are white or uniform-noise blocks at a random margin from a random corner
     (Zeng's Gaussian-noise, shadow and blend corruptions are not used); Conv -> BN -> ELU with
     channel dropout; Adadelta (lr 0.05, weight decay 1e-4, torch's rho 0.9 and eps 1e-6), batch 32,
-    10 epochs, no schedule. Deviation: with `scale_patch` (default) the reference's patch sides
-    (2-7 px) and corner margins (0-5 px), set for 32 x 32 images, scale with the image size
-    (rounded, sides at least 1 px); BaDLoss keeps them fixed at any size (`scale_patch: false`).
+    10 epochs, no schedule. The patches' sides (2-7 px) and their corner margin (0-5 px, one draw
+    for both edges) stay fixed at any image size, as in the reference (also at 224 px); with
+    `scale_patch: true` they scale with the image size / 32 (rounded, sides at least 1 px), about
+    7x at 224 px, recorded in the scores' metadata (`budget`) and marked in the tables.
     The network is trained by its own short loop, not training.fit: it is the detector's own
     binary classifier on DCT inputs with Adadelta and no schedule. Deterministic given the cell's
     seed (bit-equal on CPU)."""
@@ -119,7 +120,7 @@ class FrequencyAnalysis(Detector):
     gpu = True
     cost_epochs = 1.0
     min_bona_fide = 10
-    params = {"epochs": 10, "lr": 0.05, "weight_decay": 1e-4, "batch_size": 32, "scale_patch": True,
+    params = {"epochs": 10, "lr": 0.05, "weight_decay": 1e-4, "batch_size": 32, "scale_patch": False,
               "infer_batch": 1024}
 
     @classmethod
@@ -192,6 +193,9 @@ class FrequencyAnalysis(Detector):
         p = self._p_poisoned(model, images, device)
         meta = {"cell": self.cell, "detector": self.type, "params": self.p, "n_bona_fide": int(len(bona)),
                 "patch_range_px": list(patch_ranges(min(h, w), self.p["scale_patch"])),
+                "budget": (f"patches scaled to {min(h, w)} px images (sides {patch_ranges(min(h, w), True)[0]}-"
+                           f"{patch_ranges(min(h, w), True)[1]} px; reference 2-7 px)"
+                           if self.p["scale_patch"] and min(h, w) != REF_SIZE else None),
                 "n_flagged_at_0.5": int((p >= 0.5).sum()),
                 "p_bona_fide_mean": float(p[bona].mean())}
         with ScoreWriter(out_path, meta, self.view) as wr:
