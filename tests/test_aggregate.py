@@ -210,7 +210,7 @@ def test_run_writes_everything(tmp_path):
     md = (out / "tables.md").read_text()
     assert w["tables"] == [out / "tables.md"] and "### digits — patch" in md and "98.00 ± 0.00" in md
     assert w["summary_stats"] == [out / "summary_stats.csv"] and w["tables_per_seed"] == [out / "tables_per_seed.md"]
-    assert w["table_sections"] == [out / f"tables_{k}.html" for k in ("multi", "single", "singlemulti", "cost", "rejection")]
+    assert w["table_sections"] == [out / f"tables_{k}.html" for k in ("papers", "multi", "single", "singlemulti", "cost", "rejection")]
     # No single-attack scenario, no cost record here: those pages are written and say so.
     assert "No attack ran both alone" in (out / "tables_singlemulti.html").read_text()
     assert "<h3>digits — multi</h3>" in (out / "tables_multi.html").read_text()
@@ -461,3 +461,71 @@ def test_rejection_counts_from_a_plan():
     got = aggregate.class_rejection(rejection_counts(man, w), fraction=0.34)  # one class per tail
     assert got["clean_rejected_top"] == 0.5 and got["clean_rejected_bottom"] == 1.0
     assert got["clean_rejected"] == 0.5 and got["poisoned_rejected"] == 0.5 and got["size_bottom"] == 1
+
+
+def test_every_paper_number_names_a_cell_of_its_preset():
+    """Each row of papers/numbers.csv belongs to a cell its preset runs: the dataset, the scenario,
+    a defense that runs there, an attack of the dataset."""
+    import yaml
+
+    from poisongrid import config, papers
+
+    numbers = papers.load()
+    assert len(numbers) > 1000 and numbers["value"].between(0, 100).all()
+    for preset, rows in numbers.groupby("preset"):
+        cfg = config.validate(yaml.safe_load(open(f"configs/{preset}.yaml")), deep=False)
+        assert cfg["paper_numbers"] == preset
+        cells = {(c["dataset"], c["scenario"], c["defense"]) for c in config.cells(cfg)}
+        for r in rows.itertuples():
+            ds = cfg["datasets"][r.dataset]
+            if isinstance(r.attack, str):
+                assert r.attack in ds["attacks"], (preset, r.attack)
+            if isinstance(r.scenario, str):
+                assert (r.dataset, r.scenario, r.defense) in cells, (preset, r.table, r.row, r.column)
+            else:  # an average over the single-attack scenarios
+                assert any(c[0] == r.dataset and c[2] == r.defense and c[1].startswith("single-") for c in cells)
+
+
+def test_paper_numbers_go_beside_the_measured_cells(tmp_path):
+    """Our value (mean over seeds), the paper's, the difference; a cell further off than the seed
+    spread plus 5 points is marked. Table 1's average is per seed over the attacks alone."""
+    from poisongrid import papers
+
+    paths = []
+    for seed, clean in ((0, 0.90), (1, 0.92)):
+        for a, asr in (("patch", 0.90), ("single_pixel", 0.60)):
+            paths.append(cell(tmp_path, dataset="cifar10", scenario=f"single-{a}", seed=seed, defense="none", clean=clean,
+                              asr=(asr, asr, asr), boosted=asr))
+    paths.append(cell(tmp_path, dataset="cifar10", scenario="multi", defense="badloss", clean=0.50, seed=0))
+    df = aggregate.collect(paths)
+    cmp = papers.compare(df, "badloss-paper").set_index(["table", "scenario", "defense", "column"])
+    patch = cmp.loc[("Table 1", "single-patch", "none", "Clean Accuracy: Patch")]
+    # Paper: 92.86; ours 91 ± 1.41 over two seeds: off by 1.86 < 1.41 + 5.
+    assert patch["ours"] == pytest.approx(91.0) and patch["paper_value"] == 92.86 and patch["n"] == 2
+    assert patch["diff"] == pytest.approx(91.0 - 92.86) and not patch["off"]
+    asr = cmp.loc[("Table 1", "single-single_pixel", "none", "Attack Success Rate: Single-Pix")]
+    assert asr["ours"] == pytest.approx(60.0) and asr["paper_value"] == 67.12 and asr["off"]  # 7.12 > 0 + 5
+    avg = cmp.loc[("Table 1", "", "none", "Attack Success Rate: Avg.")]
+    assert avg["ours"] == pytest.approx(75.0)  # (90 + 60) / 2 over the two attacks this grid ran alone
+    clean = cmp.loc[("Table 2", "multi", "badloss", "Clean Acc.")]
+    assert clean["ours"] == pytest.approx(50.0) and clean["off"]
+    md = aggregate.markdown_tables(df, papers.compare(df, "badloss-paper"))
+    assert md.startswith("### BaDLoss paper, Table 1: its numbers beside ours")
+    row = next(line for line in md.splitlines() if "Attack Success Rate: Single-Pix" in line and "| none |" in line)
+    assert pct(row)[-4:] == ["60.00 ± 0.00", "2", "67.12", "-7.12 ‼"]
+
+
+def test_runs_below_the_reference_budget_are_marked(tmp_path):
+    p = cell(tmp_path, defense="nc")
+    m = read_json(p)
+    m["budget"] = {"defense": "mask search on 5,000 of 50,000 training images",
+                   "attacks": {"single_pixel": "learned with epochs 5 (reference 200)"}}
+    write_json(p, m)
+    md = aggregate.markdown_tables(aggregate.collect([p, cell(tmp_path, defense="none")]))
+    rows = table_rows(md, "digits — multi")
+    assert "nc§" in rows and "none" in rows
+    header = next(line for line in md.split("### digits — multi\n")[1].splitlines() if line.startswith("| Defense"))
+    assert "Single-Pix§" in pct(header) and "Patch" in pct(header)
+    notes = md.split("### digits — § below the references' budgets\n")[1]
+    assert "- defense nc: mask search on 5,000 of 50,000 training images" in notes
+    assert "- attack Single-Pix: learned with epochs 5 (reference 200)" in notes

@@ -378,3 +378,24 @@ def test_out_of_range_params(name, params):
     with pytest.raises(ConfigError) as e:
         _build(name, **params)
     assert e.value.key == f"attacks.{name}.{next(iter(params))}"
+
+
+def test_learned_attacks_note_budgets_below_their_references():
+    """The paper preset learns at the references' budgets (no note); the digits presets run short
+    ones, which the poisoned set records and the tables mark."""
+    import yaml
+
+    from poisongrid import config
+    from poisongrid.attacks import ATTACKS
+
+    lc = ATTACKS.get("label_consistent")
+    assert lc.budget_note({**lc.learn_defaults, **lc.reference_learn}) is None
+    note = lc.budget_note({**lc.learn_defaults, "adversarial": False})
+    assert note.startswith("learned with epochs 20 (reference 205), pool_fraction 0.25 (reference 1), adversarial off")
+    for preset, short in (("configs/lfd-paper.yaml", False), ("configs/lfd-attacks-digits.yaml", True)):
+        cfg = config.validate(yaml.safe_load(open(preset)), deep=False)
+        for ds in cfg["datasets"].values():
+            for name, a in ds["attacks"].items():
+                cls = ATTACKS.get(name)
+                if cls.reference_learn:
+                    assert (cls.budget_note(a["learn"]) is not None) == short, (preset, name)

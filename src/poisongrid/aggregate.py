@@ -33,7 +33,7 @@ CELL_COLUMNS = ["clean_accuracy", "mean_asr", "mean_asr_boosted", "auroc", "reca
                 "cost_epochs_final", "cost_epochs", "cost_wall_models_s", "cost_wall_score_s", "cost_wall_final_s",
                 "cost_wall_s", *REJECTION_COLUMNS]
 COLUMNS = [*CELL, "detector", "detector_type", "defender_model", "defender_arch", "arch", "remedy", "defense_params", "r_reject", "alpha", "attack", "target", "asr", "asr_boosted", "asr_paper",
-           "auroc_attack", "recall_attack", *CELL_COLUMNS]
+           "auroc_attack", "recall_attack", *CELL_COLUMNS, "defense_budget", "attack_budget"]
 REQUIRED = ("dataset", "scenario", "seed", "defense", "detector", "remedy", "attacks", "targets",
             "clean_accuracy", "asr", "mean_asr", "mean_asr_boosted", "n_train", "n_poisoned", "n_removed")
 DAGGER_NOTE = ("† ASR measured with the blended trigger boosted 2× at test time (the paper's convention, after "
@@ -91,17 +91,18 @@ def _cell_rows(path) -> list[dict]:
             "recall_removed": _num(det.get("recall_removed")), "precision_removed": _num(det.get("precision_removed")),
             "n_train": int(m["n_train"]), "n_poisoned": int(m["n_poisoned"]), "n_removed": int(m["n_removed"]),
             "wall_time_total_s": float(sum(wall)) if wall else math.nan, **_cost(m.get("cost")),
-            **class_rejection(m.get("rejection"))}
+            **class_rejection(m.get("rejection")), "defense_budget": (m.get("budget") or {}).get("defense")}
+    attack_budget = (m.get("budget") or {}).get("attacks") or {}
     rows = []
     if not m["attacks"]:  # the clean scenario: one row, no attack
         return [{**cell, "attack": None, "target": -1, "asr": math.nan, "asr_boosted": math.nan, "asr_paper": math.nan,
-                 "auroc_attack": math.nan, "recall_attack": math.nan}]
+                 "auroc_attack": math.nan, "recall_attack": math.nan, "attack_budget": None}]
     for a in m["attacks"]:
         asr, b = _num(_need(m["asr"], a, path, "asr.")), _num(boosted.get(a))
         rows.append({**cell, "attack": a, "target": int(_need(m["targets"], a, path, "targets.")), "asr": asr,
                      "asr_boosted": b, "asr_paper": asr if math.isnan(b) else b,
                      "auroc_attack": _num((det.get("auroc_per_attack") or {}).get(a)),
-                     "recall_attack": _num((det.get("recall_per_attack") or {}).get(a))})
+                     "recall_attack": _num((det.get("recall_per_attack") or {}).get(a)), "attack_budget": attack_budget.get(a)})
     return rows
 
 
@@ -175,12 +176,14 @@ STAT_KEYS = ["dataset", "scenario", "defense", "attack"]
 STAT_METRICS = ["clean_accuracy", "asr", "asr_boosted", "asr_paper", "mean_asr", "mean_asr_boosted", "auroc",
                 "recall_removed"]
 # Table files, one per analysis, for the report's sections; tables.md / tables.html hold them all.
-TABLE_SECTIONS = {"multi": "multi-attack results (the BaDLoss paper's Table 2 shape)",
+TABLE_SECTIONS = {"papers": "the papers' numbers beside ours",
+                  "multi": "multi-attack results (the BaDLoss paper's Table 2 shape)",
                   "single": "single-attack results (the BaDLoss paper's Table 1 shape) and each single scenario",
                   "singlemulti": "each attack alone vs in the multi-attack scenario (the paper's Fig. 10)",
                   "cost": "the cost of each defense",
                   "rejection": "clean examples rejected in large and small classes (the paper's Appendix G)"}
-SECTION_EMPTY = {"multi": "This grid has no multi-attack scenario.",
+SECTION_EMPTY = {"papers": "This grid names no paper's numbers to compare with (paper_numbers), or measured none of their cells.",
+                 "multi": "This grid has no multi-attack scenario.",
                  "single": "This grid has no single-attack or clean scenario.",
                  "singlemulti": "No attack ran both alone (single-<attack>) and in the multi scenario under one defense.",
                  "cost": "No cell of this grid has a cost record (metrics from before cost was recorded).",
@@ -395,29 +398,88 @@ def plain_table(g: pd.DataFrame) -> list[str]:
             f"({_seeds_note(g)}).", "", *_md_table(["Scenario", "Defense", "n", *map(_label, attacks), "Avg. ASR"], rows, 3), ""]
 
 
-def table_sections(df: pd.DataFrame) -> dict[str, list[str]]:
-    """Markdown of every table, per analysis (TABLE_SECTIONS), datasets in order of appearance."""
+def table_sections(df: pd.DataFrame, comparison: pd.DataFrame | None = None) -> dict[str, list[str]]:
+    """Markdown of every table, per analysis (TABLE_SECTIONS), datasets in order of appearance;
+    `comparison` (papers.compare) gives the papers' section."""
+    from . import papers
+
     out: dict[str, list[str]] = {k: [] for k in TABLE_SECTIONS}
     out["plain"] = []
+    out["papers"] = papers.tables(comparison) if comparison is not None else []
     for ds, g in df.groupby("dataset", sort=False):
         scenarios = list(dict.fromkeys(g["scenario"]))
+        budget = budget_marks(g)
         if "multi" in scenarios:
-            out["multi"] += scenario_table(g[g["scenario"] == "multi"], ds, "multi")
-        out["single"] += single_attack_table(g)
+            out["multi"] += budget.mark(scenario_table(g[g["scenario"] == "multi"], ds, "multi"))
+        out["single"] += budget.mark(single_attack_table(g))
         for sc in scenarios:
             if sc != "multi":
-                out["single"] += scenario_table(g[g["scenario"] == sc], ds, sc)
-        out["single"] += per_attack_table(g)
-        out["singlemulti"] += single_vs_multi_table(g)
-        out["plain"] += plain_table(g)
-        out["cost"] += cost_table(g)
-        out["rejection"] += rejection_table(g)
+                out["single"] += budget.mark(scenario_table(g[g["scenario"] == sc], ds, sc))
+        out["single"] += budget.mark(per_attack_table(g))
+        out["singlemulti"] += budget.mark(single_vs_multi_table(g))
+        out["plain"] += budget.mark(plain_table(g))
+        out["cost"] += budget.mark(cost_table(g))
+        out["rejection"] += budget.mark(rejection_table(g))
+        out["plain"] += budget.notes(ds)
     return out
 
 
-def markdown_tables(df: pd.DataFrame) -> str:
-    s = table_sections(df)
-    return "\n".join(s["multi"] + s["single"] + s["singlemulti"] + s["plain"] + s["cost"] + s["rejection"])
+def markdown_tables(df: pd.DataFrame, comparison: pd.DataFrame | None = None) -> str:
+    s = table_sections(df, comparison)
+    return "\n".join(s["papers"] + s["multi"] + s["single"] + s["singlemulti"] + s["plain"] + s["cost"] + s["rejection"])
+
+
+BUDGET_MARK = "§"
+
+
+class BudgetMarks:
+    """The defenses and attacks of one dataset that ran below their reference's budget (a
+    detector's shortened search, a learned attack's shorter training): their names get BUDGET_MARK
+    in every table, and a note lists what was cut."""
+
+    def __init__(self, defenses: dict[str, str], attacks: dict[str, str]):
+        self.defenses, self.attacks = defenses, attacks
+        self.labels = {_label(a): a for a in attacks}
+
+    def _cell(self, text: str, header: bool) -> str:
+        base = text.rstrip("†‡")
+        tail = text[len(base):]
+        if base in self.defenses or base in self.labels:
+            return base + BUDGET_MARK + tail
+        first, _, rest = text.partition(" ")  # "defense CA" headers of the per-attack table
+        if header and rest and first in self.defenses:
+            return f"{first}{BUDGET_MARK} {rest}"
+        return text
+
+    def mark(self, lines: list[str]) -> list[str]:
+        if not (self.defenses or self.attacks):
+            return lines
+        out = []
+        for i, line in enumerate(lines):
+            if not line.startswith("|") or line.startswith("|---"):
+                out.append(line)
+                continue
+            header = i + 1 < len(lines) and lines[i + 1].startswith("|---")
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            cells = [self._cell(c, header) if (header or j == 0) else c for j, c in enumerate(cells)]
+            out.append("| " + " | ".join(cells) + " |")
+        return out
+
+    def notes(self, dataset: str) -> list[str]:
+        if not (self.defenses or self.attacks):
+            return []
+        items = [f"- defense {d}: {n}" for d, n in self.defenses.items()] + \
+                [f"- attack {_label(a)}: {n}" for a, n in self.attacks.items()]
+        return [f"### {dataset} — {BUDGET_MARK} below the references' budgets", "",
+                f"Names marked {BUDGET_MARK} in this dataset's tables ran with less work than their reference code does "
+                "(a cheaper setting of this grid's config); their numbers may differ from the reference's for that reason.",
+                "", *items, ""]
+
+
+def budget_marks(g: pd.DataFrame) -> BudgetMarks:
+    d = g.dropna(subset=["defense_budget"]).drop_duplicates("defense")
+    a = g.dropna(subset=["attack_budget"]).drop_duplicates("attack")
+    return BudgetMarks(dict(zip(d["defense"], d["defense_budget"])), dict(zip(a["attack"], a["attack_budget"])))
 
 
 def per_seed_tables(df: pd.DataFrame) -> str:
@@ -892,10 +954,13 @@ def _manifest_of(losses_path) -> Path:
     return Path(paths.path("manifest", w["results"], **{k: w[k] for k in ("dataset", "scenario", "seed")}))
 
 
-def run(metrics_paths: Iterable, out_dir, trajectory_paths: Iterable = (), teacher_paths: Iterable = ()) -> dict[str, list[Path]]:
+def run(metrics_paths: Iterable, out_dir, trajectory_paths: Iterable = (), teacher_paths: Iterable = (),
+        paper_numbers: str | None = None) -> dict[str, list[Path]]:
     """Write summary.csv/.parquet, tables.md (+ tables.html) and figures/*.png under out_dir; return the paths by kind.
     trajectory_paths / teacher_paths: defender models' loss files (…/seed{s}/models/{m}/trajectories.parquet)
-    to draw per-epoch trajectories / teacher loss distributions of."""
+    to draw per-epoch trajectories / teacher loss distributions of. paper_numbers: the preset whose
+    papers' numbers (papers/numbers.csv) go beside the measured cells (paper_comparison.csv, first in
+    the tables)."""
     out, figs = Path(out_dir), Path(out_dir) / "figures"
     df = collect(metrics_paths)
     if df.empty:
@@ -904,15 +969,24 @@ def run(metrics_paths: Iterable, out_dir, trajectory_paths: Iterable = (), teach
                                       "tables": [out / "tables.md"], "tables_per_seed": [out / "tables_per_seed.md"],
                                       "tables_html": [out / "tables.html"], "table_sections": [],
                                       "asr": [], "rreject": [], "capacity": [], "trajectories": [], "teacher": [],
-                                      "singlemulti": []}
-    md = markdown_tables(df)
+                                      "singlemulti": [], "paper_comparison": []}
+    comparison = None
+    if paper_numbers:
+        from . import papers
+
+        comparison = papers.compare(df, paper_numbers)
+        path = out / "paper_comparison.csv"
+        with atomic_path(path) as tmp:
+            comparison.to_csv(tmp, index=False)
+        written["paper_comparison"].append(path)
+    md = markdown_tables(df, comparison)
     with atomic_path(out / "tables.md") as tmp:
         tmp.write_text(md)
     with atomic_path(out / "tables.html") as tmp:
         tmp.write_text(html_tables(md), encoding="utf-8")
     with atomic_path(out / "tables_per_seed.md") as tmp:
         tmp.write_text(per_seed_tables(df))
-    sections = table_sections(df)
+    sections = table_sections(df, comparison)
     for kind, what in TABLE_SECTIONS.items():
         # Always written, so the workflow can declare it; a grid without this analysis gets a line saying so.
         body = "\n".join(sections[kind]) or SECTION_EMPTY[kind]

@@ -116,7 +116,7 @@ def cmd_aggregate(args) -> None:
     if not metrics:
         raise PoisongridError(f"no metrics.json under {args.results}/; run the grid first")
     written = aggregate.run(metrics, args.out or args.results, trajectory_paths=args.trajectories,
-                            teacher_paths=args.teacher_losses)
+                            teacher_paths=args.teacher_losses, paper_numbers=args.paper_numbers)
     tables = [p for p in written.get("tables", [])]
     for t in tables:
         print(open(t).read())
@@ -191,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", nargs="*", default=[])
     p.add_argument("--trajectories", nargs="*", default=[], help="defender models' per-epoch loss files to draw")
     p.add_argument("--teacher-losses", nargs="*", default=[], help="LfD teachers' loss files to draw")
+    p.add_argument("--paper-numbers", default=None, help="the preset whose papers' numbers go beside the measured cells "
+                   "(a grid's paper_numbers, e.g. badloss-paper)")
     p.set_defaults(fn=cmd_aggregate)
 
     p = sub.add_parser("validate", help="check a config file and count its cells")

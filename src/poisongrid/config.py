@@ -188,6 +188,11 @@ def validate(cfg: dict, deep: bool = True, sizes: bool = True) -> dict:
         attempt(_check_detectors_defenses, cfg, deep and sizes)
     if deep and datasets_ok:
         attempt(_check_budgets, cfg)
+    if cfg["paper_numbers"] is not None:
+        from .papers import presets
+
+        if cfg["paper_numbers"] not in presets():
+            problems.append(ConfigError("paper_numbers", cfg["paper_numbers"], f"null or one of {presets()}"))
     if cfg["cluster"]["gpus_per_job"] == 0 and cfg["device"] == "cuda":
         problems.append(ConfigError("cluster.gpus_per_job", 0, "at least 1 when device is 'cuda' (or set device: cpu)"))
     if cfg["cluster"]["gpus_per_job"] > 1 and cfg["device"] == "cpu":
@@ -673,7 +678,11 @@ def estimated_minutes(cfg: dict, stage: str, dataset: str, model: str | None = N
         from .attacks import ATTACKS
 
         names = [attack] if attack else [a for a in ds["attacks"] if ATTACKS.get(a).learns()]
-        return max([ATTACKS.get(a).learn_epochs(ds["attacks"][a]["learn"]) * eager + 5 for a in names] + [0.0])
+        def learned(a):
+            cls, s = ATTACKS.get(a), ds["attacks"][a]["learn"]
+            graphed = cls.learn_graphed_epochs(s)
+            return graphed * mpe + (cls.learn_epochs(s) - graphed) * eager + 5
+        return max([learned(a) for a in names] + [0.0])
     if stage == "score":
         from .detectors import DETECTORS
 

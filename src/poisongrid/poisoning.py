@@ -143,6 +143,9 @@ def poison(ds: Dataset, attacks: dict[str, dict], all_attacks: list[str], seed: 
             new_labels[chosen] = t
         info[name] = {"target": t, "seed": attack_seed(seed, name), "count": int(k), "clean_label": atk.clean_label,
                       "params": attack_params(cfg)}
+        note = type(atk).budget_note(cfg.get("learn") or {}) if atk.learns() else None
+        if note:
+            info[name]["budget"] = note
     manifest = manifest_arrow(new_labels, labels, attack_col, target_col)
     meta = {"dataset": ds.name, "seed": seed, "attacks": info, "n_train": n, "num_classes": ds.num_classes,
             "image_shape": list(ds.image_shape)}

@@ -503,6 +503,15 @@ def evaluate(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
         wall["pretrain"] = (smeta.get("defender_model") or {}).get("wall_time_s")
     wall["evaluate"] = time.perf_counter() - t0
     cost = training_cost(mmeta, smeta, trains_nothing=paths.trains_nothing(d))
+    from .remedies import REMEDIES
+
+    # Settings below the references' budgets, which the tables mark: the detector's, the
+    # remedy's and each learned attack's.
+    notes = [n for n in (smeta.get("budget"), REMEDIES.get(d["remedy"], "remedy").budget_note(d)) if n]
+    budget = {"defense": "; ".join(notes)} if notes else {}
+    attack_notes = {a: i["budget"] for a, i in pmeta["attacks"].items() if i.get("budget")}
+    if attack_notes:
+        budget["attacks"] = attack_notes
     metrics = {
         "dataset": spec["dataset"]["name"], "scenario": pmeta["scenario"], "seed": spec["seed"], "defense": d["name"],
         "detector": d.get("detector"), "remedy": d["remedy"], "detector_type": smeta.get("detector"),
@@ -516,7 +525,7 @@ def evaluate(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
         "n_train": len(man), "n_poisoned": int(man["attack"].notna().sum()), "n_removed": int((w == 0).sum()),
         "n_ascent": int((w < 0).sum()), "rejection": rejection_counts(man, w), "wall_time_s": wall, "cost": cost, "config": spec, "versions": versions(),
         "device": device_name(device), "train_images_per_s": mmeta["images_per_s"], "train_epochs": mmeta.get("epochs"),
-        "n_test": int(len(test_y)), "validation": held_out,
+        "n_test": int(len(test_y)), "validation": held_out, "budget": budget or None,
     }
     write_json(out["out"], metrics)
     log(f"clean acc {clean_acc:.4f}" + (f"  mean ASR {metrics['mean_asr']:.4f}  " if asr else "  (no attack)  ")

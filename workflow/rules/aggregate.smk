@@ -26,5 +26,7 @@ rule aggregate:
         "../../envs/poisongrid.yaml"
     log:
         pgp.log_pattern("aggregate"),
+    params:
+        papers=f"--paper-numbers {config['paper_numbers']}" if config.get("paper_numbers") else "",
     shell:
-        f"poisongrid aggregate --out {RESULTS} --metrics {{input.metrics}} --trajectories {{input.trajectories}} --teacher-losses {{input.teacher}} > {{log}} 2>&1"
+        f"poisongrid aggregate --out {RESULTS} --metrics {{input.metrics}} --trajectories {{input.trajectories}} --teacher-losses {{input.teacher}} {{params.papers}} > {{log}} 2>&1"

@@ -63,6 +63,10 @@ class Attack:
     boostable: ClassVar[bool] = False  # ASR is also reported with a 2x boosted trigger
     defaults: ClassVar[dict[str, Any]] = {}
     learn_defaults: ClassVar[dict[str, Any] | None] = None
+    # The learning step's budget in the attack's reference code (the `learn:` keys that set it);
+    # a smaller setting is recorded with the poisoned set and marked in the tables.
+    reference_learn: ClassVar[dict[str, Any]] = {}
+    reference_source: ClassVar[str] = ""
 
     def __init__(self, image_shape: tuple[int, int, int], seed: int, artifact: dict | None = None, **params):
         shape = tuple(int(s) for s in image_shape)
@@ -116,6 +120,27 @@ class Attack:
     def learn_epochs(cls, settings: dict) -> float:
         """The learning step's GPU work in epochs of the dataset's training (cost estimates)."""
         return float(settings.get("epochs", 0))
+
+    @classmethod
+    def learn_graphed_epochs(cls, settings: dict) -> float:
+        """The part of learn_epochs that is a plain training run (the graph-replayed step on a GPU,
+        at the dataset's faster rate); the rest runs eagerly."""
+        return 0.0
+
+    @classmethod
+    def budget_note(cls, settings: dict) -> str | None:
+        """Where `learn:` settings fall short of the reference's budget, in words (None: nowhere)."""
+        short = []
+        for k, ref in cls.reference_learn.items():
+            v = settings.get(k)
+            if isinstance(ref, bool):
+                if ref and v is False:
+                    short.append(f"{k} off")
+            elif isinstance(v, (int, float)) and v < ref:
+                short.append(f"{k} {v:g} (reference {ref:g})")
+        if not short:
+            return None
+        return "learned with " + ", ".join(short) + (f"; {cls.reference_source}" if cls.reference_source else "")
 
     @classmethod
     def learn(cls, job: LearnJob) -> dict[str, np.ndarray]:

@@ -62,6 +62,10 @@ class Dynamic(Attack):
             raise ConfigError(f"{key}.depth", s["depth"], "an integer in [1, 5]")
         return s
 
+    # VinAI's code: n_iters 600 epochs, the first 25 of them the mask's pre-training.
+    reference_learn = {"epochs": 575, "mask_epochs": 25}
+    reference_source = "input-aware backdoor code: 25 mask + 575 joint epochs"
+
     @classmethod
     def learn_epochs(cls, settings: dict) -> float:
         # M's pre-training passes the data through M twice; the joint phase through C, G and M.

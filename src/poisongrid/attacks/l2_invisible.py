@@ -50,6 +50,10 @@ class L2Invisible(Attack):
         return float(settings["epochs"]) * float(settings["pool_fraction"])
 
     @classmethod
+    def learn_graphed_epochs(cls, settings: dict) -> float:
+        return cls.learn_epochs(settings)  # a plain training run; the trigger's own steps are few
+
+    @classmethod
     def learn(cls, job: LearnJob) -> dict[str, np.ndarray]:
         s = job.settings
         bound = float(job.params.get("l2_bound", cls.defaults["l2_bound"]))

@@ -44,7 +44,12 @@ class LabelConsistent(Attack):
     clean_label = True
     defaults = {"corners": 1, "amplitude": 255}
     learn_defaults = {"model": "resnet18", "epochs": 20, "pool_fraction": 0.25, "adversarial": True, "adv_steps": 4,
-                      "eps": 8 / 255, "steps": 100, "step_size": 1 / 255}
+                      "eps": 8 / 255, "steps": 100, "step_size": 1.5 / 255}
+    # Madry et al.'s adversarially trained CIFAR-10 model (80,000 steps at batch 128, about 205
+    # epochs, PGD-10 at eps 8/255), which the label-consistent paper perturbs against; PGD on the
+    # poisoning images: 100 steps of 1.5/255 (BackdoorBench's and the reproductions' setting).
+    reference_learn = {"epochs": 205, "pool_fraction": 1.0, "adversarial": True, "adv_steps": 10, "steps": 100}
+    reference_source = "Madry et al.'s adversarially trained model, about 205 epochs of PGD-10"
 
     @classmethod
     def check_learn(cls, settings: dict, key: str, deep: bool = True) -> dict:

@@ -55,6 +55,10 @@ class Narcissus(Attack):
     learn_defaults = {"model": "resnet18", "epochs": 20, "pool": "train", "pool_fraction": 0.1, "warmup_epochs": 5,
                       "warmup_lr": 0.1, "rounds": 1000, "lr": 0.01, "batch_size": None}
 
+    # Narcissus's code: a 200-epoch surrogate, 5 warm-up epochs, 1000 trigger rounds.
+    reference_learn = {"epochs": 200, "warmup_epochs": 5, "rounds": 1000}
+    reference_source = "Narcissus's code: 200 surrogate epochs, 1000 rounds"
+
     @classmethod
     def check_learn(cls, settings: dict, key: str, deep: bool = True) -> dict:
         if not isinstance(settings, dict):

@@ -124,6 +124,12 @@ class Remedy:
         return float(data["epochs"])
 
     @classmethod
+    def budget_note(cls, d: dict) -> str | None:
+        """Where a defense entry's settings fall short of the reference's procedure, in words (the
+        tables mark it); None where they do not."""
+        return None
+
+    @classmethod
     def uses_validation(cls, d: dict) -> bool:
         """Whether a defense entry's final training reads the held-out validation split of the test
         set (FinalTraining.validation()); the grid's evaluation then scores the rest of the test set."""

@@ -72,6 +72,15 @@ class CBD(Remedy):
             check_schedule(cls.clean_training(p), key)
         return p
 
+    @classmethod
+    def budget_note(cls, d: dict) -> str | None:
+        p, notes = {**cls.params, **d}, []
+        if p["optimizer"] == "dataset":
+            notes.append("clean model with the dataset's optimiser (reference: SGD 0.1 Nesterov, x0.1 at epochs 20, 70)")
+        if p["critic_pass"] == "batch":
+            notes.append("critic stepped once per batch (reference: its own pass over the data each epoch)")
+        return "; ".join(notes) or None
+
     @staticmethod
     def clean_training(p: dict) -> dict:
         """What C's training takes from the remedy over the dataset's settings."""

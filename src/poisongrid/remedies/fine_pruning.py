@@ -144,6 +144,15 @@ class FinePrune(Remedy):
         return {**cls.params, **d}["data"] == "validation"
 
     @classmethod
+    def budget_note(cls, d: dict) -> str | None:
+        p, notes = {**cls.params, **d}, []
+        if p["data"] == "bona_fide":
+            notes.append("prunes against and fine-tunes on the bona fide training examples (reference: held-out clean data)")
+        if p["finetune_epochs"] < cls.params["finetune_epochs"]:
+            notes.append(f"fine-tunes {p['finetune_epochs']} epochs (BackdoorBench {cls.params['finetune_epochs']})")
+        return "; ".join(notes) or None
+
+    @classmethod
     def epochs(cls, d: dict, data: dict) -> float:
         # Fine-tuning on the clean data only, plus one pass over it per pruning step.
         p = {**cls.params, **d}
