@@ -213,6 +213,22 @@ def test_each_config_writes_its_own_results_and_overrides_are_typed(tmp_path):
     assert "results/paper/cifar10/multi/seed0/badloss/metrics.json" in dry.stdout
 
 
+def test_a_grid_naming_paper_numbers_puts_them_in_its_tables_and_report(tmp_path):
+    """paper_numbers reaches the aggregate job and declares the papers' report page; without it
+    neither appears."""
+    for papers in (None, "badloss-paper"):
+        cfg = {k: v for k, v in TINY.items() if k != "results"} | ({"paper_numbers": papers} if papers else {})
+        (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
+        out = snakemake(tmp_path, "all", "--configfile", str(tmp_path / "p.yaml"), "-n", "-p").stdout
+        agg = next(line for line in out.splitlines() if "poisongrid aggregate" in line)
+        assert ("--paper-numbers badloss-paper" in agg) == bool(papers)
+        declared = snakemake(tmp_path, "all", "--configfile", str(tmp_path / "p.yaml"), "--summary").stdout
+        assert ("tables_papers.html" in declared) == bool(papers)
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**TINY, "paper_numbers": "table-9"}))
+    bad = snakemake(tmp_path, "all", "--configfile", str(tmp_path / "bad.yaml"), "-n", check=False)
+    assert bad.returncode != 0 and "paper_numbers" in bad.stdout + bad.stderr and "lfd-paper" in bad.stdout + bad.stderr
+
+
 def test_typed_overrides():
     from poisongrid.config import typed_overrides
 
