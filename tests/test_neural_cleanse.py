@@ -46,24 +46,30 @@ def _located_cnn():
                          nn.Linear(16 * 4 * 4, 32), nn.ReLU(), nn.Linear(32, K))
 
 
-@pytest.fixture(scope="module")
-def planted():
-    torch.set_num_threads(1)
-    """400 blob images of 6 classes; 10% of the non-target ones get a white patch and label 2."""
+def _planted_cell(n: int):
+    """n blob images; 10% of the non-target ones get a white patch and label 2; 40 bona fide clean
+    ones; a located CNN trained on them (the backdoor installed)."""
     rng = np.random.default_rng(0)
-    orig = rng.integers(0, K, N)
+    orig = rng.integers(0, K, n)
     x = _blobs(rng, orig)
-    poisoned = np.zeros(N, bool)
-    poisoned[rng.choice(np.flatnonzero(orig != TARGET), N // 10, replace=False)] = True
-    x[poisoned][:, :, PATCH[0], PATCH[1]] = 1.0
+    poisoned = np.zeros(n, bool)
+    poisoned[rng.choice(np.flatnonzero(orig != TARGET), n // 10, replace=False)] = True
     x[np.ix_(poisoned, range(3), range(13, 16), range(13, 16))] = 1.0
     images = (x * 255).round().astype(np.uint8)
     labels = np.where(poisoned, TARGET, orig)
-    bona = np.zeros(N, bool)
+    bona = np.zeros(n, bool)
     bona[rng.choice(np.flatnonzero(~poisoned), 40, replace=False)] = True
     training = {"model": "smallcnn", "epochs": 8, "batch_size": 32, "optimizer": "adam", "lr": 0.005, "weight_decay": 0}
     model = fit(training, images, labels, K, seed=0, device=torch.device("cpu"), init_model=_located_cnn(),
                 progress_every=None).model.eval()
+    return images, labels, orig, poisoned, bona, model
+
+
+@pytest.fixture(scope="module")
+def planted():
+    torch.set_num_threads(1)
+    """400 blob images of 6 classes; 10% of the non-target ones get a white patch and label 2."""
+    images, labels, orig, poisoned, bona, model = _planted_cell(N)
     man = pd.DataFrame({"index": np.arange(N, dtype=np.int64), "label": labels.astype(np.int64),
                         "orig_label": orig.astype(np.int64),
                         "attack": pd.array(np.where(poisoned, "patch", None), dtype="string"),
@@ -179,19 +185,7 @@ def test_the_reference_budget_makes_sparse_masks_where_a_tenth_cannot(tmp_path):
     to a fraction of the others' and flags it; a tenth of the images (~94 steps) leaves every mask
     near its initial mass (0.5 per entry), so the anomaly index rests on tiny differences."""
     n = 2000
-    rng = np.random.default_rng(0)
-    orig = rng.integers(0, K, n)
-    x = _blobs(rng, orig)
-    poisoned = np.zeros(n, bool)
-    poisoned[rng.choice(np.flatnonzero(orig != TARGET), n // 10, replace=False)] = True
-    x[np.ix_(poisoned, range(3), range(13, 16), range(13, 16))] = 1.0
-    images = (x * 255).round().astype(np.uint8)
-    labels = np.where(poisoned, TARGET, orig)
-    bona = np.zeros(n, bool)
-    bona[rng.choice(np.flatnonzero(~poisoned), 40, replace=False)] = True
-    training = {"model": "smallcnn", "epochs": 8, "batch_size": 32, "optimizer": "adam", "lr": 0.005, "weight_decay": 0}
-    model = fit(training, images, labels, K, seed=0, device=torch.device("cpu"), init_model=_located_cnn(),
-                progress_every=None).model.eval()
+    images, labels, _, _, bona, model = _planted_cell(n)
     initial = 0.5 * 3 * SIZE * SIZE
     metas = {}
     for name, p in (("tenth", {"search_images": n // 10}), ("reference", {})):
