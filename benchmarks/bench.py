@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from poisongrid import trajectories
-from poisongrid.detectors import knn_log_distance
+from poisongrid.knn import knn_log_distance
 from poisongrid.models import build_model
-from poisongrid.training import _to_float, fit, per_example_loss
+from poisongrid.training import to_float, fit, per_example_loss
 
 
 def rss_mb() -> float:
@@ -88,7 +88,7 @@ def bare_loop(model_name, x_u8, y, num_classes, epochs, bs, device, record, chan
         perm = torch.randperm(n, device=device)
         for s in range(0, n, bs):
             idx = perm[s:s + bs]
-            xb = _to_float(x_u8[idx], channels_last)
+            xb = to_float(x_u8[idx], channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 out = model(xb)
             loss = F.cross_entropy(out.float(), y[idx])

@@ -53,3 +53,12 @@ def view(images=None, labels=None, bona_fide=None, model=None, seed=0, num_class
                         bona_fide=np.zeros(n, bool) if bona_fide is None else np.asarray(bona_fide, bool),
                         num_classes=int(num_classes if num_classes is not None else int(np.max(labels)) + 1), seed=seed,
                         training=training, device=lambda: torch.device("cpu"), **loaders)
+
+
+def bona(cfg: dict | None = None, n_clean: int | None = None):
+    """The default bona fide set as config checks hand it to a plug-in (its size from `cfg`'s
+    bona_fide.n_clean, or `n_clean`)."""
+    from poisongrid.defender import BonaFideSet
+
+    n = n_clean if n_clean is not None else int(((cfg or {}).get("bona_fide") or {}).get("n_clean", 250))
+    return BonaFideSet("default", n, "bona_fide")

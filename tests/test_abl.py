@@ -118,7 +118,7 @@ def test_unlearn_isolates_the_highest_scores_never_bona_fide():
     bona = np.zeros(n, bool)
     bona[np.argsort(-scores)[:5]] = True  # the 5 most suspicious are bona fide: never isolated
     man = pd.DataFrame({"index": np.arange(n), "label": np.zeros(n, int), "bona_fide": bona})
-    p = REMEDIES.get("unlearn").check({"remedy": "unlearn", "detector": "abl", "r_isolate": 0.05}, "defenses.u", _cfg())
+    p = REMEDIES.get("unlearn").check({"remedy": "unlearn", "detector": "abl", "r_isolate": 0.05}, "defenses.u", _cfg(), planted.bona(_cfg()))
     assert p["model"] == "isolation" and p["finetune_epochs"] == 60 and p["unlearn_lr"] == 5e-4
     assert p["unlearn_optimizer"] == "sgd" and p["finetune_lr"] is None
     w = REMEDIES.get("unlearn")(**p).weights(scores, man, {})
@@ -137,20 +137,20 @@ def test_unlearn_isolates_the_highest_scores_never_bona_fide():
 ])
 def test_unlearn_bad_params(key, value):
     with pytest.raises(ConfigError, match=key if key != "bogus" else "bogus"):
-        REMEDIES.get("unlearn").check({"remedy": "unlearn", "detector": "abl", key: value}, "defenses.u", _cfg())
+        REMEDIES.get("unlearn").check({"remedy": "unlearn", "detector": "abl", key: value}, "defenses.u", _cfg(), planted.bona(_cfg()))
 
 
 def test_unlearn_refuses_an_isolation_model_of_another_architecture():
     with pytest.raises(ConfigError, match="isolation.model"):
-        REMEDIES.get("unlearn").check({"remedy": "unlearn", "detector": "abl"}, "defenses.u", _cfg(model="resnet_s"))
+        REMEDIES.get("unlearn").check({"remedy": "unlearn", "detector": "abl"}, "defenses.u", _cfg(model="resnet_s"), planted.bona(_cfg()))
 
 
 def test_abl_detector_bad_model():
     from poisongrid.detectors import DETECTORS
 
     with pytest.raises(ConfigError, match="model"):
-        DETECTORS.get("abl").check({"type": "abl", "model": "nope"}, "detectors.abl", _cfg())
-    DETECTORS.get("abl").check({"type": "abl"}, "detectors.abl", _cfg())  # default: isolation
+        DETECTORS.get("abl").check({"type": "abl", "model": "nope"}, "detectors.abl", _cfg(), planted.bona(_cfg()))
+    DETECTORS.get("abl").check({"type": "abl"}, "detectors.abl", _cfg(), planted.bona(_cfg()))  # default: isolation
 
 
 def test_unlearn_trains_both_phases_and_raises_the_isolated_loss():

@@ -291,7 +291,7 @@ def test_figures_group_images_several_attacks_share(tmp_path):
     """With overlap a manifest row may name several attacks (joined by '+'): each attack's group keeps
     the rows carrying it alone, the shared rows form one more group."""
     col = pd.Series(pd.array(["sinusoid+patch", "patch", None, "single_pixel", "patch+single_pixel"], dtype="string"))
-    attacks, shared = aggregate._attack_groups(col)
+    attacks, shared = aggregate.figures._attack_groups(col)
     assert attacks == ["patch", "single_pixel", "sinusoid"] and shared.tolist() == [True, False, False, False, True]
     t2, _ = pretrain_cell(tmp_path, epochs=1, skipped=(), model="teacher")
     t, m = pretrain_cell(tmp_path)  # the same manifest as the teacher's cell

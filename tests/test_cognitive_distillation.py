@@ -151,12 +151,12 @@ def _cfg(**det):
 def test_bad_params_are_config_errors(bad):
     cfg, det = _cfg(**bad)
     with pytest.raises(ConfigError):
-        DETECTORS.get("cognitive_distillation").check(det, "detectors.cd", cfg)
+        DETECTORS.get("cognitive_distillation").check(det, "detectors.cd", cfg, planted.bona(cfg))
 
 
 def test_config_accepts_the_badloss_setup():
     cfg, det = _cfg(steps=100, batch_size=512, alpha=0.0)
-    CognitiveDistillation.check(det, "detectors.cd", cfg)
+    CognitiveDistillation.check(det, "detectors.cd", cfg, planted.bona(cfg))
     c = config.validate({"device": "cpu", "bona_fide": {"n_clean": 60},
                          "datasets": {"digits": {"image_size": 16, "model": "smallcnn", "epochs": 1, "batch_size": 64,
                                                  "attacks": {"patch": {"ratio": 0.05}}}},

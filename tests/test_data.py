@@ -81,9 +81,9 @@ def test_bad_names_and_options():
 @pytest.fixture(autouse=True)
 def _fixture_checksums(monkeypatch):
     """The fixtures are not the real batches: accept the md5 of whatever _write_cifar wrote."""
-    real = dict(data.CIFAR_MD5)
+    real = dict(data.cifar10.CIFAR_MD5)
     written = {}
-    monkeypatch.setattr(data, "CIFAR_MD5", written)
+    monkeypatch.setattr(data.cifar10, "CIFAR_MD5", written)
     yield real, written
 
 
@@ -105,7 +105,7 @@ def _write_cifar(root, per_batch=4, checksums=True):
         pickle.dump({b"label_names": names, b"num_vis": 3072}, fh, protocol=2)
     if checksums:
         for f in folder.iterdir():
-            data.CIFAR_MD5[f.name] = data._md5(f)
+            data.cifar10.CIFAR_MD5[f.name] = data.cifar10._md5(f)
     return batches
 
 
@@ -136,9 +136,9 @@ def test_cifar10_corrupt_batch(tmp_path):
 def test_cifar10_is_unpickled_only_after_its_published_checksum(tmp_path, monkeypatch, _fixture_checksums):
     real, _ = _fixture_checksums
     _write_cifar(tmp_path, checksums=False)
-    monkeypatch.setattr(data, "CIFAR_MD5", real)  # the published md5s: the fixture matches none
+    monkeypatch.setattr(data.cifar10, "CIFAR_MD5", real)  # the published md5s: the fixture matches none
     loaded = []
-    monkeypatch.setattr(data.pickle, "load", lambda *a, **k: loaded.append(a) or {})
+    monkeypatch.setattr(data.cifar10.pickle, "load", lambda *a, **k: loaded.append(a) or {})
     with pytest.raises(DatasetError, match=r"not the published .*\(a pickle can run code\)"):
         load_dataset("cifar10", data_dir=tmp_path)
     assert not loaded  # nothing was unpickled
@@ -149,11 +149,11 @@ def test_resize_is_shorter_side_then_centre_crop():
     # 64 wide x 32 high, leftmost quarter white: a centre crop of the 32x32 middle drops it, a squash would not.
     wide = np.zeros((32, 64), np.uint8)
     wide[:, :16] = 255
-    out = data._resize_square(Image.fromarray(wide, "L"), 16)
+    out = data.base.resize_square(Image.fromarray(wide, "L"), 16)
     assert out.shape == (3, 16, 16) and out.dtype == np.uint8
     assert np.all(out[:, :, 2:] == 0) and out[0, 0, 0] < 255
     tall = Image.fromarray(np.ascontiguousarray(wide.T), "L")  # same for a tall image, vertically
-    out = data._resize_square(tall, 16)
+    out = data.base.resize_square(tall, 16)
     assert np.all(out[:, 2:, :] == 0) and np.all(out[:, :, 0] == out[:, :, 5])
 
 
@@ -190,7 +190,7 @@ def test_gtsrb_resize_labels_and_cache(tmp_path, monkeypatch):
     assert np.all(ds.test.images[2] == 20)  # a flat image stays flat through resize + crop
     # The resize matches the documented recipe (shorter side -> 32 bilinear, centre crop).
     first = Image.open(tmp_path / "gtsrb/GTSRB/Training/00000/00000_00001.ppm")
-    assert np.array_equal(ds.train.images[1], data._resize_square(first, 32))
+    assert np.array_equal(ds.train.images[1], data.base.resize_square(first, 32))
 
     cache = tmp_path / ".poisongrid-cache"
     assert (cache / "gtsrb-32px-train-images.npy").exists()
@@ -198,7 +198,7 @@ def test_gtsrb_resize_labels_and_cache(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("decoded again despite the cache")
 
-    monkeypatch.setattr(data, "_resize_square", boom)
+    monkeypatch.setattr(data.base, "resize_square", boom)
     again = load_dataset("gtsrb", data_dir=tmp_path)
     assert isinstance(again.train.images, np.memmap)
     assert np.array_equal(again.train.images, ds.train.images) and np.array_equal(again.test.labels, ds.test.labels)
@@ -271,7 +271,7 @@ def test_imagenet_imagefolder(tmp_path):
     ("fashion_mnist", "fashion-mnist/train-images-idx3-ubyte"),
 ])
 def test_missing_dataset_names_path(tmp_path, monkeypatch, name, looked_for):
-    monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "no-system-copy")
+    monkeypatch.setattr(data.fashion_mnist, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "no-system-copy")
     with pytest.raises(DatasetError) as e:
         load_dataset(name, data_dir=tmp_path / "nowhere")
     msg = str(e.value)
@@ -323,7 +323,7 @@ def _write_fashion(folder, n_train=5, n_test=3, seed=0):
 @pytest.fixture
 def no_system_fashion(tmp_path, monkeypatch):
     """Hide a system-wide Fashion-MNIST (Debian's package) so that only the fixtures are seen."""
-    monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "system")
+    monkeypatch.setattr(data.fashion_mnist, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "system")
     return tmp_path / "system"
 
 

@@ -170,14 +170,14 @@ def test_plan_from_the_config_and_validate_estimate_import_no_torch(cell):
 
 
 def test_a_stale_model_size_is_never_read(tmp_path):
-    from poisongrid import zoo
+    from poisongrid import model_sizes
 
-    n = zoo.parameter_count("smallcnn", 10, 16, tmp_path)
+    n = model_sizes.parameter_count("smallcnn", 10, 16, tmp_path)
     f = tmp_path / "model-sizes.json"
     sizes = json.loads(f.read_text())
     # Counts made by other model code (another models.py or torch) are keyed differently and ignored.
     f.write_text(json.dumps({"0000000000000000/" + k.split("/", 1)[1]: v + 1 for k, v in sizes.items()}))
-    assert zoo.parameter_count("smallcnn", 10, 16, tmp_path) == n
+    assert model_sizes.parameter_count("smallcnn", 10, 16, tmp_path) == n
 
 
 def test_digits_cache_gives_the_same_arrays_without_sklearn(tmp_path):

@@ -169,13 +169,13 @@ BASE = {"bona_fide": {"n_clean": 10}, "defender_models": {"attacked": {}}}
                                  {"epochs": True}, {"unknown": 1}, {"model": "nope"}])
 def test_bad_params_raise_config_error(bad):
     with pytest.raises(ConfigError):
-        NeuralCleanse.check({"type": "neural_cleanse", **bad}, "detectors.nc", BASE)
+        NeuralCleanse.check({"type": "neural_cleanse", **bad}, "detectors.nc", BASE, planted_cells.bona(BASE))
 
 
 def test_good_params_pass_and_need_a_bona_fide_example():
-    NeuralCleanse.check({"type": "neural_cleanse", "max_classes": 5, "search_images": 0}, "detectors.nc", BASE)
+    NeuralCleanse.check({"type": "neural_cleanse", "max_classes": 5, "search_images": 0}, "detectors.nc", BASE, planted_cells.bona(BASE))
     with pytest.raises(ConfigError):
-        NeuralCleanse.check({"type": "neural_cleanse"}, "detectors.nc", {**BASE, "bona_fide": {"n_clean": 0}})
+        NeuralCleanse.check({"type": "neural_cleanse"}, "detectors.nc", BASE, planted_cells.bona(n_clean=0))
 
 
 @pytest.mark.slow

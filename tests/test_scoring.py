@@ -5,7 +5,8 @@ import pytest
 
 from planted import DEFAULT_CELL, files, write_manifest
 from poisongrid import stages, trajectories
-from poisongrid.detectors import knn_log_distance, read_scores
+from poisongrid.detectors import read_scores
+from poisongrid.knn import knn_log_distance
 from poisongrid.detectors.badloss import BaDLoss
 from poisongrid.errors import ArtifactError, ConfigError
 from poisongrid.io import write_table

@@ -9,6 +9,7 @@ from sklearn.cluster import KMeans
 from sklearn.decomposition import FastICA
 from sklearn.metrics import roc_auc_score, silhouette_score
 
+import planted
 from planted import files, write_manifest
 from poisongrid import config, stages
 from poisongrid.detectors import DETECTORS, read_scores
@@ -210,15 +211,15 @@ def test_remove_flagged_drops_exactly_flagged(tmp_path):
 def test_bad_detector_params(det, bad):
     cfg = {"bona_fide": {"n_clean": 0}, "defender_models": {"attacked": {}}}
     with pytest.raises(ConfigError, match=bad):
-        DETECTORS.get(det["type"]).check(det, "detectors.x", cfg)
+        DETECTORS.get(det["type"]).check(det, "detectors.x", cfg, planted.bona(cfg))
 
 
 def test_bad_remedy_params():
     cfg = {"detectors": {"ac": {}}, "defender_models": {"attacked": {}}}
     for bad in ("high", True, float("nan")):
         with pytest.raises(ConfigError, match="threshold"):
-            REMEDIES.get("remove_flagged").check({"remedy": "remove_flagged", "detector": "ac", "threshold": bad}, "defenses.x", cfg)
-    assert REMEDIES.get("remove_flagged").check({"remedy": "remove_flagged", "detector": "ac"}, "defenses.x", cfg) == {"threshold": 0.0}
+            REMEDIES.get("remove_flagged").check({"remedy": "remove_flagged", "detector": "ac", "threshold": bad}, "defenses.x", cfg, planted.bona(cfg))
+    assert REMEDIES.get("remove_flagged").check({"remedy": "remove_flagged", "detector": "ac"}, "defenses.x", cfg, planted.bona(cfg)) == {"threshold": 0.0}
 
 
 def test_demo_config_accepts_the_entries():

@@ -14,9 +14,18 @@ attribute by attribute, leads to the answer (tests/test_defender_view.py walks t
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
+
+
+class BonaFideSet(NamedTuple):
+    """The bona fide set a detector or defense reads, as the grid's config resolves it: its name,
+    how many examples it holds, and the config key that sets that number (for error messages)."""
+
+    name: str
+    n_clean: int
+    key: str
 
 
 class DefenderImages:

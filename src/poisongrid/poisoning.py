@@ -105,7 +105,7 @@ def attack_names(attack_col) -> list[str]:
 def poison(ds: Dataset, attacks: dict[str, dict], all_attacks: list[str], seed: int,
            artifacts: dict[str, dict] | None = None, overlap: bool = False) -> PoisonedSet:
     from .attacks import ATTACKS
-    from .config import attack_params
+    from .attacks.base import attack_params
     from .defender import DefenderImages
 
     artifacts = artifacts or {}
@@ -166,7 +166,7 @@ def _replace(index: np.ndarray, images: np.ndarray, rows: np.ndarray, new: np.nd
 
 def _build(name: str, cfg: dict, shape, seed: int, artifacts: dict) -> Attack:
     from .attacks import ATTACKS, build_attack
-    from .config import attack_params
+    from .attacks.base import attack_params
 
     if ATTACKS.get(name).learns() and name not in artifacts:
         raise ConfigError(f"attacks.{name}", "no trigger file", "the file `poisongrid trigger` makes for it (--trigger)")

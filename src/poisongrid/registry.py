@@ -19,6 +19,10 @@ class Registry(Generic[T]):
         process that never uses a heavy entry (one needing torch, say) never pays for its import."""
         self._lazy[name] = module
 
+    def module_of(self, name: str) -> str | None:
+        """The module a lazily declared name is registered by (None: not declared lazily)."""
+        return self._lazy.get(name)
+
     def register(self, name: str) -> Callable[[T], T]:
         def deco(obj: T) -> T:
             if name in self._items:

@@ -282,12 +282,14 @@ class TrainResult:
     graphed: bool = False  # full batches replayed a captured CUDA graph
 
 
-def _to_float(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+def to_float(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """uint8 images to float in [0, 1] (channels-last memory on CUDA)."""
     x = x.float().div_(255.0)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def _batch(images, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+def gather_batch(images, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The uint8 rows `idx` of `images` (a tensor, an array or a DefenderImages) on `device`."""
     if isinstance(images, torch.Tensor):
         return images[idx.to(images.device)].to(device, non_blocking=True)
     # numpy (possibly memory-mapped): gather in sorted order for locality, then restore the order.
@@ -313,7 +315,7 @@ def per_example_loss(model: nn.Module, images, labels: torch.Tensor, device: tor
     for s in range(0, len(rows), batch_size):
         idx = rows[s:s + batch_size]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(_to_float(_batch(images, idx, device), cl))
+            logits = model(to_float(gather_batch(images, idx, device), cl))
         out[s:s + len(idx)] = F.cross_entropy(logits.float(), labels[idx], reduction="none")
     return out.cpu()
 
@@ -337,7 +339,7 @@ def predict(model: nn.Module, images, device: torch.device, batch_size: int = 10
     for s in range(0, len(images), batch_size):
         idx = torch.arange(s, min(s + batch_size, len(images)))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cl):
-            preds.append(model(_to_float(_batch(images, idx, device), cl)).argmax(1).cpu())
+            preds.append(model(to_float(gather_batch(images, idx, device), cl)).argmax(1).cpu())
     return torch.cat(preds).numpy() if preds else np.zeros(0, dtype=np.int64)
 
 
@@ -527,7 +529,7 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
     def step(xb: torch.Tensor, idx: torch.Tensor, params: tuple, real: int, share: float = 1.0) -> None:
         """One optimiser step on a uint8 batch; `real` of its examples count, `share` scales the
         loss (data-parallel shards)."""
-        xf = _to_float(augment.apply(xb, params, training), cl)
+        xf = to_float(augment.apply(xb, params, training), cl)
         yb = y_dev[idx]
         # No autocast weight cache: a captured step must cast the weights it is replayed with.
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp, cache_enabled=False):
@@ -582,7 +584,7 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
         for b, (idx, real) in enumerate(zip(batches, reals)):
             params = tuple(t[offset:offset + len(idx)] for t in draws)
             offset += len(idx)
-            xb = _batch(data, idx, device)
+            xb = gather_batch(data, idx, device)
             idx = idx.to(device)
             if graph is not None and len(idx) == bs:
                 graph(xb, idx, params)

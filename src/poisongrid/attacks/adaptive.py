@@ -196,7 +196,7 @@ def _measure(res, s: dict, poisoned, ref, held, atk: AdaptiveBlend, victims, tes
     from sklearn.metrics import roc_auc_score
 
     from .. import trajectories
-    from ..detectors.base import knn_log_distance
+    from ..knn import knn_log_distance
     from ..training import predict
 
     kept = trajectories.accepted_epochs(res.train_loss) if res.losses.shape[0] == len(res.train_loss) else [0]

@@ -205,5 +205,14 @@ def _short(v: Any) -> Any:
     return v
 
 
+# Keys of an attack entry that place it in a scenario rather than parameterise its trigger.
+SCENARIO_KEYS = ("ratio", "min_count", "min_target_count", "target", "learn")
+
+
+def attack_params(a: dict) -> dict:
+    """An attack entry minus the scenario-level keys: what the Attack class itself takes."""
+    return {k: v for k, v in a.items() if k not in SCENARIO_KEYS}
+
+
 def build_attack(name: str, image_shape, seed: int, params: dict | None = None, artifact: dict | None = None) -> Attack:
     return ATTACKS.get(name, "attacks")(image_shape, seed, artifact=artifact, **(params or {}))

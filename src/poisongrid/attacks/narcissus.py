@@ -153,7 +153,7 @@ def load_pool(path: str, size: int) -> tuple[np.ndarray, np.ndarray]:
     (their training splits)."""
     from PIL import Image
 
-    from ..data import _npz_images, _resize_square, load_dataset
+    from ..data import load_dataset, npz_images, resize_square
 
     p = Path(path)
     key = "attacks.narcissus.learn.pool"
@@ -168,11 +168,11 @@ def load_pool(path: str, size: int) -> tuple[np.ndarray, np.ndarray]:
             return split.images, split.labels
         if "labels" not in z.files:
             raise ConfigError(key, path, f"an .npz with 'images' and 'labels' (it holds {sorted(z.files)})")
-        x, y = _npz_images(p, "images", z["images"]), z["labels"]
+        x, y = npz_images(p, "images", z["images"]), z["labels"]
     if not np.issubdtype(y.dtype, np.integer) or y.shape != (len(x),):
         raise ConfigError(key, path, f"integer 'labels' of shape ({len(x)},), one per image (got {y.dtype} {y.shape})")
     if x.shape[2:] != (size, size):
-        x = np.stack([_resize_square(Image.fromarray(im.transpose(1, 2, 0)), size) for im in x])
+        x = np.stack([resize_square(Image.fromarray(im.transpose(1, 2, 0)), size) for im in x])
     return x, y.astype(np.int64)
 
 

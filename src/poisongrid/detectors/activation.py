@@ -85,8 +85,8 @@ class ActivationClustering(Detector):
               "size_threshold": 0.35}
 
     @classmethod
-    def check(cls, det: dict, key: str, cfg: dict) -> None:
-        super().check(det, key, cfg)
+    def check(cls, det: dict, key: str, cfg: dict, bona) -> None:
+        super().check(det, key, cfg, bona)
         p = {**cls.params, **det}
         if p["group_by"] not in ("predicted", "label"):
             raise ConfigError(f"{key}.group_by", p["group_by"], "'predicted' (BaDLoss) or 'label' (IBM ART)")

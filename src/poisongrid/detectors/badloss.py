@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ConfigError
-from .base import DETECTORS, Detector, ScoreWriter, knn_log_distance
+from ..knn import knn_log_distance
+from .base import DETECTORS, Detector, ScoreWriter
 
 
 @DETECTORS.register("badloss")
@@ -20,14 +21,11 @@ class BaDLoss(Detector):
     params = {"k": 50, "epsilon": 1e-8, "log_losses": False, "chunk_rows": 262144}
 
     @classmethod
-    def check(cls, det: dict, key: str, cfg: dict) -> None:
-        super().check(det, key, cfg)
+    def check(cls, det: dict, key: str, cfg: dict, bona) -> None:
+        super().check(det, key, cfg, bona)
         k = det.get("k", cls.params["k"])
-        from ..config import bona_fide_key, bona_fide_set
-
-        bona, n_clean = bona_fide_set(cfg, det)
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k > n_clean:
-            raise ConfigError(f"{key}.k", k, f"an integer in [1, {bona_fide_key(bona)}.n_clean = {n_clean}]")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k > bona.n_clean:
+            raise ConfigError(f"{key}.k", k, f"an integer in [1, {bona.key}.n_clean = {bona.n_clean}]")
         if det.get("epsilon", 1e-8) <= 0:
             raise ConfigError(f"{key}.epsilon", det["epsilon"], "a positive number")
         rows = det.get("chunk_rows", cls.params["chunk_rows"])

@@ -2,9 +2,7 @@
 of a cell (defender.DefenderView) and writes one scores file."""
 from __future__ import annotations
 
-import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
@@ -14,7 +12,7 @@ from ..io import META_KEY, atomic_path, from_numpy, read_table
 from ..registry import Registry
 
 if TYPE_CHECKING:
-    from ..defender import DefenderView
+    from ..defender import BonaFideSet, DefenderView
 
 DETECTORS: Registry = Registry("detector type")
 SCORES_KIND = "scores"
@@ -53,7 +51,9 @@ class Detector:
         return bool({"images", "weights"} & set(cls.needs))
 
     @classmethod
-    def check(cls, det: dict, key: str, cfg: dict) -> None:
+    def check(cls, det: dict, key: str, cfg: dict, bona: BonaFideSet) -> None:
+        """Check a detector entry; `cfg` is the grid's config (its defender models), `bona` the
+        bona fide set the entry reads."""
         allowed = (["model"] if cls.default_model else []) + ["bona_fide"] + list(cls.params)
         for k in det:
             if k != "type" and k not in allowed:
@@ -66,11 +66,8 @@ class Detector:
                 raise ConfigError(f"{key}.{k}", v, "an integer" if isinstance(default, int) else "a number")
             if isinstance(default, str) and not isinstance(v, str):
                 raise ConfigError(f"{key}.{k}", v, "a string")
-        from ..config import bona_fide_key, bona_fide_set
-
-        bona, n_clean = bona_fide_set(cfg, det)
-        if n_clean < cls.min_bona_fide:
-            raise ConfigError(f"{bona_fide_key(bona)}.n_clean", n_clean, f"at least {cls.min_bona_fide}: detector "
+        if bona.n_clean < cls.min_bona_fide:
+            raise ConfigError(f"{bona.key}.n_clean", bona.n_clean, f"at least {cls.min_bona_fide}: detector "
                               f"'{key.split('.')[-1]}' ({cls.type}) learns from the bona fide examples")
         if not cls.default_model:
             return
@@ -102,67 +99,6 @@ class Detector:
         """Score every example of `self.view` and write them with `ScoreWriter(out_path, meta,
         self.view)`; return the metadata written."""
         raise NotImplementedError
-
-
-def knn_log_distance(x: np.ndarray, ref: np.ndarray, k: int, eps: float = 1e-8, chunk: int = 1024,
-                     workers: int | None = None) -> np.ndarray:
-    """log(eps + mean Euclidean distance to the k nearest rows of `ref`), for every row of `x`.
-
-    Squared distances as |r|^2 - 2 x.r from one float32 GEMM per chunk (x gets a column of ones,
-    the reference matrix a row of |r|^2), on data centred on the reference mean (centring keeps
-    the cancellation error far below the distances). |x|^2 shifts a whole row alike, so it is
-    added after the in-place partial sort, to the k selected entries only, and so are the square
-    roots. Chunks of `chunk` rows keep the chunk x len(ref) float32 block in a core's L2 cache;
-    they are spread over threads (BLAS and numpy's partition release the GIL), with BLAS itself
-    held to one thread so the two levels of threading do not fight. Memory: chunk x len(ref)
-    float32 per worker."""
-    ref = np.asarray(ref, dtype=np.float32)
-    if k > len(ref) or k < 1:
-        raise ConfigError("k", k, f"an integer in [1, {len(ref)}] (the number of bona fide examples)")
-    n, d = len(x), ref.shape[1]
-    mu = ref.mean(0, dtype=np.float64).astype(np.float32)
-    r = ref - mu
-    rr = (r * r).sum(1)
-    w = np.empty((d + 1, len(r)), dtype=np.float32)
-    w[:d], w[d] = -2.0 * r.T, rr
-    # Below float32 resolution of |x|^2 + |r|^2 the true distance is 0 (e.g. a bona fide example
-    # against itself); the rounding residue would otherwise add ~1e-3.
-    floor = np.float32(1e-6) * rr.max()
-    out = np.empty(n, dtype=np.float64)
-
-    def run(s: int) -> None:
-        xb = np.empty((min(chunk, n - s), d + 1), dtype=np.float32)
-        np.subtract(x[s:s + chunk], mu, out=xb[:, :d])
-        xb[:, d] = 1.0
-        xx = np.einsum("ij,ij->i", xb[:, :d], xb[:, :d])[:, None]
-        d2 = xb @ w
-        if k < len(r):
-            d2.partition(k - 1, axis=1)
-        near = d2[:, :k]
-        near += xx
-        near[near < np.float32(1e-6) * xx + floor] = 0.0
-        np.sqrt(near, out=near)
-        out[s:s + chunk] = np.log(near.sum(1, dtype=np.float64) / k + eps)
-
-    starts = range(0, n, chunk)
-    workers = min(workers or _cpus(), 8, len(starts))
-    if workers > 1:
-        from threadpoolctl import threadpool_limits
-
-        with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
-            list(pool.map(run, starts))
-    else:
-        for s in starts:
-            run(s)
-    return out
-
-
-def _cpus() -> int:
-    """CPUs this process may run on (a scheduler's allotment, not the whole machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 class ScoreWriter:

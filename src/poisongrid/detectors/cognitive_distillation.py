@@ -89,8 +89,8 @@ class CognitiveDistillation(Detector):
         return float(det.get("steps", cls.params["steps"])) + 1
 
     @classmethod
-    def check(cls, det: dict, key: str, cfg: dict) -> None:
-        super().check(det, key, cfg)
+    def check(cls, det: dict, key: str, cfg: dict, bona) -> None:
+        super().check(det, key, cfg, bona)
         p = {**cls.params, **det}
         cls.positive(f"{key}.steps", p["steps"], integer=True)
         cls.positive(f"{key}.batch_size", p["batch_size"], integer=True)
@@ -102,10 +102,10 @@ class CognitiveDistillation(Detector):
     def masks(self, index: np.ndarray, rows: np.ndarray) -> torch.Tensor:
         """The final masks of the training examples at `rows` (manifest positions) with manifest
         indices `index`, (b, 1, h, w) on the CPU."""
-        from ..training import _batch, _to_float
+        from ..training import gather_batch, to_float
 
         view = self.view
-        x = _to_float(_batch(view.images, torch.from_numpy(rows), view.device), False)
+        x = to_float(gather_batch(view.images, torch.from_numpy(rows), view.device), False)
         noise = example_noise(view.generator, index, int(self.p["steps"]), x.shape[1])
         m = distill(view.model(), x, noise, lr=self.p["lr"], alpha=self.p["alpha"], beta=self.p["beta"], amp=self.p["amp"])
         return m.cpu()

@@ -124,8 +124,8 @@ class FrequencyAnalysis(Detector):
               "infer_batch": 1024}
 
     @classmethod
-    def check(cls, det: dict, key: str, cfg: dict) -> None:
-        super().check(det, key, cfg)
+    def check(cls, det: dict, key: str, cfg: dict, bona) -> None:
+        super().check(det, key, cfg, bona)
         p = {**cls.params, **det}
         for k in ("epochs", "batch_size", "infer_batch"):
             cls.positive(f"{key}.{k}", p[k], integer=True)
@@ -168,13 +168,13 @@ class FrequencyAnalysis(Detector):
 
     @torch.no_grad()
     def _p_poisoned(self, model: nn.Module, images, device: torch.device) -> np.ndarray:
-        from ..training import _batch
+        from ..training import gather_batch
 
         out = np.empty(len(images), dtype=np.float64)
         bs = int(self.p["infer_batch"])
         for s in range(0, len(images), bs):
             idx = torch.arange(s, min(s + bs, len(images)))
-            x = _batch(images, idx, device).float().div_(255.0)
+            x = gather_batch(images, idx, device).float().div_(255.0)
             out[s:s + len(idx)] = F.softmax(model(x).float(), dim=1)[:, 1].double().cpu().numpy()
         return out
 

@@ -139,13 +139,13 @@ def penultimate(model, images, device, batch_size: int, counter: _Counter, mask=
     """Penultimate features (the last linear layer's input) of uint8 images, optionally stamped
     with a reversed trigger, float32 (N, D)."""
     from ..models import penultimate_module
-    from ..training import _batch
+    from ..training import gather_batch
 
     grabbed: list[torch.Tensor] = []
     hook = penultimate_module(model).register_forward_hook(lambda mod, inp, out: grabbed.append(inp[0].float().cpu()))
     try:
         for s in range(0, len(images), batch_size):
-            xb = _batch(images, torch.arange(s, min(s + batch_size, len(images))), device).float().div_(255.0)
+            xb = gather_batch(images, torch.arange(s, min(s + batch_size, len(images))), device).float().div_(255.0)
             if mask is not None:
                 xb = xb * (1 - mask) + mask * pattern
             with _autocast(device):
@@ -227,8 +227,8 @@ class NeuralCleanse(Detector):
         return (full * v["epochs"] + pre) * frac + 2
 
     @classmethod
-    def check(cls, det: dict, key: str, cfg: dict) -> None:
-        super().check(det, key, cfg)
+    def check(cls, det: dict, key: str, cfg: dict, bona) -> None:
+        super().check(det, key, cfg, bona)
         v = {k: det.get(k, d) for k, d in cls.params.items()}
         for k in ("epochs", "prescreen_epochs", "class_batch"):
             cls.positive(f"{key}.{k}", v[k], integer=True)

@@ -72,7 +72,7 @@ def feature_change(model: nn.Module, images, device: torch.device, gen: torch.Ge
     """FCT of every example: mean over feature dimensions of (f(x) - f(tau(x)))^2, f the
     penultimate feature in eval mode, tau a seeded strong transformation."""
     from ..models import penultimate_module
-    from ..training import _batch, _to_float, as_tensor_data
+    from ..training import gather_batch, to_float, as_tensor_data
 
     model.eval()
     images = as_tensor_data(images, device)
@@ -83,7 +83,7 @@ def feature_change(model: nn.Module, images, device: torch.device, gen: torch.Ge
     try:
         for s in range(0, len(images), batch_size):
             idx = torch.arange(s, min(s + batch_size, len(images)))
-            x = _to_float(_batch(images, idx, device), cl)
+            x = to_float(gather_batch(images, idx, device), cl)
             grabbed.clear()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cl):
                 model(x)
@@ -120,8 +120,8 @@ class PSS(Detector):
               "degrees": 180.0, "translate": 0.2}
 
     @classmethod
-    def check(cls, det: dict, key: str, cfg: dict) -> None:
-        super().check(det, key, cfg)
+    def check(cls, det: dict, key: str, cfg: dict, bona) -> None:
+        super().check(det, key, cfg, bona)
         p = {**cls.params, **det}
         cls.positive(f"{key}.intraclass_epochs", p["intraclass_epochs"], integer=True)
         cls.positive(f"{key}.schedule_epochs", p["schedule_epochs"], integer=True)

@@ -11,7 +11,7 @@ from ..errors import ConfigError
 from ..registry import Registry
 
 if TYPE_CHECKING:
-    from ..defender import DefenderView
+    from ..defender import BonaFideSet, DefenderView
 
 REMEDIES: Registry = Registry("remedy")
 
@@ -144,11 +144,11 @@ class Remedy:
         self.p = {**self.params, **params}
 
     @classmethod
-    def check(cls, d: dict, key: str, cfg: dict) -> dict:
-        """Check a defense entry's remedy parameters; return them with defaults filled in."""
-        from ..config import WHERE_KEYS
-
-        allowed = set(cls.params) | {"remedy", "arch", *WHERE_KEYS} | ({"detector"} if cls.needs_detector else set())
+    def check(cls, d: dict, key: str, cfg: dict, bona: BonaFideSet) -> dict:
+        """Check a defense entry's remedy parameters; return them with defaults filled in. `cfg` is
+        the grid's config (its detectors and defender models), `bona` the bona fide set the
+        defense reads."""
+        allowed = set(cls.params) | {"remedy", "arch"} | ({"detector"} if cls.needs_detector else set())
         for k in d:
             if k not in allowed:
                 raise ConfigError(f"{key}.{k}", d[k], f"one of {sorted(allowed - {'remedy'})} for remedy '{cls.name}'")

@@ -52,10 +52,10 @@ class CBD(Remedy):
         return (1.35 + (0.67 if p["critic_pass"] == "epoch" else 0.0)) * data["epochs"]
 
     @classmethod
-    def check(cls, d, key, cfg) -> dict:
+    def check(cls, d, key, cfg, bona) -> dict:
         from ..zoo import OPTIMIZERS, check_schedule
 
-        p = super().check(d, key, cfg)
+        p = super().check(d, key, cfg, bona)
         _number(f"{key}.mi_weight", p["mi_weight"], 0, float("inf"), False, True)
         _number(f"{key}.critic_lr", p["critic_lr"], 0, float("inf"), True, True)
         for k, lo in (("critic_hidden", 0), ("critic_step_epochs", 1)):

@@ -131,7 +131,7 @@ class CBDObjective:
 
     def critic_pass(self, epoch: int, model: nn.Module) -> None:
         """One pass over the training set that trains only the critic."""
-        from ..training import AUGMENTS, _batch, _to_float, as_tensor_data
+        from ..training import AUGMENTS, gather_batch, to_float, as_tensor_data
 
         augment = AUGMENTS.get(self.training.get("augment", "none"), "augment")
         if not isinstance(self.images, torch.Tensor):
@@ -145,7 +145,7 @@ class CBDObjective:
         perm = torch.randperm(n, generator=gen)
         for s in range(0, n, bs):
             idx = perm[s:s + bs]
-            x = _to_float(augment(_batch(self.images, idx, self.device), gen, self.training), cl)
+            x = to_float(augment(gather_batch(self.images, idx, self.device), gen, self.training), cl)
             with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 model(x)
                 self.b(x)

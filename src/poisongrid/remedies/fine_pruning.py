@@ -160,8 +160,8 @@ class FinePrune(Remedy):
         return n / max(data["n_train"] or 1, 1) * (p["finetune_epochs"] + p["prune_ratio"] / p["prune_step"])
 
     @classmethod
-    def check(cls, d, key, cfg) -> dict:
-        p = super().check(d, key, cfg)
+    def check(cls, d, key, cfg, bona) -> dict:
+        p = super().check(d, key, cfg, bona)
         _number(f"{key}.max_acc_drop", p["max_acc_drop"], 0, 1, False, True)
         _number(f"{key}.prune_ratio", p["prune_ratio"], 0, 1, True, False)
         _number(f"{key}.prune_step", p["prune_step"], 0, 1, True, False)
@@ -178,11 +178,8 @@ class FinePrune(Remedy):
         if p["data"] not in ("validation", "bona_fide"):
             raise ConfigError(f"{key}.data", p["data"], "'validation' (held-out test images) or 'bona_fide'")
         if p["data"] == "bona_fide":
-            from ..config import bona_fide_key, bona_fide_set
-
-            bona, n_clean = bona_fide_set(cfg, cfg["detectors"].get(d.get("detector")))
-            if n_clean < 1:
-                raise ConfigError(f"{bona_fide_key(bona)}.n_clean", n_clean,
+            if bona.n_clean < 1:
+                raise ConfigError(f"{bona.key}.n_clean", bona.n_clean,
                                   "at least 1: fine-pruning with data: bona_fide ranks and fine-tunes on the bona fide examples")
         return p
 

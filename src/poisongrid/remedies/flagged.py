@@ -20,8 +20,8 @@ class RemoveFlagged(Remedy):
     params = {"threshold": 0.0}
 
     @classmethod
-    def check(cls, d, key, cfg) -> dict:
-        p = super().check(d, key, cfg)
+    def check(cls, d, key, cfg, bona) -> dict:
+        p = super().check(d, key, cfg, bona)
         _number(f"{key}.threshold", p["threshold"], -float("inf"), float("inf"), True, True)
         return p
 

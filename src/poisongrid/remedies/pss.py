@@ -48,10 +48,10 @@ class PSSUnlearn(Remedy):
         return p["epochs"] * (p["r_poison"] + p["r_clean"])
 
     @classmethod
-    def check(cls, d, key, cfg) -> dict:
+    def check(cls, d, key, cfg, bona) -> dict:
         from ..errors import ConfigError
 
-        p = super().check(d, key, cfg)
+        p = super().check(d, key, cfg, bona)
         _number(f"{key}.r_poison", p["r_poison"], 0, 1, True, True)
         _number(f"{key}.r_clean", p["r_clean"], 0, 1, True, True)
         if p["r_poison"] + p["r_clean"] > 1:

@@ -32,8 +32,8 @@ class Remove(Remedy):
     params = {"r_reject": 0.4}
 
     @classmethod
-    def check(cls, d, key, cfg) -> dict:
-        p = super().check(d, key, cfg)
+    def check(cls, d, key, cfg, bona) -> dict:
+        p = super().check(d, key, cfg, bona)
         _number(f"{key}.r_reject", p["r_reject"], 0, 1, False, True)
         return p
 
@@ -92,8 +92,8 @@ class Reweight(Remedy):
     params = {"alpha": 0.15, "beta": 1e-3, "mode": "weighted", "ascent_clamp": 10.0}
 
     @classmethod
-    def check(cls, d, key, cfg) -> dict:
-        p = super().check(d, key, cfg)
+    def check(cls, d, key, cfg, bona) -> dict:
+        p = super().check(d, key, cfg, bona)
         _number(f"{key}.alpha", p["alpha"], 0, 1, True, True)
         _number(f"{key}.beta", p["beta"], 0, 1, True, False)
         _number(f"{key}.ascent_clamp", p["ascent_clamp"], 0, float("inf"), True, True)

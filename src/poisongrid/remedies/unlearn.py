@@ -49,8 +49,8 @@ class Unlearn(Remedy):
         return (1 - p["r_isolate"]) * p["finetune_epochs"] + p["r_isolate"] * p["unlearn_epochs"]
 
     @classmethod
-    def check(cls, d, key, cfg) -> dict:
-        p = super().check(d, key, cfg)
+    def check(cls, d, key, cfg, bona) -> dict:
+        p = super().check(d, key, cfg, bona)
         _number(f"{key}.r_isolate", p["r_isolate"], 0, 1, True, True)
         for k in ("finetune_epochs", "unlearn_epochs"):
             _positive(f"{key}.{k}", p[k], integer=True)
