@@ -321,3 +321,26 @@ def test_cpu_training_keeps_plain_float_learning_rates(tmp_path):
     assert not res.graphed
     assert isinstance(group["lr"], float) and not group.get("fused") and not group.get("capturable")
     assert all(isinstance(v, float) for v in state["sched"]["base_lrs"] + state["sched"]["_last_lr"])
+
+
+def test_cpu_channels_last_is_deterministic_and_only_where_asked():
+    from poisongrid.training import channels_last, fit, predict, setup_runtime
+
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 255, (96, 3, 16, 16), dtype=np.uint8), rng.integers(0, 3, 96)
+    spec = {"model": "smallcnn", "epochs": 2, "batch_size": 32, "lr": 3e-3, "weight_decay": 0.0, "augment": "crop_flip"}
+    cpu = torch.device("cpu")
+    try:
+        setup_runtime({"device": "cpu", "threads": 1, "cpu_channels_last": True})
+        assert channels_last(cpu)
+        a, b = (fit(spec, x, y, 3, seed=0, device=cpu) for _ in range(2))
+        assert a.train_loss == b.train_loss
+        conv = next(m for m in a.model.modules() if isinstance(m, torch.nn.Conv2d))
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+        np.testing.assert_array_equal(predict(a.model, x, cpu), predict(b.model, x, cpu))
+    finally:
+        setup_runtime({"device": "cpu", "threads": 1})
+    assert not channels_last(cpu)
+    c = fit(spec, x, y, 3, seed=0, device=cpu)
+    # Same recipe, other memory format: the same training up to rounding.
+    np.testing.assert_allclose(c.train_loss, a.train_loss, rtol=1e-3)

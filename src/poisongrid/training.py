@@ -77,13 +77,22 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 # How this process trains (setup_runtime sets it from the config's runtime settings).
-_RUNTIME = {"cuda_graphs": True}
+_RUNTIME = {"cuda_graphs": True, "cpu_channels_last": False}
+
+
+def channels_last(device: torch.device) -> bool:
+    """Whether models and batches use the channels-last memory format: on CUDA always; on the CPU
+    where the config's `cpu_channels_last: true` asks (about 1.7x faster for the small CNN on one
+    core, with other rounding than the contiguous format, so off by default to keep CPU results
+    as they were)."""
+    return device.type == "cuda" or _RUNTIME["cpu_channels_last"]
 
 
 def setup_runtime(runtime: dict) -> torch.device:
     torch.set_num_threads(int(runtime.get("threads", 1)))
     device = resolve_device(runtime.get("device", "auto"))
     _RUNTIME["cuda_graphs"] = bool(runtime.get("cuda_graphs", True))
+    _RUNTIME["cpu_channels_last"] = bool(runtime.get("cpu_channels_last", False))
     if device.type == "cuda":
         # Every training batch has one shape: let cuDNN time its kernels once and keep the fastest.
         torch.backends.cudnn.benchmark = True
@@ -307,8 +316,8 @@ def per_example_loss(model: nn.Module, images, labels: torch.Tensor, device: tor
     """Unclamped cross-entropy of every example (or of `rows`, in their order), eval mode, no
     augmentation (float32, on CPU)."""
     model.eval()
-    cl = device.type == "cuda"
-    amp = amp and cl
+    cl = channels_last(device)
+    amp = amp and device.type == "cuda"
     labels = labels.to(device)
     rows = torch.arange(len(labels), device=device) if rows is None else rows.to(device)
     out = torch.empty(len(rows), dtype=torch.float32, device=device)
@@ -334,11 +343,11 @@ def _all_losses(model: nn.Module, images, labels: torch.Tensor, device: torch.de
 @torch.no_grad()
 def predict(model: nn.Module, images, device: torch.device, batch_size: int = 1024) -> np.ndarray:
     model.eval()
-    cl = device.type == "cuda"
+    cl = channels_last(device)
     preds = []
     for s in range(0, len(images), batch_size):
         idx = torch.arange(s, min(s + batch_size, len(images)))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cl):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             preds.append(model(to_float(gather_batch(images, idx, device), cl)).argmax(1).cpu())
     return torch.cat(preds).numpy() if preds else np.zeros(0, dtype=np.int64)
 
@@ -453,14 +462,15 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
     bs = int(training["batch_size"])
     clamp = float(training.get("loss_clamp", 100.0))
     augment = AUGMENTS.get(training.get("augment", "none"), "augment")
-    cl = device.type == "cuda"
-    amp = cl and training.get("precision", "bf16") == "bf16"
+    cuda = device.type == "cuda"
+    cl = channels_last(device)
+    amp = cuda and training.get("precision", "bf16") == "bf16"
     ddp = _process_group(device)
     opt_name = training.get("optimizer", "adamw")
     graphs = _RUNTIME["cuda_graphs"] if graphs is None else graphs
     # On CUDA the optimiser is always the fused one a graph can capture, so graphed and eager
     # steps run the same kernels.
-    fused = cl and opt_name in GRAPH_OPTIMIZERS
+    fused = cuda and opt_name in GRAPH_OPTIMIZERS
     graphed = (graphs and fused and ddp is None and step_loss is None and epoch_start is None
                and n // bs > GRAPH_WARMUP)
 
@@ -473,7 +483,7 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
     objective = batch_objective(training.get("objective", "ce"), float(training.get("objective_level", 0.5)))
     if cl:
         model = model.to(memory_format=torch.channels_last)
-    if ddp is not None and cl:
+    if ddp is not None and cuda:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     net = model  # the module itself; `model` is what the step calls (DDP's wrapper under torchrun)
     # A graph replays the optimiser with the learning rate it reads from the device, so the
@@ -520,8 +530,8 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
     if ddp is not None:
         from torch.nn.parallel import DistributedDataParallel
 
-        gpu = device.index if device.index is not None else torch.cuda.current_device() if cl else None
-        model = DistributedDataParallel(net, device_ids=[gpu] if cl else None)
+        gpu = device.index if device.index is not None else torch.cuda.current_device() if cuda else None
+        model = DistributedDataParallel(net, device_ids=[gpu] if cuda else None)
     # Written in place by every step, so a captured step keeps writing the same memory.
     ep_sum = torch.zeros((), device=device)
     rec = torch.zeros(n, dtype=torch.float32, device=device) if record == "train" else None

@@ -100,8 +100,10 @@ def dataset_entry(cfg: dict, dataset: str) -> dict:
 
 
 def runtime_spec(cfg: dict) -> dict:
-    # cuda_graphs only when off, so the default leaves every stage's settings (and cache) as they were.
-    return {"device": cfg["device"], "threads": cfg["threads"], **({} if cfg["cuda_graphs"] else {"cuda_graphs": False})}
+    # cuda_graphs only when off and cpu_channels_last only when on, so the defaults leave every
+    # stage's settings (and cache) as they were.
+    return {"device": cfg["device"], "threads": cfg["threads"], **({} if cfg["cuda_graphs"] else {"cuda_graphs": False}),
+            **({"cpu_channels_last": True} if cfg["cpu_channels_last"] else {})}
 
 
 def training_spec(cfg: dict, dataset: str) -> dict:

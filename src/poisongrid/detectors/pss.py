@@ -72,11 +72,11 @@ def feature_change(model: nn.Module, images, device: torch.device, gen: torch.Ge
     """FCT of every example: mean over feature dimensions of (f(x) - f(tau(x)))^2, f the
     penultimate feature in eval mode, tau a seeded strong transformation."""
     from ..models import penultimate_module
-    from ..training import gather_batch, to_float, as_tensor_data
+    from ..training import as_tensor_data, channels_last, gather_batch, to_float
 
     model.eval()
     images = as_tensor_data(images, device)
-    cl = device.type == "cuda"
+    cl = channels_last(device)
     grabbed: list[torch.Tensor] = []
     hook = penultimate_module(model).register_forward_hook(lambda m, inp, out: grabbed.append(inp[0].float()))
     out = np.empty(len(images), dtype=np.float64)
@@ -85,7 +85,7 @@ def feature_change(model: nn.Module, images, device: torch.device, gen: torch.Ge
             idx = torch.arange(s, min(s + batch_size, len(images)))
             x = to_float(gather_batch(images, idx, device), cl)
             grabbed.clear()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cl):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 model(x)
                 model(strong_transform(x, gen, degrees, translate))
             a, b = grabbed

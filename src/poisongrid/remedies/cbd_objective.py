@@ -131,14 +131,14 @@ class CBDObjective:
 
     def critic_pass(self, epoch: int, model: nn.Module) -> None:
         """One pass over the training set that trains only the critic."""
-        from ..training import AUGMENTS, gather_batch, to_float, as_tensor_data
+        from ..training import AUGMENTS, as_tensor_data, channels_last, gather_batch, to_float
 
         augment = AUGMENTS.get(self.training.get("augment", "none"), "augment")
         if not isinstance(self.images, torch.Tensor):
             self.images = as_tensor_data(self.images, self.device)
         gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, 4099, epoch]).generate_state(1)[0]))
         n, bs = len(self.labels), int(self.training.get("batch_size", 128))
-        cl = self.device.type == "cuda"
+        cl = channels_last(self.device)
         was = model.training
         model.train()
         self.critic.requires_grad_(True)
