@@ -416,3 +416,16 @@ def test_jobs_per_gpu_is_checked():
     with pytest.raises(ConfigError, match="'cluster.jobs_per_gpu' = 2.*gpus_per_job is 4"):
         config.validate(cfg(device="cuda", cluster={"gpus_per_job": 4, "jobs_per_gpu": 2}))
     config.validate(cfg(device="cuda", cluster={"gpus_per_job": 4, "jobs_per_gpu": 1}))
+
+
+def test_scenario_seeds_run_each_attack_alone_with_fewer_seeds():
+    from poisongrid import estimate
+
+    c = config.validate(cfg(seeds=[0, 1, 2], datasets__digits__scenario_seeds={"single-*": [0]}))
+    got = {(x["scenario"], x["seed"]) for x in config.cells(c)}
+    assert got == {("multi", 0), ("multi", 1), ("multi", 2), ("single-patch", 0), ("single-sinusoid", 0)}
+    # The estimate (and so the workflow's targets) counts the same cells.
+    poison = sum(r["jobs"] for r in estimate.estimate(c) if r["stage"] == "poison")
+    assert poison == 5
+    with pytest.raises(ConfigError, match="scenario_seeds"):
+        config.validate(cfg(datasets__digits__scenario_seeds={"single-frequency": [0]}))

@@ -13,14 +13,14 @@ from .load import SCHEMA, load, read_yaml, results_dir, typed_overrides, validat
 from .specs import (CLEAN, KNOWN_NUM_CLASSES, KNOWN_TEST_SIZES, KNOWN_TRAIN_SIZES, TRAIN_KEYS, WHERE_KEYS,
                     bona_fide_key, bona_fide_of, bona_fide_set, bona_fide_sets, cells, dataset_entry, dataset_spec,
                     defender_model_spec, defense_applies, defense_entry, final_training_spec, n_clean_of,
-                    resolved_bona_fide, runtime_spec, scenario_attacks, stage_spec, train_size, training_spec,
-                    validation_spec)
+                    resolved_bona_fide, runtime_spec, scenario_attacks, scenario_seeds, stage_spec, train_size,
+                    training_spec, validation_spec)
 
 __all__ = ["CLEAN", "DATA_PARALLEL_STAGES", "GPU_STAGES", "KNOWN_NUM_CLASSES", "KNOWN_TEST_SIZES", "KNOWN_TRAIN_SIZES",
            "SCHEMA", "TRAIN_KEYS", "WHERE_KEYS", "bona_fide_key", "bona_fide_of", "bona_fide_set", "bona_fide_sets",
            "capacity_swept", "cells", "dataset_entry", "dataset_scale", "dataset_spec", "defender_model_spec",
            "defense_applies", "defense_entry", "detector_scale", "estimated_minutes", "figure_name", "figure_names",
            "final_training_spec", "group_components", "launcher", "load", "model_of_path", "n_clean_of", "on_gpu",
-           "read_yaml", "resolved_bona_fide", "resources", "results_dir", "runtime_spec", "scenario_attacks",
+           "read_yaml", "resolved_bona_fide", "resources", "results_dir", "runtime_spec", "scenario_attacks", "scenario_seeds",
            "share_group", "single_multi_pairs", "stage_spec", "swept_detectors", "train_size", "training_spec",
            "trajectory_detector_types", "typed_overrides", "validate", "validation_spec"]

@@ -252,6 +252,12 @@ def _check_dataset(name: str, ds: dict, deep: bool = True) -> None:
     ds.setdefault("scenarios", ["multi"] + [f"single-{a}" for a in ds["attacks"]])
     for s in ds["scenarios"]:
         scenario_attacks(ds, s, key=f"datasets.{name}.scenarios")
+    from fnmatch import fnmatchcase
+
+    for pattern in ds.get("scenario_seeds") or {}:
+        if not any(fnmatchcase(s, pattern) for s in ds["scenarios"]):
+            raise ConfigError(f"datasets.{name}.scenario_seeds", pattern,
+                              f"a pattern matching one of the dataset's scenarios {ds['scenarios']} (e.g. single-*)")
     cs = ds["crop_scale"]
     if not (0 < cs[0] <= cs[1] <= 1):
         raise ConfigError(f"datasets.{name}.crop_scale", cs, "[lo, hi] with 0 < lo <= hi <= 1")

@@ -246,12 +246,23 @@ def validation_spec(cfg: dict, dataset: str) -> dict | None:
     return None
 
 
+def scenario_seeds(cfg: dict, ds: dict, scenario: str) -> list[int]:
+    """The seeds a scenario runs: those of the first `scenario_seeds` pattern of its dataset that
+    matches its name (shell-style, e.g. single-*), else the grid's."""
+    from fnmatch import fnmatchcase
+
+    for pattern, seeds in (ds.get("scenario_seeds") or {}).items():
+        if fnmatchcase(scenario, pattern):
+            return list(seeds)
+    return list(cfg["seeds"])
+
+
 def cells(cfg: dict) -> list[dict]:
     """Every (dataset, scenario, seed, defense) cell of the grid."""
     out = []
     for dname, ds in cfg["datasets"].items():
         for scenario in ds["scenarios"]:
-            for seed in cfg["seeds"]:
+            for seed in scenario_seeds(cfg, ds, scenario):
                 for defense, d in cfg["defenses"].items():
                     if defense_applies(d, dname, scenario):
                         out.append({"dataset": dname, "scenario": scenario, "seed": seed, "defense": defense})
