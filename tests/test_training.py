@@ -344,3 +344,36 @@ def test_cpu_channels_last_is_deterministic_and_only_where_asked():
     c = fit(spec, x, y, 3, seed=0, device=cpu)
     # Same recipe, other memory format: the same training up to rounding.
     np.testing.assert_allclose(c.train_loss, a.train_loss, rtol=1e-3)
+
+
+def test_bn_recalibration_leaves_the_batch_average_statistics_of_the_final_weights():
+    """With bn_recalibration each batch-norm layer ends with the equal-weight average, over one
+    pass of the training set in its order, of the batch statistics of the final weights."""
+    import copy
+
+    from poisongrid.training import fit
+
+    rng = np.random.default_rng(1)
+    x, y = rng.integers(0, 255, (100, 3, 16, 16), dtype=np.uint8), rng.integers(0, 3, 100)
+    spec = {"model": "smallcnn", "epochs": 2, "batch_size": 32, "lr": 3e-2, "weight_decay": 0.0, "augment": "none",
+            "bn_recalibration": True}
+    res = fit(spec, x, y, 3, seed=0, device=torch.device("cpu"))
+    plain = fit({**spec, "bn_recalibration": False}, x, y, 3, seed=0, device=torch.device("cpu"))
+    bn = next(m for m in res.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    # Independently: the batch means and unbiased variances of that layer's input, batch by batch.
+    probe = copy.deepcopy(res.model).train()
+    first = next(m for m in probe.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    means, variances = [], []
+    def grab(module, inp, out):
+        means.append(inp[0].mean((0, 2, 3)))
+        variances.append(inp[0].var((0, 2, 3), unbiased=True))
+
+    first.register_forward_hook(grab)
+    with torch.no_grad():
+        for s in range(0, 100, 32):
+            probe(torch.from_numpy(x[s:s + 32]).float() / 255)
+    torch.testing.assert_close(bn.running_mean, torch.stack(means).mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bn.running_var, torch.stack(variances).mean(0), rtol=1e-5, atol=1e-6)
+    # The weights are the same training's; only the statistics differ.
+    torch.testing.assert_close(dict(res.model.named_parameters())["1.0.weight"], dict(plain.model.named_parameters())["1.0.weight"])
+    assert not torch.allclose(bn.running_mean, next(m for m in plain.model.modules() if isinstance(m, torch.nn.BatchNorm2d)).running_mean)

@@ -377,6 +377,34 @@ def as_tensor_data(images, device: torch.device, max_bytes: int = 8 << 30):
     return images
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, images, device: torch.device, batch_size: int, cl: bool) -> bool:
+    """Recompute every batch-norm layer's running mean and variance for the model's current weights:
+    one forward pass in training mode over `images` in their order, without augmentation, the
+    per-batch statistics averaged with equal weight ("precise BN"). The exponential averages
+    kept during training trail the weights; where the weights still move fast, an eval-mode model
+    then normalises with statistics of earlier weights. Returns whether the model has any."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return False
+    was = model.training
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the pass's batches
+    model.train()
+    try:
+        for s in range(0, len(images), batch_size):
+            idx = torch.arange(s, min(s + batch_size, len(images)))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                model(to_float(gather_batch(images, idx, device), cl))
+    finally:
+        for m, mom in zip(norms, momenta):
+            m.momentum = mom
+        model.train(was)
+    return True
+
+
 OBJECTIVES = ("ce", "flooding", "flooding_example", "lga", "lga_example")
 
 
@@ -465,6 +493,7 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
     cuda = device.type == "cuda"
     cl = channels_last(device)
     amp = cuda and training.get("precision", "bf16") == "bf16"
+    recalibrate = bool(training.get("bn_recalibration", False))
     ddp = _process_group(device)
     opt_name = training.get("optimizer", "adamw")
     graphs = _RUNTIME["cuda_graphs"] if graphs is None else graphs
@@ -615,6 +644,8 @@ def fit(training: dict, images, labels: np.ndarray, num_classes: int, *, seed: i
             _sync_buffers(net)
         train_loss.append(float(ep_sum) / n)  # syncs the device: the pass's time is real from here
         t_pass = time.perf_counter() - t_ep
+        if recalibrate and (record == "eval" or epoch == run - 1):
+            recalibrate_batchnorm(net, data, device, bs, cl)
         if record == "eval":
             losses[epoch] = _all_losses(net, data, y, device, amp, ddp)
         elif record == "train":

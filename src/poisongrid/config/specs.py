@@ -18,9 +18,9 @@ KNOWN_TEST_SIZES = {"digits": 360, "fashion_mnist": 10000, "cifar10": 10000, "gt
                     "imagenet": 50000}
 
 TRAIN_KEYS = ("model", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "momentum", "loss_clamp", "augment",
-              "crop_scale", "precision", "nesterov", "schedule", "milestones", "gamma")
-# nesterov, schedule, milestones and gamma have no schema default: a spec carries them only where a
-# config sets them, so the caches of configs without them stay valid.
+              "crop_scale", "precision", "nesterov", "schedule", "milestones", "gamma", "bn_recalibration")
+# nesterov, schedule, milestones, gamma and bn_recalibration have no schema default: a spec carries
+# them only where a config sets them, so the caches of configs without them stay valid.
 
 
 def bona_fide_sets(cfg: dict) -> dict[str, dict]:
