@@ -21,18 +21,30 @@ if not workflow.overwrite_configfiles:
     configfile: os.path.join(workflow.basedir, "config.yaml")
 
 
-update_config(config, pgc.typed_overrides(workflow.config_settings.config))
 try:
+    update_config(config, pgc.typed_overrides(workflow.config_settings.config))
+    for _k in [k for k in config if "." in str(k)]:  # a dotted override, now merged as nested keys
+        config.pop(_k)
     # Snakemake's own YAML reading keeps the last of a repeated key silently; ours refuses it.
     for _f in workflow.overwrite_configfiles or [os.path.join(workflow.basedir, "config.yaml")]:
         pgc.read_yaml(_f)
     pgc.validate(config)
 except PoisongridError as e:
     sys.exit(f"poisongrid: invalid configuration: {e}")
+# A run (not a dry run, not a job a cluster node runs) needs the data where the loaders read it.
+if workflow.is_main_process and not workflow.dryrun:
+    try:
+        pgc.check_data(config)
+    except PoisongridError as e:
+        sys.exit(f"poisongrid: {e}")
+if workflow.is_main_process:
+    for _w in pgc.warnings(config):
+        print(f"poisongrid: warning: {_w}", file=sys.stderr)
 
 # Each config writes under its own results folder (its `results` key, else results/<file name>),
 # so two grids never share aggregate files.
 RESULTS = pgc.results_dir(config, workflow.overwrite_configfiles)
+LOGS = pgp.logs_dir(RESULTS)
 # envs/poisongrid.yaml installs the package from here when --sdm conda builds the environment.
 os.environ.setdefault("POISONGRID_ROOT", workflow.basedir)
 
@@ -75,8 +87,25 @@ rule all:
     default_target: True
 
 
+onstart:
+    _where = os.path.abspath(RESULTS)
+    _outside = os.path.relpath(_where, os.getcwd()).startswith("..")
+    print(f"poisongrid: this grid writes its results under {_where}"
+          + (" (outside the folder this run started in)" if _outside else ""))
+    _over = sorted(k for k in workflow.config_settings.config if k.split(".")[0] != "results")
+    if _over and "results" not in {k.split(".")[0] for k in workflow.config_settings.config}:
+        print(f"poisongrid: the overrides ({', '.join(_over)}) write into the same folder as the config file alone; "
+              "where they change results, add results=<folder> to keep the two grids apart")
+
+
 onsuccess:
     import os
 
+    # The answer last on the screen: each dataset's headline table, then where everything else is.
     if os.path.exists(f"{RESULTS}/tables.md"):
-        print(open(f"{RESULTS}/tables.md").read())
+        from poisongrid.aggregate import headline_text
+
+        print(headline_text(open(f"{RESULTS}/tables.md").read()))
+        _cf = " ".join(f"--configfile {f}" for f in workflow.overwrite_configfiles)
+        print(f"All tables: {RESULTS}/tables.md (and tables.html); figures: {RESULTS}/figures/\n"
+              f"The report: snakemake --report {RESULTS}/report.html {_cf}".rstrip())

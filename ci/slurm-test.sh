@@ -43,7 +43,7 @@ PARTS=" ${SLURM_TEST_PARTS:-grid share fault badinput} "
 STAGE_RULES=(trigger poison pretrain score plan train evaluate)
 CELL=results/digits/multi/seed0
 TRAJ="$CELL/models/pretrain/trajectories.parquet"
-PRETRAIN_LOG=logs/pretrain/digits/multi/seed0/pretrain.log
+PRETRAIN_LOG=results/logs/pretrain/digits/multi/seed0/pretrain.log
 export MPLBACKEND=Agg
 
 T0=$SECONDS
@@ -280,8 +280,8 @@ for rule in "${STAGE_RULES[@]}" aggregate; do
         log "rule $rule is a localrule: not checked"
         continue
     fi
-    mapfile -t logs < <(find "$SD/logs/$rule" -name '*.log' 2>/dev/null | sort)
-    [ "${#logs[@]}" -gt 0 ] || fail "no rule log under $SD/logs/$rule/"
+    mapfile -t logs < <(find "$SD/results/logs/$rule" -name '*.log' 2>/dev/null | sort)
+    [ "${#logs[@]}" -gt 0 ] || fail "no rule log under $SD/results/logs/$rule/"
     for f in "${logs[@]}"; do
         id="$(slurm_jobs_in "$f" | tail -n 1)"
         [ -n "$id" ] || fail "$f lacks 'in SLURM job <id>': rule $rule did not run through sbatch"
@@ -315,7 +315,7 @@ smk_slurm 540 "$WORK/share" "$WORK/share.out" all --configfile "$SHARE" \
     || fail "snakemake through Slurm with jobs_per_gpu 2 failed (rc $?), see $WORK/share.out"
 log "shared grid through Slurm done in $((SECONDS - t)) s"
 grep -q "Group job gpu_pretrain" "$WORK/share.out" || fail "no 'Group job gpu_pretrain' in $WORK/share.out"
-mapfile -t plogs < <(find "$WORK/share/logs/pretrain" -name '*.log' | sort)
+mapfile -t plogs < <(find "$WORK/share/results/logs/pretrain" -name '*.log' | sort)
 [ "${#plogs[@]}" -eq 2 ] || fail "expected 2 pretrain logs (pretrain, attacked), found: ${plogs[*]}"
 pids="$(for f in "${plogs[@]}"; do slurm_jobs_in "$f" | tail -n 1; done | sort -u)"
 [ "$(wc -w <<<"$pids")" -eq 1 ] || fail "the 2 grouped pretrain jobs ran in Slurm jobs '$(echo $pids)', not in one"
@@ -411,7 +411,7 @@ if has_part badinput; then
     set -e
     [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] || fail "a run with an unknown partition should fail by itself (rc $rc)"
     grep -q "invalid partition" "$WORK/badpart.out" || fail "sbatch's 'invalid partition' message is not shown"
-    grep -qE "log: logs/[a-z]+/digits/.*\.log \(check log file" "$WORK/badpart.out" || fail "the failed rule's log path is not named"
+    grep -qE "log: results/logs/[a-z]+/digits/.*\.log \(check log file" "$WORK/badpart.out" || fail "the failed rule's log path is not named"
     log "unknown partition: stopped (rc $rc) with sbatch's message and the rule's log path"
 fi
 

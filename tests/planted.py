@@ -26,6 +26,23 @@ def write_manifest(path, man: pd.DataFrame, meta: dict | None = None, bona_fide_
     return {"manifest": path, "bona_fide": bf}
 
 
+def shuffle_ground_truth(man: pd.DataFrame, bona=None, seed: int = 1,
+                         columns=("attack", "target", "orig_label")) -> pd.DataFrame:
+    """`man` with its ground-truth columns permuted among the examples outside the bona fide set
+    (`bona`, else man's bona_fide column): a manifest a stage still accepts (its bona fide examples
+    stay untouched) whose answer is another."""
+    bona = np.asarray(man["bona_fide"] if bona is None else bona, bool)
+    rows = np.flatnonzero(~bona)
+    perm = rows[np.random.default_rng(seed).permutation(len(rows))]
+    out = man.copy()
+    for c in columns:
+        values = out[c].to_numpy().copy()
+        values[rows] = man[c].to_numpy()[perm]
+        out[c] = pd.array(values, dtype=man[c].dtype)
+    assert (out["attack"].isna() != man["attack"].isna()).any()
+    return out
+
+
 def files(manifest_path) -> dict:
     """The stage inputs of a manifest written by write_manifest (its bona fide file beside it)."""
     p = Path(manifest_path)

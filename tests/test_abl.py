@@ -3,7 +3,6 @@ import copy
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pytest
 import torch
 
@@ -11,7 +10,6 @@ import planted
 from planted import files, write_manifest
 from poisongrid import config, stages, trajectories
 from poisongrid.errors import ConfigError
-from poisongrid.io import write_table
 from poisongrid.defender import DefenderImages
 from poisongrid.remedies import REMEDIES, FinalTraining
 from poisongrid.training import batch_objective, fit, per_example_loss

@@ -1,4 +1,5 @@
 import copy
+from pathlib import Path
 
 import pytest
 import yaml
@@ -154,6 +155,18 @@ def test_scheduler_resources_follow_the_config():
     with pytest.raises(ConfigError, match="cluster.gpus_per_job"):
         config.validate(cfg(device="cuda", cluster={"gpus_per_job": 0}))
     assert config.launcher(c, "train") == "poisongrid"
+    # Site settings a cluster user adds: a QoS and sbatch extras for every job, node features and a
+    # cap on the computed time limit for the GPU jobs (a capped job resumes from its checkpoint).
+    c["cluster"].update(qos="normal", constraint="a100|h100", slurm_extra="--mail-type=FAIL", max_runtime=60)
+    c = config.validate(c)
+    train = config.resources(c, "train", "digits")
+    assert train["runtime"] == 60 and train["constraint"] == "a100|h100" and train["qos"] == "normal"
+    assert train["slurm_extra"] == "--mail-type=FAIL"
+    score = config.resources(c, "score", "digits")
+    assert score["qos"] == "normal" and "constraint" not in score and "runtime" not in score
+    c["cluster"].update(gpu_request="gres")
+    train = config.resources(config.validate(c), "train", "digits")
+    assert train["gres"] == "gpu:a100:1" and "gpu" not in train and "gpu_model" not in train
 
 
 def test_several_gpus_per_job_train_data_parallel_and_only_the_training_stages_ask_for_them():
@@ -429,3 +442,103 @@ def test_scenario_seeds_run_each_attack_alone_with_fewer_seeds():
     assert poison == 5
     with pytest.raises(ConfigError, match="scenario_seeds"):
         config.validate(cfg(datasets__digits__scenario_seeds={"single-frequency": [0]}))
+
+
+def test_every_command_takes_configfiles_and_dotted_overrides(tmp_path, capsys, monkeypatch):
+    """validate, status, estimate and a stage: --configfile FILE... and --config KEY=YAML...,
+    dotted keys included; the stage also keeps its older --config FILE."""
+    from poisongrid.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    base = {"device": "cpu", "seeds": [0], "defenses": {"none": {"remedy": "none"}},
+            "datasets": {"digits": {"model": "smallcnn", "epochs": 2, "scenarios": ["single-patch"], "minutes_per_epoch": 1.0,
+                                    "attacks": {"patch": {"ratio": 0.05}}}}}
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump(base))
+    (tmp_path / "more.yaml").write_text(yaml.safe_dump({"seeds": [0, 1, 2]}))
+    over = ["--config", "datasets.digits.epochs=7", "results=out/variant"]
+
+    assert main(["validate", "g.yaml", "--configfile", "more.yaml", *over]) == 0
+    out = capsys.readouterr().out
+    assert "g.yaml + more.yaml with overrides: valid; 1 dataset(s), 3 cell(s); results go to out/variant" in out
+    assert main(["validate", "--configfile", "g.yaml"]) == 0
+    assert "results go to results/g" in capsys.readouterr().out
+
+    assert main(["estimate", "--configfile", "g.yaml", *over]) == 0
+    est = capsys.readouterr().out
+    assert main(["estimate", "--configfile", "g.yaml"]) == 0
+    assert est != capsys.readouterr().out  # 7 epochs cost more than 2
+
+    assert main(["status", "--configfile", "g.yaml", *over]) == 0
+    assert "not started" in capsys.readouterr().out
+
+    for cfg_args in (["--configfile", "g.yaml"], ["--config", "g.yaml"]):  # the newer and the older form
+        assert main(["poison", *cfg_args, "--config", "results=out/stage", "--dataset", "digits",
+                     "--scenario", "single-patch", "--seed", "0"]) == 0
+        assert (tmp_path / "out/stage/digits/single-patch/seed0/poison/manifest.parquet").exists()
+
+    capsys.readouterr()
+    assert main(["validate", "--configfile", "g.yaml", "--config", "epochs"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "KEY=VALUE" in err and "datasets.digits.epochs=8" in err
+
+
+def test_minutes_per_epoch_is_derived_from_the_data_and_model_when_not_measured(tmp_path):
+    """A dataset without minutes_per_epoch gets one from its size, image size and model at the
+    rates measured on one H200: never shorter than a measured epoch, at most about twice as long."""
+    from poisongrid.costs import derived_minutes_per_epoch
+
+    measured = [  # (images, model, px, measured images/s) from the README's GPU benchmarks
+        (50_000, "resnet50", 32, 25_940), (50_000, "resnet18", 32, 125_462), (9_469, "resnet50", 224, 4_294)]
+    for n, model, px, rate in measured:
+        ratio = derived_minutes_per_epoch(n, model, px) / (n / rate / 60)
+        assert 1.0 <= ratio <= 2.1, (model, px, ratio)
+    assert derived_minutes_per_epoch(1000, "resnet50", 64) == pytest.approx(4 * derived_minutes_per_epoch(1000, "resnet50", 32))
+
+    small = {"datasets": {"digits": {"model": "smallcnn", "image_size": 16, "epochs": 100, "scenarios": ["multi"],
+                                     "attacks": {"patch": {"ratio": 0.05}}}},
+             "defenses": {"none": {"remedy": "none"}, "badloss": {"detector": "badloss", "remedy": "remove"}}}
+    f = tmp_path / "g.yaml"
+    f.write_text(yaml.safe_dump(small))
+    cfg = config.load(f)
+    mpe, eager, source = config.epoch_minutes(cfg, "digits")
+    assert mpe < 0.01 and eager >= mpe and "derived from 1,437 images" in source
+    assert config.estimated_minutes(cfg, "pretrain", "digits") < 5  # not 100 epochs x 1 minute
+    assert config.resources(cfg, "pretrain", "digits")["runtime"] < 30
+    small["datasets"]["digits"]["minutes_per_epoch"] = 0.5
+    f.write_text(yaml.safe_dump(small))
+    assert config.epoch_minutes(config.load(f), "digits")[2] == "measured (minutes_per_epoch)"
+
+
+def test_quiet_traps_are_said_out_loud(tmp_path, capsys, monkeypatch):
+    """A mistyped name gets the nearest valid one; an unknown key names itself; a typo in an
+    override's defense name says so; short trajectories warn; --version says what runs."""
+    from poisongrid.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    base = {"datasets": {"digits": {"model": "smallcnn", "epochs": 10, "scenarios": ["multi"],
+                                    "attacks": {"patch": {"ratio": 0.05}}}},
+            "detectors": {"badloss": {"type": "badloss"}},
+            "defenses": {"none": {"remedy": "none"}, "badloss": {"detector": "badloss", "remedy": "remove"}}}
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump(base))
+
+    def err_of(*argv):
+        capsys.readouterr()
+        code = main(["validate", "--configfile", "g.yaml", *argv])
+        return code, capsys.readouterr()
+
+    code, out = err_of("--config", "detectors.badloss.type=badlos")
+    assert code == 2 and "(did you mean 'badloss'?)" in out.err
+    code, out = err_of("--config", "datasets.digits.epoch=3")
+    assert code == 2 and "'datasets.digits.epoch' = 3" in out.err and "(did you mean 'epochs'?)" in out.err
+    code, out = err_of("--config", "defenses.badlos.r_reject=0.2")
+    assert code == 2 and "'defenses.badlos'" in out.err and "a defense this config defines (did you mean 'badloss'?)" in out.err
+    # 30% of 10 epochs: 3 recorded epochs of BaDLoss's trajectories, allowed but warned about.
+    code, out = err_of()
+    assert code == 0 and "warning: detectors.badloss (badloss) reads a loss per epoch" in out.err and "records 3 epochs" in out.err
+    code, out = err_of("--config", "datasets.digits.epochs=20")
+    assert code == 0 and "warning" not in out.err
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    import poisongrid
+
+    assert capsys.readouterr().out.strip() == f"poisongrid {poisongrid.__version__} from {Path(poisongrid.__file__).parent}"

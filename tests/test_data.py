@@ -597,3 +597,130 @@ def test_own_data_budget_check_uses_the_real_size(tmp_path, loader):
         config.validate(copy.deepcopy(cfg))
     cfg["bona_fide"]["n_clean"] = 24
     assert config.validate(cfg)["datasets"]["mine"]["loader"] == loader
+
+
+# ---- every image mode PIL reads -----------------------------------------------------------------
+
+GREY = 0.6  # each image below is this fraction of white, stored the way its mode stores it
+
+
+def _image_of_mode(mode: str) -> tuple[Image.Image, str, int]:
+    """(an 8x8 image of mode `mode` at GREY, the file extension that keeps that mode, the 8-bit
+    value it must load as)."""
+    v8 = round(GREY * 255)
+    flat = np.full((8, 8), v8, np.uint8)
+    if mode == "1":
+        return Image.fromarray(np.ones((8, 8), bool)), ".png", 255
+    if mode == "L":
+        return Image.fromarray(flat, "L"), ".png", v8
+    if mode == "LA":
+        return Image.merge("LA", [Image.fromarray(flat, "L"), Image.new("L", (8, 8), 7)]), ".png", v8
+    if mode == "P":
+        return Image.fromarray(np.stack([flat] * 3, -1), "RGB").convert("P"), ".png", v8
+    if mode in ("RGB", "RGBA"):
+        a = np.stack([flat] * (3 if mode == "RGB" else 4), -1)
+        if mode == "RGBA":
+            a[..., 3] = 0  # fully transparent: the colour still counts
+        return Image.fromarray(a, mode), ".png", v8
+    if mode == "I;16":
+        return Image.fromarray(np.full((8, 8), round(GREY * 65535), np.uint16)), ".png", v8
+    if mode == "I":
+        return Image.fromarray(np.full((8, 8), round(GREY * 65535), np.int32), "I"), ".tif", v8
+    if mode == "F":
+        return Image.fromarray(np.full((8, 8), GREY, np.float32), "F"), ".tif", v8
+    if mode == "CMYK":
+        return Image.fromarray(np.stack([flat] * 3, -1), "RGB").convert("CMYK"), ".tif", v8
+    raise AssertionError(mode)
+
+
+PIL_MODES = ["1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I", "F", "CMYK"]
+
+
+@pytest.mark.parametrize("mode", PIL_MODES)
+def test_every_pil_mode_loads_scaled_not_clipped(tmp_path, mode):
+    im, ext, want = _image_of_mode(mode)
+    for split in ("train", "test"):
+        d = tmp_path / "mine" / split / "a"
+        d.mkdir(parents=True)
+        im.save(d / f"x{ext}")
+    assert Image.open(tmp_path / "mine/train/a" / f"x{ext}").mode == mode  # the file really holds that mode
+    ds = load_dataset("folder", data_dir=tmp_path, root="mine")
+    got = ds.train.images[0]
+    assert got.shape == (3, 8, 8) and got.dtype == np.uint8
+    assert np.abs(got.astype(int) - want).max() <= 1, (mode, np.unique(got))
+
+
+def test_a_16_bit_png_is_scaled_from_its_full_range(tmp_path):
+    """A 16-bit gradient keeps its gradient (a clipping conversion made 99.6% of it white)."""
+    ramp = np.tile(np.linspace(0, 65535, 16).round().astype(np.uint16), (16, 1))
+    for split in ("train", "test"):
+        (tmp_path / split / "a").mkdir(parents=True)
+        Image.fromarray(ramp).save(tmp_path / split / "a" / "g.png")
+    got = load_dataset("folder", data_dir=tmp_path).train.images[0, 0]
+    np.testing.assert_allclose(got[0].astype(float), ramp[0].astype(float) * 255 / 65535, atol=1)
+    assert (got == 255).mean() < 0.1
+
+
+def test_a_decompression_bomb_is_refused_naming_the_file(tmp_path, monkeypatch):
+    for split in ("train", "test"):
+        (tmp_path / split / "a").mkdir(parents=True)
+        Image.new("L", (64, 64)).save(tmp_path / split / "a" / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64x64 = 4096 pixels: over twice the limit
+    with pytest.raises(DatasetError) as e:
+        load_dataset("folder", data_dir=tmp_path, image_size=8)
+    msg = str(e.value)
+    assert "big.png" in msg and "decompression bomb" in msg and "\n" not in msg
+
+
+def test_an_unreadable_image_is_refused_naming_the_file(tmp_path):
+    for split in ("train", "test"):
+        (tmp_path / split / "a").mkdir(parents=True)
+        Image.new("L", (8, 8)).save(tmp_path / split / "a" / "ok.png")
+    (tmp_path / "train" / "a" / "zz.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    with pytest.raises(DatasetError, match="zz.png: not a readable image"):
+        load_dataset("folder", data_dir=tmp_path, image_size=8)
+
+
+# ---- is the data where the loaders read it --------------------------------------------------------
+
+@pytest.mark.parametrize("loader, options, named", [
+    ("cifar10", {}, "cifar-10-batches-py"), ("gtsrb", {}, "gtsrb/GTSRB/Training"),
+    ("imagenette", {"variant": "160px"}, "imagenette2-160/train"), ("imagenet", {}, "train"),
+    ("fashion_mnist", {"path": "fm"}, "fm"), ("npz", {"path": "mine.npz"}, "mine.npz"),
+    ("folder", {"root": "mine"}, "mine")])
+def test_missing_data_is_found_before_loading(tmp_path, loader, options, named):
+    from poisongrid.data import check_present
+
+    with pytest.raises(DatasetError) as e:
+        check_present(loader, tmp_path, options)
+    assert named in str(e.value) and "\n" not in str(e.value)
+    # A cache made from the data stands in for it (the raw files may be gone once it is built).
+    if loader in ("gtsrb", "imagenette", "imagenet", "folder"):
+        (tmp_path / ".poisongrid-cache").mkdir()
+        (tmp_path / ".poisongrid-cache" / f"{loader}-32px-meta.json").write_text("{}")
+        check_present(loader, tmp_path, options)
+
+
+def test_present_data_passes_the_check(tmp_path):
+    from poisongrid.data import check_present
+
+    check_present("digits", tmp_path / "anywhere", {})
+    _write_folder(tmp_path / "mine" / "train", ["a", "b"], [(8, 8)], ext=".png")
+    _write_folder(tmp_path / "mine" / "test", ["a", "b"], [(8, 8)], ext=".png")
+    check_present("folder", tmp_path, {"root": "mine"})
+    _write_fashion(tmp_path / "fm")
+    check_present("fashion_mnist", tmp_path, {"path": "fm"})
+
+
+def test_validate_names_missing_data_unless_told_not_to(tmp_path, capsys, monkeypatch):
+    import yaml
+
+    from poisongrid.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump({"data_dir": "nowhere", "datasets": {"cifar10": {
+        "model": "smallcnn", "scenarios": ["single-patch"], "attacks": {"patch": {"ratio": 0.01}}}}}))
+    assert main(["validate", "g.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "datasets.cifar10: CIFAR-10" in err and "nowhere/cifar-10-batches-py" in err, err
+    assert main(["validate", "--no-data", "g.yaml"]) == 0

@@ -6,14 +6,13 @@ import os
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pytest
 import torch
 
+import planted
 from planted import files, write_manifest
 from poisongrid import config, paths, poisoning, stages, trajectories
 from poisongrid.detectors import DETECTORS, read_scores
-from poisongrid.io import write_table
 from poisongrid.jobs import cell_jobs, run_job
 from poisongrid.remedies import REMEDIES, lfd_weights
 
@@ -72,8 +71,7 @@ def test_detectors_rank_planted_poison_and_never_read_ground_truth(tmp_path, dty
     poisoned = man["attack"].notna().to_numpy()
     _write_losses(tmp_path / "t.parquet", len(man), 4, poisoned)
     outs = []
-    for i, m in enumerate([man, man.assign(attack=man["attack"].sample(frac=1, random_state=1).to_numpy(),
-                                           target=man["target"].to_numpy()[::-1], orig_label=0)]):
+    for i, m in enumerate([man, planted.shuffle_ground_truth(man)]):
         _write_manifest(tmp_path / f"m{i}.parquet", m)
         spec = {"detector": "d", "type": dtype, "model": "m", **params}
         stages.score(spec, {**files(tmp_path / f"m{i}.parquet"), "trajectories": tmp_path / "t.parquet"},

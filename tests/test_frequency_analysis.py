@@ -4,19 +4,16 @@ import copy
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pytest
 import scipy.fft
 import torch
 from sklearn.metrics import roc_auc_score
 
 import planted
-from planted import files, write_manifest
 from poisongrid import config
 from poisongrid.detectors import DETECTORS, read_scores
 from poisongrid.detectors.frequency import DCT2d, add_random_patches, dct_matrix, patch_ranges
 from poisongrid.errors import ConfigError
-from poisongrid.io import write_table
 
 CELL = {"dataset": "digits", "scenario": "single-patch", "seed": 0}
 N, N_POISON, SIZE = 200, 20, 16
@@ -69,8 +66,7 @@ def _manifest(shuffled=False):
                         "orig_label": rng.integers(0, 4, N).astype(np.int64), "attack": pd.array(attack, dtype="string"),
                         "target": np.where(pd.isna(attack), -1, 2).astype(np.int64), "bona_fide": bona})
     if shuffled:
-        man = man.assign(attack=man["attack"].sample(frac=1, random_state=1).to_numpy(),
-                         target=man["target"].to_numpy()[::-1], orig_label=0)
+        man = planted.shuffle_ground_truth(man)
     return man
 
 

@@ -5,7 +5,6 @@ import json
 import shutil
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pytest
 import yaml
@@ -114,6 +113,7 @@ BAD_CONFIGS = [  # (path, value, text the one-line error must contain)
     ("defenses.lfd.mode", "both", "Eq. 6"),
     ("defenses.none.detector", "badloss", "remedy 'none'"),
     ("defenses.scores", {"remedy": "none"}, "artifact folders"),
+    ("datasets.logs", {"loader": "digits", "model": "smallcnn", "attacks": {"patch": {"ratio": 0.05}}}, "folders of the results root"),
     ("defenses.x", {"remedy": "none", "scenarios": ["single-blend"]}, "defenses.x.scenarios"),
     ("defenses.x", {"remedy": "none", "datasets": ["cifar"]}, "defenses.x.datasets"),
     ("defenses.bad.name", {"remedy": "none"}, "defenses"),
@@ -190,6 +190,65 @@ def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path, capsys):
     err = capsys.readouterr().err
     line = 1 + next(i for i, l in enumerate(f.read_text().splitlines()) if l.startswith("defenses:"))
     assert err.count("\n") == 1 and f"{f}:" in err and "each key once" in err and f"line {line}" in err, err
+
+
+def _validate(tmp_path, capsys, text: str, lines=1) -> str:
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    capsys.readouterr()
+    assert main(["validate", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") <= lines and "Traceback" not in err, err
+    assert all(len(line) < 400 for line in err.splitlines()), err  # never more than a line of a value
+    return err
+
+
+def test_an_alias_bomb_is_refused_before_it_is_expanded(tmp_path, capsys):
+    """Nine levels of ten aliases each: 10^9 values from a file of a few hundred bytes."""
+    lines = ["a0: &a0 [0, 0, 0, 0, 0, 0, 0, 0, 0, 0]"]
+    for i in range(1, 10):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]")
+    body = yaml.safe_dump(GOOD) + "\n".join(lines) + "\nseeds: *a9\n"
+    assert len(body) < 3000
+    err = _validate(tmp_path, capsys, body)
+    assert "values with its aliases expanded" in err and "at most 100,000" in err
+
+
+def test_an_alias_bomb_within_the_bound_is_reported_in_a_line(tmp_path, capsys):
+    """Five levels (10^5 seeds would be too many; 4 levels of 10 = 10,000 seeds) reach the schema,
+    whose message must not print the expanded value."""
+    lines = ["a0: &a0 [[0, 1], [0, 1], [0, 1], [0, 1], [0, 1], [0, 1], [0, 1], [0, 1], [0, 1], [0, 1]]"]
+    for i in range(1, 4):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]")
+    cfg = {k: v for k, v in GOOD.items()}
+    err = _validate(tmp_path, capsys, yaml.safe_dump(cfg) + "\n".join(lines) + "\nseeds: *a3\n", lines=20)
+    assert "config key 'seeds'" in err and len(err) < 8000
+
+
+def test_a_huge_config_file_is_refused_by_its_size(tmp_path, capsys):
+    big = yaml.safe_dump(GOOD) + "seeds: [" + ", ".join(map(str, range(400_000))) + "]\n"
+    err = _validate(tmp_path, capsys, big)
+    assert "bytes" in err and "at most 1,048,576" in err
+
+
+@pytest.mark.parametrize("text, what", [("- seeds: [0]\n- device: cpu\n", "a YAML list"), ("42\n", "a YAML int"),
+                                        ("just words\n", "a YAML str")])
+def test_a_config_that_is_not_a_mapping_says_what_it_must_be(tmp_path, capsys, text, what):
+    err = _validate(tmp_path, capsys, text)
+    assert what in err and "a mapping of keys" in err, err
+
+
+def test_a_ratio_that_poisons_no_image_is_refused_before_any_job(tmp_path, capsys):
+    cfg = _set(copy.deepcopy(GOOD), "datasets.digits.attacks.patch.ratio", 0.0001)
+    err = _validate(tmp_path, capsys, yaml.safe_dump(cfg))
+    assert "datasets.digits.attacks.patch.ratio" in err and "1,437" in err and "min_count" in err, err
+
+
+def test_a_long_bad_value_is_shown_in_one_short_line(tmp_path, capsys):
+    cfg = copy.deepcopy(GOOD)
+    cfg["defenses"]["x" * 5000 + "!"] = {"remedy": "none"}
+    err = _validate(tmp_path, capsys, yaml.safe_dump(cfg, width=10**6))
+    assert "…" in err or "..." in err
 
 
 # ---- corrupted and mixed-up artifacts -----------------------------------------------------------
@@ -272,6 +331,81 @@ def _fewer_rows(p):
     write_table(p, table.slice(0, 100), "trajectories", {k: v for k, v in meta.items() if k != "kind"})
 
 
+def _edit_parquet(col, fn):
+    """Change one column's values and write the file back with its old metadata (digests included),
+    as a hand edit or another tool would."""
+    def f(p):
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(p)
+        i = table.column_names.index(col)
+        values = table.column(col).to_numpy(zero_copy_only=False).copy()
+        table = table.set_column(i, col, pa.array(fn(values), type=table.schema.field(col).type))
+        pq.write_table(table.replace_schema_metadata(pq.ParquetFile(p).metadata.metadata), p)
+    return f
+
+
+def _rewrite(col, fn, kind):
+    """Change one column and write the file the way the stage does (fresh digests): the content
+    itself must be refused."""
+    def f(p):
+        table, meta = read_table(p, kind)
+        i = table.column_names.index(col)
+        values = table.column(col).to_numpy(zero_copy_only=False).copy()
+        table = table.set_column(i, col, pa.array(fn(values), type=table.schema.field(col).type))
+        write_table(p, table, meta.pop("kind"), {k: v for k, v in meta.items() if k != "digests"})
+    return f
+
+
+def _set_first(value):
+    def fn(v):
+        v[0] = value
+        return v
+    return fn
+
+
+def _edit_npz_images(p):
+    z = dict(np.load(p))
+    z["images"] = z["images"].copy()
+    z["images"][0] ^= 1  # one pixel bit; the recorded digests are kept
+    np.savez(open(p, "wb"), **z)
+
+
+def _edit_model_weights(p):
+    import torch
+
+    blob = torch.load(p, weights_only=True)
+    k = next(iter(blob["state_dict"]))
+    blob["state_dict"][k] = blob["state_dict"][k] + 1e-3
+    torch.save(blob, p)
+
+
+def _every_example_bona_fide(p):
+    table, meta = read_table(p, "bona_fide")
+    table = table.set_column(1, "bona_fide", pa.array(np.ones(table.num_rows, bool)))
+    write_table(p, table, meta.pop("kind"), {k: v for k, v in meta.items() if k != "digests"})
+
+
+def _poisoned_bona_fide(p, res):
+    """A bona fide set of the right size that holds poisoned examples."""
+    man, _ = read_table(P(res, "manifest"), "manifest")
+    attack = man.column("attack").to_pylist()
+    table, meta = read_table(p, "bona_fide")
+    mask = np.array(table.column("bona_fide").to_pylist())
+    poisoned = [i for i, a in enumerate(attack) if a is not None][:5]
+    clean_bona = np.flatnonzero(mask)[:5]
+    mask[clean_bona] = False
+    mask[poisoned] = True
+    table = table.set_column(1, "bona_fide", pa.array(mask))
+    write_table(p, table, meta.pop("kind"), {k: v for k, v in meta.items() if k != "digests"})
+
+
+def _shifted_index(p):
+    table, meta = read_table(p, "plan")
+    table = table.set_column(0, "index", pa.array(table.column("index").to_numpy() + 1))
+    write_table(p, table, meta.pop("kind"), {k: v for k, v in meta.items() if k != "digests"})
+
+
 import pyarrow.parquet  # noqa: E402  (pa.parquet above)
 
 CORRUPTIONS = [  # (what is corrupted, how, the stage that reads it)
@@ -301,6 +435,27 @@ CORRUPTIONS = [  # (what is corrupted, how, the stage that reads it)
     (("final_model", {"defense": "badloss"}), _copy("defender_model", model="attacked"), ("evaluate", {"defense": "badloss"})),
     (("defender_model", {"model": "attacked"}), _truncate, ("evaluate", {"defense": "none"})),
     (("defender_model", {"model": "attacked"}), _copy("final_model", defense="badloss"), ("evaluate", {"defense": "none"})),
+    # Content changed after writing, metadata (and its digests) intact: refused by the digest.
+    (("plan", {"defense": "badloss"}), _edit_parquet("weight", lambda w: 1 - w), ("train", {"defense": "badloss"})),
+    (("scores", {"detector": "badloss"}), _edit_parquet("score", lambda s: -s), ("plan", {"defense": "badloss"})),
+    (("losses", {"model": "pretrain"}), _edit_parquet("loss_e000", lambda t: t * 2), ("score", {"detector": "badloss"})),
+    (("manifest", {}), _edit_parquet("label", lambda y: (y + 1) % 10), ("pretrain", {"model": "attacked"})),
+    (("bona_fide", {"bona": "default"}), _edit_parquet("bona_fide", lambda b: ~b), ("plan", {"defense": "badloss"})),
+    (("poisoned", {}), _edit_npz_images, ("train", {"defense": "badloss"})),
+    (("defender_model", {"model": "attacked"}), _edit_model_weights, ("evaluate", {"defense": "none"})),
+    (("final_model", {"defense": "badloss"}), _edit_model_weights, ("evaluate", {"defense": "badloss"})),
+    # Content written the stage's way (fresh digests) but impossible: refused by what it holds.
+    (("plan", {"defense": "badloss"}), _shifted_index, ("train", {"defense": "badloss"})),
+    (("plan", {"defense": "badloss"}), _rewrite("weight", _set_first(1e9), "plan"), ("train", {"defense": "badloss"})),
+    (("plan", {"defense": "badloss"}), _rewrite("weight", _set_first(float("nan")), "plan"), ("train", {"defense": "badloss"})),
+    (("plan", {"defense": "badloss"}), _rewrite("weight", _set_first(float("inf")), "plan"),
+     ("evaluate", {"defense": "badloss"})),
+    (("plan", {"defense": "lfd"}), _rewrite("weight", _set_first(-0.5), "plan"), ("train", {"defense": "lfd"})),
+    (("scores", {"detector": "badloss"}), _rewrite("score", _set_first(float("nan")), "scores"), ("plan", {"defense": "badloss"})),
+    (("losses", {"model": "pretrain"}), _rewrite("loss_e000", _set_first(float("inf")), "trajectories"),
+     ("score", {"detector": "badloss"})),
+    (("bona_fide", {"bona": "default"}), _every_example_bona_fide, ("score", {"detector": "badloss"})),
+    (("bona_fide", {"bona": "default"}), _poisoned_bona_fide, ("plan", {"defense": "badloss"})),
 ]
 
 
@@ -327,3 +482,104 @@ def test_corrupted_artifact_is_refused_naming_the_file(pristine, tmp_path, capsy
     assert code != 0, f"{reader} accepted a corrupted {target}"
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert victim in err, err
+
+
+# ---- a full disk --------------------------------------------------------------------------------
+
+FULL_DISK_JOBS = [("poison", {}, "manifest", {}), ("bonafide", {}, "bona_fide", {"bona": "default"}),
+                  ("pretrain", {"model": "attacked"}, "defender_model", {"model": "attacked"}),
+                  ("score", {"detector": "badloss"}, "scores", {"detector": "badloss"}),
+                  ("plan", {"defense": "badloss"}, "plan", {"defense": "badloss"}),
+                  ("train", {"defense": "badloss"}, "final_model", {"defense": "badloss"}),
+                  ("evaluate", {"defense": "badloss"}, "metrics", {"defense": "badloss"})]
+
+
+def _disk_full(*_a, **_k):
+    import errno
+    import os
+
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("stage, kw, kind, kind_kw", FULL_DISK_JOBS, ids=[j[0] for j in FULL_DISK_JOBS])
+def test_a_full_disk_is_reported_naming_the_file_and_leaves_nothing(pristine, tmp_path, capsys, monkeypatch,
+                                                                      stage, kw, kind, kind_kw):
+    import os
+
+    monkeypatch.delenv("POISONGRID_DEBUG", raising=False)
+    cfgfile, src = pristine
+    res = tmp_path / "results"
+    shutil.copytree(src, res)
+    out = P(res, kind, **kind_kw)
+    os.remove(out)
+    before = sorted(os.listdir(os.path.dirname(out)))
+    monkeypatch.setattr(os, "fsync", _disk_full)  # where a full disk surfaces for every atomic write
+    capsys.readouterr()
+    code = main(_args(stage, cfgfile, res, **kw))
+    err = capsys.readouterr().err
+    assert code != 0
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert "No space left on device" in err and os.path.dirname(out) in err, err
+    assert not os.path.exists(out)
+    left = [f for f in os.listdir(os.path.dirname(out)) if f not in before]
+    assert all(f.endswith(".log") or f.endswith(".running") is False for f in left) and not any(
+        f.endswith(".tmp") for f in left), left
+
+
+def test_a_checkpoint_write_on_a_full_disk_names_the_checkpoint(pristine, tmp_path, capsys, monkeypatch):
+    """torch reports a failed write as a RuntimeError ('file write failed'): the stage still says
+    'No space left on device' and names the file."""
+    import os
+
+    import torch
+
+    monkeypatch.delenv("POISONGRID_DEBUG", raising=False)
+    cfgfile, src = pristine
+    res = tmp_path / "results"
+    shutil.copytree(src, res)
+    out = P(res, "defender_model", model="attacked")
+    os.remove(out)
+
+    def failing_save(obj, f, *a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    capsys.readouterr()
+    assert main(_args("pretrain", cfgfile, res, model="attacked")) != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err and "model.pt" in err, err
+    assert not os.path.exists(out)
+
+
+def test_aggregate_on_a_full_disk_keeps_the_previous_outputs_whole(pristine, tmp_path, capsys, monkeypatch):
+    import os
+
+    from poisongrid import aggregate
+
+    cfgfile, src = pristine
+    res = tmp_path / "results"
+    shutil.copytree(src, res)
+    metrics = [P(res, "metrics", defense=d) for d in ("none", "badloss")]
+    agg = tmp_path / "agg"
+    first = aggregate.run(metrics, agg)
+    snapshot = {p: p.read_bytes() for ps in first.values() for p in ps}
+    assert len(snapshot) > 5
+    # The second run fails at a late write: nothing of it may appear, everything of the first stays.
+    real_replace, calls = os.replace, []
+
+    def replace_then_fail(a, b):
+        if ".aggregate-" in str(a) and ".aggregate-" not in str(b):  # moving the new outputs into place
+            calls.append(b)
+            if len(calls) == 4:
+                _disk_full()
+        return real_replace(a, b)
+
+    monkeypatch.setattr(os, "replace", replace_then_fail)
+    os.utime(metrics[0])
+    with pytest.raises(Exception) as e:
+        aggregate.run(metrics, agg)
+    assert "No space left on device" in str(e.value) and str(calls[3]) in str(e.value)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert {p: p.read_bytes() for p in snapshot} == snapshot
+    assert not [f for f in os.listdir(agg) if f.startswith(".aggregate-")]

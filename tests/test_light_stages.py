@@ -220,5 +220,5 @@ def test_validating_final_architectures_and_adaptive_attacks_imports_no_torch(pr
     """A defense's `arch` and the adaptive attack's surrogate augmentation are checked by name
     (zoo), as every other model and augmentation: validating these presets needs no torch."""
     repo = Path(poisongrid_pkg.__file__).parents[2]
-    text, loaded = poisongrid(tmp_path, "validate", str(repo / "configs" / preset))
+    text, loaded = poisongrid(tmp_path, "validate", "--no-data", str(repo / "configs" / preset))
     assert "valid" in text and "torch" not in loaded

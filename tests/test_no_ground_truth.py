@@ -2,17 +2,16 @@
 identically when the manifest's ground-truth columns (attack, orig_label, target) are shuffled,
 and when the poisoned set is stored dense (every row in poisoned.npz) instead of sparse (the
 poisoned rows only); every remedy but the `oracle` reference plans the same weights."""
-import copy
-import shutil
 
 import numpy as np
 import pyarrow as pa
 import pytest
 import yaml
 
-from poisongrid import config, poisoning, stages
+import planted
+from poisongrid import config, paths, poisoning, stages
 from poisongrid.detectors import DETECTORS, read_scores
-from poisongrid.io import read_table, save_npz, table_meta, write_table
+from poisongrid.io import read_table, save_npz, to_numpy, write_table
 from poisongrid.jobs import run_job
 from poisongrid.remedies import REMEDIES
 
@@ -52,12 +51,10 @@ def test_scores_and_plans_ignore_shuffled_ground_truth(tmp_path):
     man_path = poisoned["manifest"]
     table, meta = read_table(man_path, poisoning.MANIFEST_KIND)
     df = table.to_pandas()
-    rng = np.random.default_rng(0)
-    perm = rng.permutation(len(df))
-    shuffled = df.copy()
-    for c in GROUND_TRUTH:
-        shuffled[c] = df[c].to_numpy()[perm]
-    assert (shuffled["attack"].isna() != df["attack"].isna()).any()
+    bona = read_table(paths.path("bona_fide", root, **cell, bona="default"), "bona_fide")[0]
+    mask = np.zeros(len(df), bool)
+    mask[np.searchsorted(df["index"].to_numpy(), to_numpy(bona.column("index")))] = to_numpy(bona.column("bona_fide"))
+    shuffled = planted.shuffle_ground_truth(df, mask, seed=0, columns=GROUND_TRUTH)
     fake = tmp_path / "shuffled" / "manifest.parquet"
     write_table(fake, pa.Table.from_pandas(shuffled, preserve_index=False), poisoning.MANIFEST_KIND,
                 {k: v for k, v in meta.items() if k != "kind"})

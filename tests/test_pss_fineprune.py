@@ -1,6 +1,5 @@
 """PSS (intra-class loss, feature sensitivity, D-BR unlearning) and fine-pruning."""
 import copy
-import types
 
 import numpy as np
 import pandas as pd

@@ -1,6 +1,5 @@
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pytest
 
 from planted import DEFAULT_CELL, files, write_manifest
@@ -9,7 +8,6 @@ from poisongrid.detectors import read_scores
 from poisongrid.knn import knn_log_distance
 from poisongrid.detectors.badloss import BaDLoss
 from poisongrid.errors import ArtifactError, ConfigError
-from poisongrid.io import write_table
 from poisongrid.remedies import select_removed
 
 

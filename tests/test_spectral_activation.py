@@ -2,7 +2,6 @@
 scikit-learn computation and on a planted poisoned subcluster; the remove_flagged remedy."""
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pytest
 import torch
 from sklearn.cluster import KMeans
@@ -14,7 +13,7 @@ from planted import files, write_manifest
 from poisongrid import config, stages
 from poisongrid.detectors import DETECTORS, read_scores
 from poisongrid.errors import ConfigError
-from poisongrid.io import save_features, write_table
+from poisongrid.io import save_features
 from poisongrid.models import build_model
 from poisongrid.remedies import REMEDIES
 from poisongrid.training import save_model
@@ -43,15 +42,13 @@ def _planted(seed=0):
 
 def _manifest(labels, poisoned, shuffled=False, seed=0):
     n = len(labels)
-    rng = np.random.default_rng(seed)
     attack = pd.array(np.where(poisoned, "patch", None), dtype="string")
     target = np.where(poisoned, TARGET, -1).astype(np.int64)
-    if shuffled:
-        attack, target = pd.array(rng.permutation(np.asarray(attack, dtype=object)), dtype="string"), rng.permutation(target)
     bona = np.zeros(n, bool)
     bona[np.flatnonzero(~poisoned)[::10]] = True
-    return pd.DataFrame({"index": np.arange(n, dtype=np.int64), "label": labels.astype(np.int64),
-                         "orig_label": labels.astype(np.int64), "attack": attack, "target": target, "bona_fide": bona})
+    man = pd.DataFrame({"index": np.arange(n, dtype=np.int64), "label": labels.astype(np.int64),
+                        "orig_label": labels.astype(np.int64), "attack": attack, "target": target, "bona_fide": bona})
+    return planted.shuffle_ground_truth(man, seed=seed, columns=("attack", "target")) if shuffled else man
 
 
 def _inputs(tmp_path, feats, labels, poisoned, shuffled=False, linear=None):

@@ -186,3 +186,111 @@ def test_each_bona_fide_set_is_a_job_of_the_cells_reading_it(tmp_path):
     reads = {c: sorted(j.wildcards["bona"] for j in cell[c].jobs if j.stage == "bonafide")
              for c in ("digits/single-patch/seed0/none", "digits/single-patch/seed0/badloss_n20")}
     assert reads == {"digits/single-patch/seed0/none": ["default"], "digits/single-patch/seed0/badloss_n20": ["n20"]}
+
+
+def _marker(job_outputs, pid, host=None):
+    import json
+    import socket
+
+    from poisongrid import liveness
+
+    m = liveness.marker(job_outputs)
+    Path(m).parent.mkdir(parents=True, exist_ok=True)
+    Path(m).write_text(json.dumps({"pid": pid, "host": host or socket.gethostname(), "started": time.time()}))
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_a_killed_job_is_not_called_running_however_fresh_its_log(tmp_path):
+    _, cfg = _load(tmp_path)
+    res, logs = str(tmp_path / "results"), str(tmp_path / "logs")
+    w = {"dataset": "digits", "scenario": "single-patch", "seed": 0}
+    outs = list(paths.outputs("pretrain", res, **w, model="attacked").values())
+    log = paths.log("pretrain", logs, **w, model="attacked")
+    Path(log).parent.mkdir(parents=True, exist_ok=True)
+    Path(log).write_text("[10:00:00] epoch 2/5: batch 3/9\n")  # written a moment ago: looks alive
+    _marker(outs, _dead_pid())
+    by = {j.name: j for j in status.collect(cfg, res, logs)[0]}
+    assert by["pretrain/digits/single-patch/seed0/attacked"].state == "interrupted"
+    # The same marker naming a live process (this one): running, even with a log idle for an hour.
+    os.utime(log, (OLD, OLD))
+    _marker(outs, os.getpid())
+    by = {j.name: j for j in status.collect(cfg, res, logs)[0]}
+    assert by["pretrain/digits/single-patch/seed0/attacked"].state == "running"
+    # Another host's marker cannot be checked here: the log's age decides (idle: not running).
+    _marker(outs, os.getpid(), host="some-other-node")
+    by = {j.name: j for j in status.collect(cfg, res, logs)[0]}
+    assert by["pretrain/digits/single-patch/seed0/attacked"].state == "interrupted"
+
+
+def test_a_final_training_checkpoint_is_seen(tmp_path):
+    import torch
+
+    _, cfg = _load(tmp_path)
+    res, logs = str(tmp_path / "results"), str(tmp_path / "logs")
+    w = {"dataset": "digits", "scenario": "single-patch", "seed": 0}
+    model = paths.outputs("train", res, **w, defense="badloss")["out"]
+    Path(model).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"epoch": 3, "epochs_to_run": 5, "model": {"w": torch.zeros(1)}}, model + ".ckpt.train")
+    log = paths.log("train", logs, **w, defense="badloss")
+    Path(log).parent.mkdir(parents=True, exist_ok=True)
+    Path(log).write_text("[10:00:00] epoch 4/5 train_loss 0.4 (checkpoint saved)\n")
+    os.utime(log, (OLD, OLD))
+    by = {j.name: j for j in status.collect(cfg, res, logs)[0]}
+    job = by["train/digits/single-patch/seed0/badloss"]
+    assert (job.state, job.detail) == ("checkpointed", "checkpoint after epoch 4/5")
+
+
+def test_a_stage_keeps_its_marker_while_it_runs_and_removes_it(tmp_path):
+    from poisongrid import liveness
+
+    out = str(tmp_path / "x" / "model.pt")
+    with liveness.running([out]):
+        assert liveness.alive(out + liveness.SUFFIX) is True
+    assert not os.path.exists(out + liveness.SUFFIX)
+    try:
+        with liveness.running([out]):
+            raise KeyError("the stage failed")
+    except KeyError:
+        pass
+    assert not os.path.exists(out + liveness.SUFFIX)
+
+
+def test_each_grid_reads_its_own_logs(tmp_path):
+    """Logs live in the grid's results folder: another grid's interrupted aggregate is not this one's."""
+    _, cfg = _load(tmp_path)
+    a, b = str(tmp_path / "results" / "a"), str(tmp_path / "results" / "b")
+    other = paths.log("aggregate", paths.logs_dir(b))
+    Path(other).parent.mkdir(parents=True, exist_ok=True)
+    Path(other).write_text("[10:00:00] aggregating\n")
+    os.utime(other, (OLD, OLD))
+    assert status.collect(cfg, b)[0][-1].state == "interrupted"
+    assert status.collect(cfg, a)[0][-1].state == "not started"
+    assert paths.logs_dir(a) == f"{a}/logs"
+
+
+def test_watch_prints_progress_with_an_eta(tmp_path):
+    _, cfg = _load(tmp_path)
+    res = str(tmp_path / "results")
+    jobs = status.collect(cfg, res)[0]
+    progress = status.Progress()
+    first = progress.line(jobs, now=1000.0)
+    assert f"jobs done 0/{len(jobs)} (0%)" in first and "ETA: once a job finishes" in first
+    for j in jobs[:10]:  # ten jobs finish in the next 5 minutes: 2 per minute
+        j.state = "done"
+    later = progress.line(jobs, now=1300.0)
+    left = len(jobs) - 10
+    assert f"jobs done 10/{len(jobs)}" in later and "2 jobs/min" in later
+    assert f"ETA {left // 2 // 60} h {left // 2 % 60} min" in later or f"ETA {left // 2} min" in later
+
+
+def test_status_watch_through_the_cli(tmp_path, capsys, monkeypatch):
+    f, _ = _load(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["status", "--configfile", str(f), "--results", "results", "--watch", "0.01", "--looks", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert sum("jobs done 0/" in line for line in out) == 2 and out[-1].endswith("ETA: once a job finishes while watching")

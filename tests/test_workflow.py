@@ -9,6 +9,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from poisongrid.errors import ConfigError
+
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY = {
@@ -177,7 +179,9 @@ def test_invalid_config_stops_before_any_job(tmp_path):
 
 
 @pytest.mark.slow
-def test_missing_dataset_fails_once_with_path(tmp_path):
+def test_missing_dataset_stops_the_run_before_any_job_naming_the_path(tmp_path):
+    """A wrong data_dir is caught where the grid is checked, not by each poison job; a dry run
+    (planning a grid for a cluster that holds the data) still plans it."""
     cfg = {**TINY, "data_dir": str(tmp_path / "nodata"),
            "datasets": {"cifar10": {"model": "smallcnn", "epochs": 1, "scenarios": ["single-patch"],
                                     "attacks": {"patch": {"ratio": 0.01}}}}}
@@ -187,9 +191,11 @@ def test_missing_dataset_fails_once_with_path(tmp_path):
                     "--retries", "2", check=False)
     out = res.stdout + res.stderr
     assert res.returncode != 0
-    assert "Trying to restart" not in out  # a real failure is not retried
-    log = (tmp_path / "logs/poison/cifar10/single-patch/seed0.log").read_text()
-    assert "cifar-10-batches-py" in log and str(tmp_path / "nodata") in log
+    assert "datasets.cifar10: CIFAR-10" in out and "cifar-10-batches-py" in out and str(tmp_path / "nodata") in out
+    assert "Traceback" not in out and not (tmp_path / "results").exists()  # no job started
+    dry = snakemake(tmp_path, "results/cifar10/single-patch/seed0/poison/manifest.parquet", "--configfile", str(cfgfile),
+                    "-n", check=False)
+    assert dry.returncode == 0, dry.stdout + dry.stderr
 
 
 @pytest.mark.slow
@@ -202,12 +208,14 @@ def test_each_config_writes_its_own_results_and_overrides_are_typed(tmp_path):
         out = snakemake(tmp_path, "all", "--configfile", str(tmp_path / f"{name}.yaml"), "-n").stdout
         assert f"results/{name}/summary.csv" in out and f"results/{name}/digits/multi/seed0/none/metrics.json" in out
         assert f"results/{'b' if name == 'a' else 'a'}/" not in out
-    dry = snakemake(tmp_path, "all", "--configfile", str(tmp_path / "a.yaml"), "-n", "-p", "--config",
-                    "datasets={digits: {epochs: 5}}", "seeds=[0,1]", "cluster={gpus_per_job: 0}", "download=false")
-    out = dry.stdout
-    assert "results/a/digits/multi/seed1/none/metrics.json" in out  # seeds became [0, 1]
-    assert '"epochs": 5,' in out and '"epochs": "5"' not in out  # an integer, merged into the dataset
-    assert '"model": "smallcnn"' in out  # the rest of the dataset entry is kept
+        assert f"log: results/{name}/logs/poison/digits/multi/seed0.log" in out  # each grid keeps its own logs
+    for epochs in ("datasets={digits: {epochs: 5}}", "datasets.digits.epochs=5"):  # the dotted form too
+        dry = snakemake(tmp_path, "all", "--configfile", str(tmp_path / "a.yaml"), "-n", "-p", "--config",
+                        epochs, "seeds=[0,1]", "cluster={gpus_per_job: 0}", "download=false")
+        out = dry.stdout
+        assert "results/a/digits/multi/seed1/none/metrics.json" in out  # seeds became [0, 1]
+        assert '"epochs": 5,' in out and '"epochs": "5"' not in out  # an integer, merged into the dataset
+        assert '"model": "smallcnn"' in out  # the rest of the dataset entry is kept
     # Without --configfile the paper grid (config.yaml) is the base the overrides merge into.
     dry = snakemake(tmp_path, "all", "-n", "--config", "device=cpu", "cluster={gpus_per_job: 0}")
     assert "results/paper/cifar10/multi/seed0/badloss/metrics.json" in dry.stdout
@@ -230,7 +238,15 @@ def test_a_grid_naming_paper_numbers_puts_them_in_its_tables_and_report(tmp_path
 
 
 def test_typed_overrides():
-    from poisongrid.config import typed_overrides
+    from poisongrid.config import parse_overrides, typed_overrides
+
+    assert typed_overrides({"datasets.digits.epochs": "8", "datasets.digits.lr": "0.01", "seeds": "[0, 1]"}) == \
+        {"datasets": {"digits": {"epochs": 8, "lr": 0.01}}, "seeds": [0, 1]}
+    assert parse_overrides(["datasets.digits.epochs=8", "cluster={gpus_per_job: 0}", "results=results/x"]) == \
+        {"datasets": {"digits": {"epochs": 8}}, "cluster": {"gpus_per_job": 0}, "results": "results/x"}
+    for bad in ("epochs", "=8", "datasets..epochs=8"):
+        with pytest.raises(ConfigError, match="KEY=VALUE"):
+            parse_overrides([bad])
 
     got = typed_overrides({"cluster": {"gpus_per_job": "0"}, "seeds": ["0", "1"], "lr": 0.001, "device": "cpu",
                            "datasets": {"digits": {"epochs": "5", "crop_scale": ["0.5", "1.0"]}}, "download": "true"})

@@ -26,8 +26,36 @@ def _log(msg: str) -> None:
 FILE_FLAGS = ("manifest", "images", "bona_fide", "weights", "trajectories", "features", "scores", "plan", "out")
 
 
+def _add_config(p: argparse.ArgumentParser, default: list[str] | None = None, stage: bool = False) -> None:
+    """The one form every command takes a grid in: --configfile FILE... (merged in order, as
+    Snakemake merges them) and --config KEY=YAML... (dotted keys allowed)."""
+    p.add_argument("--configfile", nargs="+", action="extend", metavar="FILE",
+                   help="the grid's config file(s), merged in order" + (f" (default: {default[0]})" if default else ""))
+    p.add_argument("--config", nargs="+", action="extend", metavar="KEY=YAML",
+                   help="overrides merged over the files, e.g. seeds=[0,1] datasets.digits.epochs=8"
+                   + ("; a FILE here is read as --configfile FILE" if stage else ""))
+    p.set_defaults(default_configfile=default)
+
+
+def grid_config(args, stage: bool = False) -> tuple[list[str], dict]:
+    """(config files, overrides) of a command's --configfile/--config; a stage also takes the older
+    `--config FILE`."""
+    from . import config
+
+    files = list(args.configfile or [])
+    entries = []
+    for e in args.config or []:
+        if stage and "=" not in e:
+            files.append(e)
+        else:
+            entries.append(e)
+    if not files and args.default_configfile:
+        files = list(args.default_configfile)
+    return files, config.parse_overrides(entries)
+
+
 def _add_cell(p: argparse.ArgumentParser, stage: str) -> None:
-    p.add_argument("--config", help="grid config YAML (alternative to --spec)")
+    _add_config(p, stage=True)
     p.add_argument("--spec", help="the stage's resolved settings as JSON, or @file")
     p.add_argument("--results", help="results root for default paths (default: the config's results folder, "
                    "else results); give another one to run a stage by hand without touching the workflow's files")
@@ -42,15 +70,16 @@ def _spec(args, stage: str) -> dict:
     if args.spec:
         text = open(args.spec[1:]).read() if args.spec.startswith("@") else args.spec
         return json.loads(text)
-    if not args.config:
-        raise PoisongridError(f"`poisongrid {stage}` needs --spec JSON or --config FILE with the cell's --dataset/--seed/...")
+    files, overrides = grid_config(args, stage=True)
+    if not files:
+        raise PoisongridError(f"`poisongrid {stage}` needs --spec JSON or --configfile FILE with the cell's --dataset/--seed/...")
     from . import config
 
     # Every check but the LfD teachers' sizes, which may build models (torch) in a light job run by
     # hand; `poisongrid validate` and the workflow make that one.
-    cfg = config.load(args.config, sizes=False)
+    cfg = config.load(files, overrides, sizes=False)
     if args.results is None:
-        args.results = config.results_dir(cfg, [args.config])
+        args.results = config.results_dir(cfg, files)
     cell = {k: getattr(args, k, None) for k in ("scenario", "defense", "detector", "model", "bona")}
     return config.stage_spec(cfg, stage, args.dataset, seed=args.seed, **cell)
 
@@ -101,8 +130,11 @@ def run_stage(stage: str, args) -> dict:
         if "{" in v:
             missing = sorted(w for w in paths.STAGES[stage].cell if cell.get(w) is None)
             raise PoisongridError(f"give --{n} or the cell coordinates {['--' + m for m in missing]}")
+    from .liveness import running
+
     fn = getattr(stages, stage)
-    return fn(spec, inp, out, log=_log)
+    with running(out.values()):
+        return fn(spec, inp, out, log=_log)
 
 
 def cmd_aggregate(args) -> None:
@@ -125,18 +157,40 @@ def cmd_aggregate(args) -> None:
 def cmd_validate(args) -> None:
     from . import config
 
-    cfg = config.load(args.config)
+    if args.file:
+        args.configfile = list(args.file) + list(args.configfile or [])
+    files, overrides = grid_config(args)
+    cfg = config.load(files, overrides)
+    if not args.no_data:
+        config.check_data(cfg)
+    for w in config.warnings(cfg):
+        print(f"poisongrid validate: warning: {w}", file=sys.stderr)
     n = len(config.cells(cfg))
-    print(f"{args.config}: valid; {len(cfg['datasets'])} dataset(s), {n} cell(s)")
+    print(f"{' + '.join(files)}{' with overrides' if overrides else ''}: valid; {len(cfg['datasets'])} dataset(s), "
+          f"{n} cell(s); results go to {config.results_dir(cfg, files)}")
 
 
 def cmd_status(args) -> None:
     from . import config, status
 
-    cfg = config.load(args.configfile, deep=False)  # status only lists files: no need to read data headers
-    results = args.results or config.results_dir(cfg, args.configfile)
+    files, overrides = grid_config(args)
+    cfg = config.load(files, overrides, deep=False)  # status only lists files: no need to read data headers
+    results = args.results or config.results_dir(cfg, files)
+    logs = args.logs or paths.logs_dir(results)
     try:
-        print(status.report(cfg, results, args.logs, per_job=args.jobs, window=args.window), flush=True)
+        print(status.report(cfg, results, logs, per_job=args.jobs, window=args.window), flush=True)
+        if args.watch:
+            # Then one line per look: the whole grid's progress with an ETA, until every job is done.
+            progress, looks = status.Progress(), 0
+            while True:
+                jobs, _ = status.collect(cfg, results, logs, window=args.window)
+                print(progress.line(jobs), flush=True)
+                looks += 1
+                if all(j.state == "done" for j in jobs) or (args.looks and looks >= args.looks):
+                    break
+                time.sleep(args.watch)
+    except KeyboardInterrupt:
+        pass
     except BrokenPipeError:  # `poisongrid status | head`: the reader left; nothing is wrong
         import os
 
@@ -159,12 +213,24 @@ def cmd_show(args) -> None:
 def cmd_estimate(args) -> None:
     from . import config, estimate
 
-    print(estimate.render(estimate.estimate(config.load(args.configfile))))
+    files, overrides = grid_config(args)
+    cfg = config.load(files, overrides)
+    print(estimate.render(estimate.estimate(cfg), estimate.rates(cfg)))
+
+
+def _version() -> str:
+    from pathlib import Path
+
+    from . import __version__
+
+    return f"poisongrid {__version__} from {Path(__file__).resolve().parent}"
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="poisongrid", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--debug", action="store_true", help="show the traceback of an error (also POISONGRID_DEBUG=1)")
+    ap.add_argument("--version", action="version", version=_version(),
+                    help="print the version and where the package is imported from")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     helps = {
@@ -195,19 +261,24 @@ def build_parser() -> argparse.ArgumentParser:
                    "(a grid's paper_numbers, e.g. badloss-paper)")
     p.set_defaults(fn=cmd_aggregate)
 
-    p = sub.add_parser("validate", help="check a config file and count its cells")
-    p.add_argument("config")
+    p = sub.add_parser("validate", help="check a grid's config and count its cells")
+    p.add_argument("file", nargs="*", metavar="FILE", help="config file(s), the same as --configfile")
+    _add_config(p, ["config.yaml"])
+    p.add_argument("--no-data", action="store_true", help="check the config alone, not that its data is in place "
+                   "(e.g. before copying a grid to the cluster that holds the data)")
     p.set_defaults(fn=cmd_validate)
 
     from . import status
 
     p = sub.add_parser("status", help="which cells and jobs of a grid are done, running, checkpointed, failed or not started",
                        description=status.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configfile", nargs="+", default=["config.yaml"], metavar="FILE",
-                   help="the grid's config file(s), merged in order as Snakemake does (default: config.yaml)")
+    _add_config(p, ["config.yaml"])
     p.add_argument("--results", help="results root (default: the config's results folder)")
-    p.add_argument("--logs", default="logs", help="the rules' log root (default: logs)")
+    p.add_argument("--logs", help="the rules' log root (default: <results>/logs)")
     p.add_argument("--jobs", action="store_true", help="one line per job instead of one per cell")
+    p.add_argument("--watch", type=float, nargs="?", const=60.0, default=None, metavar="SECONDS",
+                   help="after the report, a line of progress (jobs done, ETA) every SECONDS (default 60) until all are done")
+    p.add_argument("--looks", type=int, default=0, help=argparse.SUPPRESS)  # stop --watch after this many (tests)
     p.add_argument("--window", type=float, default=status.RUNNING_WINDOW_S, metavar="SECONDS",
                    help="a log or temporary file modified this recently marks a job running (default: %(default)g)")
     p.set_defaults(fn=cmd_status)
@@ -215,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("estimate", help="a grid's jobs per stage and their GPU hours, before running it",
                        description="GPU time from each dataset's minutes_per_epoch (measured on one GPU, see the README) "
                        "and each defender model's, detector's and remedy's work in epochs of the dataset's training.")
-    p.add_argument("--configfile", nargs="+", default=["config.yaml"], metavar="FILE")
+    _add_config(p, ["config.yaml"])
     p.set_defaults(fn=cmd_estimate)
 
     p = sub.add_parser("show", help="print a poisongrid Parquet file's metadata and first rows")

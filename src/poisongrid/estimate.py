@@ -54,12 +54,26 @@ def _gpu_detector(cfg: dict, name: str) -> bool:
     return DETECTORS.get(cfg["detectors"][name]["type"]).gpu
 
 
-def render(rows: list[dict]) -> str:
+def rates(cfg: dict) -> dict[str, str]:
+    """Per dataset, the minutes per epoch the estimate rests on and where they come from."""
+    out = {}
+    for ds in cfg["datasets"]:
+        mpe, eager, source = config.epoch_minutes(cfg, ds)
+        out[ds] = f"{_minutes(mpe)} per epoch ({_minutes(eager)} eager), {source}"
+    return out
+
+
+def _minutes(m: float) -> str:
+    return f"{m:.3g} min" if m >= 0.01 else f"{m * 60:.2g} s"
+
+
+def render(rows: list[dict], rates: dict[str, str] | None = None) -> str:
     """Per dataset: each stage's jobs and GPU hours, the GPU-heavy items named, and the total."""
     out = []
     for ds in dict.fromkeys(r["dataset"] for r in rows):
         here = [r for r in rows if r["dataset"] == ds]
-        out.append(f"{ds}: {sum(r['jobs'] for r in here)} jobs, {sum(r['gpu_hours'] for r in here):.1f} GPU-h")
+        out.append(f"{ds}: {sum(r['jobs'] for r in here)} jobs, {sum(r['gpu_hours'] for r in here):.1f} GPU-h"
+                   + (f"  [{rates[ds]}]" if rates and ds in rates else ""))
         for stage in dict.fromkeys(r["stage"] for r in here):
             st = [r for r in here if r["stage"] == stage]
             items = ", ".join(f"{r['what']} {r['gpu_hours']:.1f}" for r in sorted(st, key=lambda r: -r["gpu_hours"])

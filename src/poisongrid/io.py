@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
+from .arrow import to_numpy  # noqa: F401  (the readers' public name)
 from .errors import ArtifactError
 
 if TYPE_CHECKING:
@@ -23,31 +24,58 @@ if TYPE_CHECKING:
 META_KEY = b"poisongrid"
 
 
+def write_failure(path, e: BaseException) -> ArtifactError:
+    """One line saying which file could not be written and why (a full disk, a read-only folder)."""
+    import errno
+    import shutil
+
+    text = str(e).strip()
+    reason = getattr(e, "strerror", None) or (text.splitlines()[0][:200] if text else type(e).__name__)
+    try:
+        if shutil.disk_usage(Path(path).parent).free < (1 << 20):
+            reason = os.strerror(errno.ENOSPC)
+    except OSError:
+        pass
+    return ArtifactError(f"{path}: could not be written ({reason}); nothing was left behind: free the space or fix the "
+                         "folder, then rerun")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds. A
+    failed write (a full disk, say) leaves nothing and is reported naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise write_failure(path, e) from None
     os.close(fd)
     tmp = Path(tmp)
     try:
-        yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        # mkstemp makes the file 0600; give it the mode a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
+        try:
+            yield tmp
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            # mkstemp makes the file 0600; give it the mode a plain open() would.
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+            os.replace(tmp, path)
+        except OSError as e:
+            raise write_failure(path, e) from None
     finally:
         if tmp.exists():
             tmp.unlink()
 
 
-def write_json(path, obj) -> None:
+def write_json(path, obj: dict) -> None:
+    """A JSON document with the digest of its content (checked by read_json)."""
+    from .digest import JSON_DIGEST_KEY, json_digest
+
+    body = json.loads(json.dumps({k: v for k, v in obj.items() if k != JSON_DIGEST_KEY}, default=_json_default))
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+        tmp.write_text(json.dumps({**body, JSON_DIGEST_KEY: json_digest(body)}, indent=2, sort_keys=True) + "\n")
 
 
 def _json_default(o):
@@ -61,20 +89,32 @@ def _json_default(o):
 
 
 def read_json(path) -> dict:
+    """A JSON document written by write_json, checked against its digest (returned without it)."""
+    from .digest import JSON_DIGEST_KEY, changed, json_digest
+
     path = Path(path)
     if not path.exists():
         raise ArtifactError(f"{path}: file not found")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{path}: not valid JSON ({e}); delete it and rerun the stage that makes it") from None
+    if not isinstance(obj, dict):
+        raise ArtifactError(f"{path}: a JSON {type(obj).__name__}, not the mapping poisongrid writes; delete it and rerun "
+                            "the stage that makes it")
+    digest = obj.pop(JSON_DIGEST_KEY, None)
+    if digest is not None and digest != json_digest(obj):
+        raise changed(path, "its content")
+    return obj
 
 
 def write_table(path, table: pa.Table, kind: str, meta: dict | None = None, **kwargs) -> None:
     """Write a Parquet table tagged with `kind` so a reader can reject foreign files."""
     import pyarrow.parquet as pq
 
-    payload = {"kind": kind, **(meta or {})}
+    from .digest import DIGEST_KEY, table_digests
+
+    payload = {"kind": kind, **(meta or {}), DIGEST_KEY: table_digests(table)}
     md = dict(table.schema.metadata or {})
     md[META_KEY] = json.dumps(payload, default=_json_default).encode()
     table = table.replace_schema_metadata(md)
@@ -119,6 +159,9 @@ def read_table(path, kind: str, columns: list[str] | None = None, require: tuple
         table = pf.read(columns=columns)
     except (pa.ArrowInvalid, OSError) as e:
         raise ArtifactError(f"{path}: Parquet data unreadable ({e}); delete it and rerun the stage that makes it") from None
+    from .digest import check_table
+
+    check_table(path, table, meta)
     return table, meta
 
 
@@ -126,21 +169,6 @@ def read_table(path, kind: str, columns: list[str] | None = None, require: tuple
 # installed: 0.2 s on an idle node, more on a busy one, most of a light job's start. These two
 # cross through the arrays' buffers instead, for the columns the light jobs read and write
 # (integers, floats, booleans, no nulls); anything else takes pyarrow's general path.
-
-
-def to_numpy(col) -> np.ndarray:
-    """An Arrow column (Array or ChunkedArray) as a numpy array; a pandas Series works too."""
-    import pyarrow as pa
-
-    if not isinstance(col, (pa.Array, pa.ChunkedArray)):
-        return col.to_numpy()
-    a = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    if a.null_count == 0 and pa.types.is_boolean(a.type):
-        bits = np.frombuffer(a.buffers()[1], np.uint8) if len(a) else np.zeros(0, np.uint8)
-        return np.unpackbits(bits, count=a.offset + len(a), bitorder="little")[a.offset:].astype(bool)
-    if a.null_count == 0 and (pa.types.is_integer(a.type) or pa.types.is_floating(a.type)):
-        return np.from_dlpack(a).copy()  # writable, as the general path gives
-    return a.to_numpy(zero_copy_only=False)
 
 
 def from_numpy(x: np.ndarray) -> pa.Array:
@@ -168,10 +196,17 @@ def string_array(values) -> pa.Array:
                                  null_count=int(len(values) - valid.sum()))
 
 
+# The .npz entry holding the other arrays' digests (JSON), checked by load_npz.
+NPZ_DIGESTS = "_digests"
+
+
 def save_npz(path, **arrays) -> None:
+    from .digest import arrays_digests
+
+    digests = json.dumps(arrays_digests(arrays))
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
+            np.savez(fh, **arrays, **{NPZ_DIGESTS: np.array(digests)})
 
 
 def load_npz(path, keys: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
@@ -186,6 +221,15 @@ def load_npz(path, keys: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
             out = {k: z[k] for k in z.files}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
         raise ArtifactError(f"{path}: not a readable .npz file ({e}); delete it and rerun the stage that makes it") from None
+    digests = out.pop(NPZ_DIGESTS, None)
+    if digests is not None:
+        from .digest import arrays_digests, changed
+
+        want = json.loads(str(digests))
+        got = arrays_digests(out)
+        bad = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+        if bad:
+            raise changed(path, f"array(s) {bad}")
     missing = [k for k in keys if k not in out]
     if missing:
         raise ArtifactError(f"{path}: lacks the arrays {missing} (has {sorted(out)}); not a file of this stage, "

@@ -42,6 +42,8 @@ LOGS = {
 WILDCARDS = ("dataset", "scenario", "seed", "attack", "model", "detector", "defense", "bona")
 # Directory names a defense may not take, since they sit beside the defense folders.
 RESERVED = ("poison", "models", "scores", "bona_fide")
+# Folders of a grid's results root that are not datasets.
+RESERVED_DATASETS = ("logs", "figures")
 # The bona fide set the config's top-level `bona_fide` describes; detectors name another with
 # their `bona_fide` key, and a defense's plan and training read its detector's set.
 DEFAULT_BONA_FIDE = "default"
@@ -83,6 +85,11 @@ def path(kind: str, results: str = "results", **wildcards) -> str:
 def pattern(kind: str, results: str = "results") -> str:
     """The Snakemake pattern: every wildcard but the results root left in braces."""
     return PATTERNS[kind].replace("{results}", results)
+
+
+def logs_dir(results: str) -> str:
+    """A grid's log root: inside its results folder, so two grids never share (or overwrite) logs."""
+    return f"{results}/logs"
 
 
 def log_pattern(stage: str, logs: str = "logs") -> str:

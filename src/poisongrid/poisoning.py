@@ -259,7 +259,12 @@ def read_bona_fide(path, index: np.ndarray, manifest_meta: dict) -> np.ndarray:
         raise ArtifactError(f"{path}: covers other examples than the manifest; delete it and rerun the bonafide stage")
     mask = np.zeros(int(index.max()) + 1 if len(index) else 0, dtype=bool)
     mask[got] = to_numpy(table.column("bona_fide"))
-    return mask[index]
+    mask = mask[index]
+    n_clean = meta.get("n_clean")
+    if n_clean is not None and int(mask.sum()) != int(n_clean):
+        raise ArtifactError(f"{path}: marks {int(mask.sum())} examples bona fide, but it was drawn with {n_clean}; "
+                            "delete it and rerun the bonafide stage")
+    return mask
 
 
 def manifest_fingerprint(meta: dict) -> str:
@@ -277,7 +282,8 @@ DEFENDER_COLUMNS = ["index", "label", "bona_fide"]
 def manifest_table(path, ground_truth: bool = False, bona_fide_path=None, columns=None) -> tuple[pa.Table, dict]:
     """The manifest as an Arrow table (no pandas: the light jobs read it), the defender's columns
     only unless `ground_truth` (or the given `columns`), with `bona_fide` appended from its file
-    when one is given."""
+    when one is given (checked against the manifest's ground truth: a bona fide example is never a
+    poisoned one)."""
     from .io import from_numpy, to_numpy
 
     if ground_truth:
@@ -286,6 +292,12 @@ def manifest_table(path, ground_truth: bool = False, bona_fide_path=None, column
         table, meta = read_table(path, MANIFEST_KIND, columns=DEFENDER_COLUMNS[:2])
     if bona_fide_path is not None:
         mask = read_bona_fide(bona_fide_path, to_numpy(table.column("index")), meta)
+        attack = table.column("attack") if "attack" in table.column_names else \
+            read_table(path, MANIFEST_KIND, columns=["attack"])[0].column("attack")
+        touched = ~to_numpy(attack.is_null())
+        if (mask & touched).any():
+            raise ArtifactError(f"{bona_fide_path}: marks {int((mask & touched).sum())} poisoned example(s) as bona fide; "
+                                "the bona fide set is drawn from untouched examples: delete it and rerun the bonafide stage")
         table = table.append_column("bona_fide", from_numpy(mask))
     return table, meta
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import platform
 import sys
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -22,6 +21,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from .data import Dataset
+    from .defender import DefenderView
 
 Log = Callable[[str], None]
 
@@ -38,11 +38,6 @@ def get_dataset(spec: dict) -> Dataset:
 
 
 ARTIFACT_PROVENANCE = ("target", "dataset", "seed", "attack", "image_shape")
-
-
-def _artifacts(files: dict[str, str] | None) -> dict[str, dict[str, np.ndarray]]:
-    """attack -> the arrays its learning step made (without their provenance entries)."""
-    return {name: {k: v for k, v in load_npz(p).items() if k not in ARTIFACT_PROVENANCE} for name, p in (files or {}).items()}
 
 
 # ---- trigger: what an attack learns before poisoning -------------------------------------------
@@ -81,13 +76,16 @@ def trigger(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
 # ---- poison -----------------------------------------------------------------------------------
 
 
-def poison(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
-    from . import poisoning
+def checked_triggers(spec: dict, inp: dict, ds: Dataset, targets: dict[str, int]) -> dict[str, dict[str, np.ndarray]]:
+    """What each learned attack of the cell learned (its trigger file's arrays), checked to be made
+    for this dataset, seed, attack, image size and target (`targets`: attack -> class) and to
+    build a valid attack (a trigger within its budget and of the image's shape). Every refusal
+    names the file."""
+    from .attacks import build_attack
+    from .errors import ConfigError
 
-    ds = get_dataset(spec)
-    trigger_paths = paths.trigger_inputs(inp)
-    trig = _artifacts(trigger_paths)
-    for name, path in trigger_paths.items():
+    out = {}
+    for name, path in paths.trigger_inputs(inp).items():
         z = load_npz(path)
         made = {"dataset": str(z.get("dataset", "?")), "seed": int(z["seed"]) if "seed" in z else None,
                 "attack": str(z.get("attack", "?")),
@@ -96,10 +94,30 @@ def poison(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
         if made != want:
             raise ArtifactError(f"{path}: a trigger made for {made}, but this job needs one for {want}; delete it and "
                                 "rerun the trigger stage")
-        want_t = poisoning.draw_target(name, spec["attacks"][name], ds.train.labels, ds.num_classes, spec["seed"])
-        got = int(z["target"])
-        if got != want_t:
-            raise ArtifactError(f"{path}: trigger was optimised for class {got}, but this seed's {name} target is {want_t}")
+        got = int(z["target"]) if "target" in z else None
+        if name in targets and got != targets[name]:
+            raise ArtifactError(f"{path}: trigger was optimised for class {got}, but this seed's {name} target is {targets[name]}")
+        arrays = {k: v for k, v in z.items() if k not in ARTIFACT_PROVENANCE}
+        params = (spec.get("attacks") or {}).get(name)
+        if params is not None:
+            from .attacks.base import attack_params
+
+            try:
+                build_attack(name, ds.image_shape, 0, attack_params(params), arrays)
+            except ConfigError as e:
+                raise ArtifactError(f"{path}: not a usable {name} trigger for these settings ({e}); delete it and rerun "
+                                    "the trigger stage") from None
+        out[name] = arrays
+    return out
+
+
+def poison(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
+    from . import poisoning
+
+    ds = get_dataset(spec)
+    targets = {a: poisoning.draw_target(a, spec["attacks"][a], ds.train.labels, ds.num_classes, spec["seed"])
+               for a in paths.trigger_inputs(inp)}
+    trig = checked_triggers(spec, inp, ds, targets)
     ps = poisoning.poison(ds, spec["attacks"], spec["all_attacks"], spec["seed"], trig,
                           overlap=spec.get("overlap", False))
     ps.meta["scenario"] = spec["scenario"]
@@ -326,10 +344,10 @@ def plan(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
     if "scores" in inp:
         st, smeta = read_table(inp["scores"], SCORES_KIND, require=("index", "score"))
         provenance.same_cell(inp["scores"], smeta, ref, detector=spec.get("detector"))
-        sidx = to_numpy(st["index"])
-        if len(sidx) != n or not np.array_equal(np.sort(sidx), index):
-            raise ArtifactError(f"{inp['scores']}: scores cover {len(sidx)} examples, the manifest {n}; rerun the score stage")
-        sc = to_numpy(st["score"])[np.argsort(sidx, kind="stable")]
+        sc = to_numpy(st["score"])[aligned(inp["scores"], index, to_numpy(st["index"]), "scores", "score")]
+        if not np.isfinite(sc).all():
+            raise ArtifactError(f"{inp['scores']}: {int((~np.isfinite(sc)).sum())} score(s) NaN or infinite; a detector "
+                                "scores every example: rerun the score stage")
     w = remedy.weights(sc, man, smeta).astype(np.float32)
     cell = provenance.of_role(ref, defense=spec["defense"])
     meta = {"cell": cell, "defense": spec["defense"], "remedy": spec["remedy"], "params": remedy.p, "n_train": n,
@@ -340,12 +358,36 @@ def plan(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
     return meta
 
 
-def read_plan(path, n: int) -> tuple[pd.DataFrame, dict]:
+def aligned(path, index: np.ndarray, got: np.ndarray, what: str, stage: str) -> np.ndarray:
+    """Positions in a file's rows (its `index` column `got`) of the manifest's `index`, in the
+    manifest's order: files are matched by example index, never by row position."""
+    if len(got) != len(index) or len(np.unique(got)) != len(got):
+        raise ArtifactError(f"{path}: {what} for {len(got)} rows ({len(np.unique(got))} distinct examples), the manifest "
+                            f"has {len(index)} examples; rerun the {stage} stage")
+    order = np.argsort(got, kind="stable")
+    pos = np.searchsorted(got, index, sorter=order)
+    pos = np.minimum(pos, len(got) - 1)
+    if not np.array_equal(got[order[pos]], index):
+        raise ArtifactError(f"{path}: {what} for other examples than the manifest's (index values differ); rerun the "
+                            f"{stage} stage")
+    return order[pos]
+
+
+def read_plan(path, index: np.ndarray, remedy=None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """A plan's weights and scores in the order of the manifest's `index`, its weights checked to
+    be finite and, given the remedy that made it, within what that remedy can produce."""
     table, meta = read_table(path, PLAN_KIND, require=("index", "score", "weight"))
-    df = table.to_pandas()
-    if len(df) != n:
-        raise ArtifactError(f"{path}: has {len(df)} rows, the manifest {n}; rerun the plan stage")
-    return df, meta
+    pos = aligned(path, np.asarray(index), to_numpy(table["index"]), "weights", "plan")
+    w = to_numpy(table["weight"]).astype(np.float32)[pos]
+    if not np.isfinite(w).all():
+        raise ArtifactError(f"{path}: {int((~np.isfinite(w)).sum())} weight(s) NaN or infinite; a plan's weights are "
+                            "finite: rerun the plan stage")
+    if remedy is not None:
+        lo, hi = remedy.weight_range()
+        if w.min() < lo - 1e-6 or w.max() > hi + 1e-6:
+            raise ArtifactError(f"{path}: weights in [{w.min():g}, {w.max():g}], outside the [{lo:g}, {hi:g}] remedy "
+                                f"'{remedy.name}' makes with these settings; rerun the plan stage")
+    return w, to_numpy(table["score"]).astype(np.float64)[pos], meta
 
 
 # ---- train ------------------------------------------------------------------------------------
@@ -361,12 +403,10 @@ def train(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
     cls = REMEDIES.get(d["remedy"], "remedy")
     view = defender_view(spec, inp, log, model_role={"model": cls.reads_model(d)})
     device = view.device
-    n = len(view)
-    pl, pmeta = read_plan(inp["plan"], n)
+    remedy = cls(**{k: v for k, v in d.items() if k in cls.params})
+    w, _, pmeta = read_plan(inp["plan"], view.index, remedy)
     ref = provenance.of(table_meta(inp["manifest"], "manifest")[1], inp["manifest"])
     cell = provenance.same_cell(inp["plan"], pmeta, ref, defense=d["name"])
-    remedy = cls(**{k: v for k, v in d.items() if k in cls.params})
-    w = pl["weight"].to_numpy(dtype=np.float32)
     ckpt = str(out["out"]) + ".ckpt"
     job = FinalTraining(view=view, weights=w, plan_meta=pmeta, checkpoint=ckpt,
                         fingerprint=fingerprint(spec, *[inp[k] for k in ("manifest", "images", "plan", "weights") if k in inp]))
@@ -409,7 +449,6 @@ def attack_success(model, attacks: dict, test_x: np.ndarray, test_y: np.ndarray,
 def detection_quality(man: pd.DataFrame, scores: np.ndarray, flagged: np.ndarray) -> dict | None:
     """AUROC of the scores (overall and per attack); recall and precision of the flagged set (the
     examples the plan gives weight <= 0)."""
-    import pandas as pd
 
     from . import poisoning
 
@@ -474,8 +513,9 @@ def evaluate(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
     # The none defense evaluates the attacked defender model; every other one its own final model.
     role = {"model": paths.ATTACKED} if paths.trains_nothing(d) else {"defense": d["name"]}
     provenance.same_cell(inp["weights"], mmeta, ref, **role)
-    trig = paths.trigger_inputs(inp)
-    attacks = poisoning.test_attacks(pmeta, ds.image_shape, _artifacts(trig))
+    targets = {a: int(i["target"]) for a, i in pmeta["attacks"].items()}
+    trig = checked_triggers({**spec, "attacks": {a: i["params"] for a, i in pmeta["attacks"].items()}}, inp, ds, targets)
+    attacks = poisoning.test_attacks(pmeta, ds.image_shape, trig)
     test_x, test_y, held_out = ds.test.images, ds.test.labels, None
     if spec.get("validation"):
         from .validation import evaluated, split
@@ -488,10 +528,11 @@ def evaluate(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
     clean_acc = float((predict(model, test_x, device) == test_y).mean())
     asr, boosted = attack_success(model, attacks, test_x, test_y, device)
     paper = {a: boosted.get(a, asr[a]) for a in asr}
-    pl, plmeta = read_plan(inp["plan"], len(man))
+    from .remedies import REMEDIES
+
+    cls = REMEDIES.get(d["remedy"], "remedy")
+    w, scores, plmeta = read_plan(inp["plan"], man["index"].to_numpy(), cls(**{k: v for k, v in d.items() if k in cls.params}))
     provenance.same_cell(inp["plan"], plmeta, ref, defense=d["name"])
-    w = pl["weight"].to_numpy()
-    scores = pl["score"].to_numpy().astype(float)
     wall = {"train": mmeta["wall_time_s"]}
     smeta: dict = {}
     if "scores" in inp:
@@ -503,11 +544,9 @@ def evaluate(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
         wall["pretrain"] = (smeta.get("defender_model") or {}).get("wall_time_s")
     wall["evaluate"] = time.perf_counter() - t0
     cost = training_cost(mmeta, smeta, trains_nothing=paths.trains_nothing(d))
-    from .remedies import REMEDIES
-
     # Settings below the references' budgets, which the tables mark: the detector's, the
     # remedy's and each learned attack's.
-    notes = [n for n in (smeta.get("budget"), REMEDIES.get(d["remedy"], "remedy").budget_note(d)) if n]
+    notes = [n for n in (smeta.get("budget"), cls.budget_note(d)) if n]
     budget = {"defense": "; ".join(notes)} if notes else {}
     attack_notes = {a: i["budget"] for a, i in pmeta["attacks"].items() if i.get("budget")}
     if attack_notes:

@@ -4,12 +4,13 @@ temporary siblings, checkpoints, the rules' logs): `poisongrid status`.
 A job is, in this order of precedence:
 
 - done: every output exists;
-- running: its log (unless the log ends in an error) or a temporary sibling of an output (an
-  atomic write in progress, `.{name}.*.tmp`) was modified within the last `window` seconds
-  (120 by default: training logs at least once a minute; raise it for stages that stay silent
-  longer, e.g. loading a very large dataset);
-- checkpointed: `<output>.ckpt` exists (shown with the last finished epoch; a resubmitted job
-  resumes from it);
+- running: its marker (`<first output>.running`, liveness.py) names a process of this host that
+  still exists; or, where that cannot be told (a job on another host), its log (unless the log
+  ends in an error) or a temporary sibling of an output (an atomic write in progress,
+  `.{name}.*.tmp`) was modified within the last `window` seconds (120 by default: training logs
+  at least once a minute). A marker whose process is gone is a killed job, however fresh its log;
+- checkpointed: `<output>.ckpt` or a final training's `<output>.ckpt.<phase>` exists (shown with
+  the last finished epoch; a resubmitted job resumes from it);
 - failed: its log's last lines contain an error (Traceback, ...Error, `error:`, Killed, CANCELLED);
 - interrupted: its log exists but ends without an error or an output (e.g. killed by a signal);
 - not started: no log, no output.
@@ -88,15 +89,25 @@ class _Listing:
         d, name = os.path.split(p)
         return self.folder(d or ".").get(name)
 
+    def checkpoints(self, p: str) -> list[str]:
+        """Training checkpoints of output p: `<p>.ckpt` (a defender model), `<p>.ckpt.<phase>` (a
+        remedy's final training, one per phase), newest first."""
+        d, name = os.path.split(p)
+        found = [e for n, e in self.folder(d or ".").items() if n == name + ".ckpt" or n.startswith(name + ".ckpt.")]
+        return [e.path for e in sorted(found, key=_mtime, reverse=True)]
+
     def temporaries(self, p: str) -> list[os.DirEntry]:
         d, name = os.path.split(p)
         return [e for n, e in self.folder(d or ".").items() if n.startswith(f".{name}.") and n.endswith(".tmp")]
 
 
-def grid_jobs(cfg: dict, results: str = "results", logs: str = "logs") -> tuple[list[Job], list[Cell]]:
-    """Every job of the grid once (the aggregate last) and every cell with its jobs in dependency order."""
+def grid_jobs(cfg: dict, results: str = "results", logs: str | None = None) -> tuple[list[Job], list[Cell]]:
+    """Every job of the grid once (the aggregate last) and every cell with its jobs in dependency order;
+    logs default to the grid's own (paths.logs_dir)."""
     from . import config
     from .jobs import cell_jobs
+
+    logs = logs or paths.logs_dir(results)
 
     by_key: dict[tuple, Job] = {}
     cells = []
@@ -123,13 +134,20 @@ def classify(job: Job, fs: _Listing, now: float, window: float = RUNNING_WINDOW_
     if all(fs.entry(o) is not None for o in job.outputs):
         job.state, job.detail = "done", ""
         return
+    from .liveness import alive, marker
+
     log = fs.entry(job.log)
     tail = _tail(job.log) if log is not None else []
     error = any(ERROR.search(line) for line in tail)
     # A log that ends in an error was written by a process that has ended.
     fresh = ([log] if log is not None and not error else []) + [t for o in job.outputs for t in fs.temporaries(o)]
-    ckpts = [o + ".ckpt" for o in job.outputs if fs.entry(o + ".ckpt") is not None]
-    if not error and any(now - _mtime(e) < window for e in fresh):
+    ckpts = [c for o in job.outputs for c in fs.checkpoints(o)]
+    # Evidence first: the job's own marker names its process (a killed job's process is gone);
+    # only a job on another host (or from before markers) is judged by how fresh its files are.
+    live = alive(marker(job.outputs)) if fs.entry(marker(job.outputs)) is not None else None
+    if live is False:
+        fresh = []
+    if not error and (live is True or any(now - _mtime(e) < window for e in fresh)):
         job.state, job.detail = "running", (tail[-1] if tail else "")
     elif ckpts:
         job.state, job.detail = "checkpointed", checkpoint_progress(ckpts[0])
@@ -185,7 +203,7 @@ def cell_state(cell: Cell) -> None:
         cell.state, cell.at = ("pending" if len(todo) < len(cell.jobs) else "not started"), todo[0]
 
 
-def collect(cfg: dict, results: str = "results", logs: str = "logs", now: float | None = None,
+def collect(cfg: dict, results: str = "results", logs: str | None = None, now: float | None = None,
             window: float = RUNNING_WINDOW_S) -> tuple[list[Job], list[Cell]]:
     """Every job and cell of the grid `cfg` defines, with its state."""
     jobs, cells = grid_jobs(cfg, results, logs)
@@ -224,9 +242,40 @@ def format_jobs(jobs: list[Job]) -> list[str]:
     return [f"{j.name:<{width}}  {j.state:<12}  {j.detail}".rstrip() for j in jobs]
 
 
-def report(cfg: dict, results: str = "results", logs: str = "logs", per_job: bool = False,
+def report(cfg: dict, results: str = "results", logs: str | None = None, per_job: bool = False,
            window: float = RUNNING_WINDOW_S) -> str:
     jobs, cells = collect(cfg, results, logs, window=window)
     lines = format_jobs(jobs) if per_job else format_cells(cells)
     lines += ["", f"cells {totals(cells, CELL_STATES)}", f"jobs {totals(jobs, JOB_STATES)}"]
     return "\n".join(lines)
+
+
+class Progress:
+    """A grid's progress over repeated looks (`poisongrid status --watch`): jobs done of all, and an
+    ETA from the rate at which jobs finished since watching began."""
+
+    def __init__(self):
+        self.first: tuple[float, int] | None = None
+
+    def line(self, jobs: list[Job], now: float | None = None) -> str:
+        now = time.time() if now is None else now
+        counts = {s: sum(j.state == s for j in jobs) for s in JOB_STATES}
+        done, total = counts["done"], len(jobs)
+        if self.first is None:
+            self.first = (now, done)
+        t0, d0 = self.first
+        rate = (done - d0) / (now - t0) if now > t0 else 0.0
+        if done == total:
+            eta = "all done"
+        elif rate > 0:
+            eta = f"ETA {_duration((total - done) / rate)} at {rate * 60:.2g} jobs/min since watching began"
+        else:
+            eta = "ETA: once a job finishes while watching"
+        busy = ", ".join(f"{s} {counts[s]}" for s in ("running", "checkpointed", "failed", "interrupted") if counts[s])
+        return (f"[{time.strftime('%H:%M:%S', time.localtime(now))}] jobs done {done}/{total} ({100 * done / max(total, 1):.0f}%)"
+                + (f", {busy}" if busy else "") + f"; {eta}")
+
+
+def _duration(seconds: float) -> str:
+    m = int(round(seconds / 60))
+    return f"{m // 60} h {m % 60} min" if m >= 60 else f"{max(m, 1)} min"

@@ -787,7 +787,8 @@ def _load_checkpoint(path: str, ident: dict, log) -> dict | None:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is simply not resumed from
         if log:
-            log(f"ignoring unreadable checkpoint {path}: {e}")
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            log(f"ignoring unreadable checkpoint {path}: {first[:120]}")
         return None
     if not isinstance(state, dict) or any(state.get(k) != v for k, v in ident.items()):
         if log:
@@ -804,9 +805,15 @@ def remove_checkpoint(path: str | None) -> None:
 def save_model(path, model: nn.Module, meta: dict) -> None:
     from .io import atomic_path
 
+    from .digest import JSON_DIGEST_KEY, tensors_digest
+
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    meta = {**meta, JSON_DIGEST_KEY: tensors_digest(state)}
     with atomic_path(path) as tmp:
-        torch.save({"state_dict": state, "meta": meta}, tmp)
+        try:
+            torch.save({"state_dict": state, "meta": meta}, tmp)
+        except RuntimeError as e:  # torch reports a failed write (a full disk) as a RuntimeError
+            raise OSError(str(e)) from None
 
 
 def load_model(path, device: torch.device) -> tuple[nn.Module, dict]:
@@ -814,6 +821,8 @@ def load_model(path, device: torch.device) -> tuple[nn.Module, dict]:
 
     if not os.path.exists(path):
         raise ArtifactError(f"{path}: file not found")
+    from .digest import JSON_DIGEST_KEY, changed, tensors_digest
+
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
         meta = blob["meta"]
@@ -822,4 +831,6 @@ def load_model(path, device: torch.device) -> tuple[nn.Module, dict]:
     except Exception as e:  # noqa: BLE001 - whatever fails to load is not a usable model file
         raise ArtifactError(f"{path}: not a poisongrid model file or truncated ({str(e).splitlines()[0][:200]}); "
                             "delete it and rerun the stage that makes it") from None
+    if meta.get(JSON_DIGEST_KEY) is not None and meta[JSON_DIGEST_KEY] != tensors_digest(blob["state_dict"]):
+        raise changed(path, "its weights")
     return model.to(device), meta

@@ -58,13 +58,26 @@ def iter_batches(path, batch_rows: int = 1 << 18, only_accepted: bool = True,
                  epochs: list[int] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Stream (index, trajectories) blocks so a file larger than memory can be scored; `epochs`
     picks recorded epochs by number instead of the accepted ones."""
+    from .digest import DIGEST_KEY, ColumnDigest, changed
+
     pf, md = table_meta(path, KIND)
     cols = [column(e) for e in epochs] if epochs is not None else _columns(md, only_accepted)
+    want = md.get(DIGEST_KEY) or {}
+    digests = {c: ColumnDigest(c, pf.schema_arrow.field(c).type) for c in ["index", *cols] if c in want}
     try:
         for b in pf.iter_batches(batch_size=batch_rows, columns=["index", *cols]):
-            yield to_numpy(b.column("index")), _matrix(b, cols)
+            for c, d in digests.items():
+                d.update(b.column(c))
+            t = _matrix(b, cols)
+            if not np.isfinite(t).all():
+                raise ArtifactError(f"{path}: holds {int((~np.isfinite(t)).sum())} non-finite losses (NaN or inf) in "
+                                    f"the epochs read; a loss trajectory is finite: delete it and rerun pretrain")
+            yield to_numpy(b.column("index")), t
     except (pa.ArrowInvalid, OSError) as e:
         raise ArtifactError(f"{path}: Parquet data unreadable ({e}); delete it and rerun pretrain") from None
+    bad = sorted(c for c, d in digests.items() if d.hexdigest() != want[c])
+    if bad:
+        raise changed(path, f"column(s) {bad}")
 
 
 def _columns(md: dict, only_accepted: bool) -> list[str]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from .errors import ConfigError
 from .registry import Registry
 
-MODELS: Registry = Registry("model")
+MODELS: Registry = Registry("model", "poisongrid.models")
 OPTIMIZERS: Registry = Registry("optimizer")
 AUGMENTS: Registry = Registry("augment")
 

@@ -25,7 +25,7 @@ rule aggregate:
     conda:
         "../../envs/poisongrid.yaml"
     log:
-        pgp.log_pattern("aggregate"),
+        pgp.log_pattern("aggregate", LOGS),
     params:
         papers=f"--paper-numbers {config['paper_numbers']}" if config.get("paper_numbers") else "",
     shell:

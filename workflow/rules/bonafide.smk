@@ -18,6 +18,6 @@ rule bonafide:
     conda:
         "../../envs/poisongrid.yaml"
     log:
-        pgp.log_pattern("bonafide"),
+        pgp.log_pattern("bonafide", LOGS),
     shell:
         stage_shell("bonafide")

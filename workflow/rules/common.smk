@@ -117,12 +117,12 @@ REPORT_CAPTIONS = "../report/"
 # One report section per analysis. The report lists sections in alphabetical order, so the number
 # sets their order: the tables first, the downloads last. (The front page, workflow/report/workflow.rst,
 # shows the multi- and single-attack tables too.)
-REPORT_CATEGORY = {"papers": "0 The papers' numbers beside ours", "multi": "1 Multi-attack (Table 2)", "single": "2 Single-attack (Table 1)",
+REPORT_CATEGORY = {"headline": "0 The answer", "papers": "0 The papers' numbers beside ours", "multi": "1 Multi-attack (Table 2)", "single": "2 Single-attack (Table 1)",
                    "singlemulti": "3 Single vs multi-attack", "rreject": "4 r_reject", "rejection": "4 r_reject", "capacity": "5 LfD teacher capacity",
                    "trajectories": "6 Trajectories", "teacher": "7 LfD teacher losses", "cost": "8 Cost",
                    "all": "9 All tables and downloads"}
 # The tables of each analysis, one HTML page each (poisongrid.aggregate.TABLE_SECTIONS).
-REPORT_TABLES = {"papers": "the papers' numbers beside ours", "multi": "multi-attack tables", "single": "single-attack tables", "singlemulti": "single vs multi table",
+REPORT_TABLES = {"headline": "every defense in one table, the best marked", "papers": "the papers' numbers beside ours", "multi": "multi-attack tables", "single": "single-attack tables", "singlemulti": "single vs multi table",
                  "cost": "cost table", "rejection": "rejection by class size (Appendix G)"}
 
 

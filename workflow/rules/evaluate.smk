@@ -17,7 +17,7 @@ rule evaluate:
     conda:
         "../../envs/poisongrid.yaml"
     log:
-        pgp.log_pattern("evaluate"),
+        pgp.log_pattern("evaluate", LOGS),
     threads: config["threads"]
     shell:
         stage_shell("evaluate")

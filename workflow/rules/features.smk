@@ -16,7 +16,7 @@ rule features:
     conda:
         "../../envs/poisongrid.yaml"
     log:
-        pgp.log_pattern("features"),
+        pgp.log_pattern("features", LOGS),
     threads: config["threads"]
     shell:
         stage_shell("features")

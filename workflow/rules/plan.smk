@@ -17,6 +17,6 @@ rule plan:
     conda:
         "../../envs/poisongrid.yaml"
     log:
-        pgp.log_pattern("plan"),
+        pgp.log_pattern("plan", LOGS),
     shell:
         stage_shell("plan")

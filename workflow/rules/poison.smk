@@ -17,6 +17,6 @@ rule poison:
     conda:
         "../../envs/poisongrid.yaml"
     log:
-        pgp.log_pattern("poison"),
+        pgp.log_pattern("poison", LOGS),
     shell:
         stage_shell("poison")

@@ -17,7 +17,7 @@ rule pretrain:
     conda:
         "../../envs/poisongrid.yaml"
     log:
-        pgp.log_pattern("pretrain"),
+        pgp.log_pattern("pretrain", LOGS),
     threads: config["threads"]
     shell:
         stage_shell("pretrain")

@@ -19,6 +19,6 @@ rule score:
     conda:
         "../../envs/poisongrid.yaml"
     log:
-        pgp.log_pattern("score"),
+        pgp.log_pattern("score", LOGS),
     shell:
         stage_shell("score")

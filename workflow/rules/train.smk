@@ -16,7 +16,7 @@ rule train:
     conda:
         "../../envs/poisongrid.yaml"
     log:
-        pgp.log_pattern("train"),
+        pgp.log_pattern("train", LOGS),
     threads: config["threads"]
     shell:
         stage_shell("train")

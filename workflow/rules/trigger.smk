@@ -14,7 +14,7 @@ rule trigger:
     conda:
         "../../envs/poisongrid.yaml"
     log:
-        pgp.log_pattern("trigger"),
+        pgp.log_pattern("trigger", LOGS),
     threads: config["threads"]
     shell:
         stage_shell("trigger")

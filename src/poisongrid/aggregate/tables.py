@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from .headline import headline_table
 from .order import attack_label, attack_order, defense_order
 from .summary import cell_level, single_vs_multi
 
@@ -18,13 +19,15 @@ GAP_NOTE = ("‡ the boosted-trigger ASR is more than 20 points below the plain 
 BOOST_GAP = 0.20
 
 # Table files, one per analysis, for the report's sections; tables.md / tables.html hold them all.
-TABLE_SECTIONS = {"papers": "the papers' numbers beside ours",
+TABLE_SECTIONS = {"headline": "the answer: every defense in one table, the best marked",
+                  "papers": "the papers' numbers beside ours",
                   "multi": "multi-attack results (the BaDLoss paper's Table 2 shape)",
                   "single": "single-attack results (the BaDLoss paper's Table 1 shape) and each single scenario",
                   "singlemulti": "each attack alone vs in the multi-attack scenario (the paper's Fig. 10)",
                   "cost": "the cost of each defense",
                   "rejection": "clean examples rejected in large and small classes (the paper's Appendix G)"}
-SECTION_EMPTY = {"papers": "This grid names no paper's numbers to compare with (paper_numbers), or measured none of their cells.",
+SECTION_EMPTY = {"headline": "This grid has no attack scenario to answer for.",
+                 "papers": "This grid names no paper's numbers to compare with (paper_numbers), or measured none of their cells.",
                  "multi": "This grid has no multi-attack scenario.",
                  "single": "This grid has no single-attack or clean scenario.",
                  "singlemulti": "No attack ran both alone (single-<attack>) and in the multi scenario under one defense.",
@@ -183,9 +186,11 @@ def plain_table(g: pd.DataFrame) -> list[str]:
             f"({_seeds_note(g)}).", "", *_md_table(["Scenario", "Defense", "n", *map(attack_label, attacks), "Avg. ASR"], rows, 3), ""]
 
 
-def table_sections(df: pd.DataFrame, comparison: pd.DataFrame | None = None) -> dict[str, list[str]]:
+def table_sections(df: pd.DataFrame, comparison: pd.DataFrame | None = None,
+                   headline_figures: dict[str, str] | None = None) -> dict[str, list[str]]:
     """Markdown of every table, per analysis (TABLE_SECTIONS), datasets in order of appearance;
-    `comparison` (papers.compare) gives the papers' section."""
+    `comparison` (papers.compare) gives the papers' section, `headline_figures` (dataset -> figure
+    path relative to the results folder) the figure under each dataset's headline table."""
     from .. import papers
 
     out: dict[str, list[str]] = {k: [] for k in TABLE_SECTIONS}
@@ -194,6 +199,7 @@ def table_sections(df: pd.DataFrame, comparison: pd.DataFrame | None = None) -> 
     for ds, g in df.groupby("dataset", sort=False):
         scenarios = list(dict.fromkeys(g["scenario"]))
         budget = budget_marks(g)
+        out["headline"] += budget.mark(headline_table(g, (headline_figures or {}).get(ds)))
         if "multi" in scenarios:
             out["multi"] += budget.mark(scenario_table(g[g["scenario"] == "multi"], ds, "multi"))
         out["single"] += budget.mark(single_attack_table(g))
@@ -209,9 +215,10 @@ def table_sections(df: pd.DataFrame, comparison: pd.DataFrame | None = None) -> 
     return out
 
 
-def markdown_tables(df: pd.DataFrame, comparison: pd.DataFrame | None = None) -> str:
-    s = table_sections(df, comparison)
-    return "\n".join(s["papers"] + s["multi"] + s["single"] + s["singlemulti"] + s["plain"] + s["cost"] + s["rejection"])
+def markdown_tables(df: pd.DataFrame, comparison: pd.DataFrame | None = None,
+                    headline_figures: dict[str, str] | None = None) -> str:
+    s = table_sections(df, comparison, headline_figures)
+    return "\n".join(s["headline"] + s["papers"] + s["multi"] + s["single"] + s["singlemulti"] + s["plain"] + s["cost"] + s["rejection"])
 
 
 BUDGET_MARK = "§"

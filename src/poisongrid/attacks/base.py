@@ -10,7 +10,7 @@ import numpy as np
 from ..errors import ConfigError
 from ..registry import Registry
 
-ATTACKS: Registry[type["Attack"]] = Registry("attack")
+ATTACKS: Registry[type["Attack"]] = Registry("attack", "poisongrid.attacks")
 
 _CHUNK = 256  # images converted to float at once: bounds memory on 224-px test sets
 

@@ -2,7 +2,6 @@
 memory, partition, GPUs, shared-GPU groups and the command that launches it."""
 from __future__ import annotations
 
-from ..errors import ConfigError
 from ..paths import trains_nothing
 from .specs import (
     KNOWN_NUM_CLASSES,
@@ -45,6 +44,25 @@ def detector_scale(cfg: dict, dataset: str, detector: str) -> dict:
     return {**dataset_scale(cfg, dataset), "n_clean": n_clean_of(cfg, detector=detector)}
 
 
+def epoch_minutes(cfg: dict, dataset: str) -> tuple[float, float, str]:
+    """(minutes per epoch, eager minutes per epoch, where they come from) of a dataset's model on
+    one GPU: the config's measured values, else derived from its training-set size, image size and
+    model at the rates measured for costs.py (an estimate that errs long)."""
+    from ..costs import derived_minutes_per_epoch
+
+    ds = dataset_entry(cfg, dataset)
+    mpe, eager = ds.get("minutes_per_epoch"), ds.get("eager_minutes_per_epoch")
+    if mpe is not None:
+        return mpe, eager or mpe, "measured (minutes_per_epoch)"
+    n = dataset_scale(cfg, dataset)["n_train"]
+    if not n:
+        return 1.0, eager or 1.0, "unknown training-set size: 1 minute per epoch assumed (set minutes_per_epoch)"
+    size = ds.get("image_size")
+    derived = derived_minutes_per_epoch(n, ds["model"], size)
+    return derived, eager or derived_minutes_per_epoch(n, ds["model"], size, eager=True), \
+        f"derived from {n:,} images at {f'{size} px' if size else 'the native size'} with {ds['model']} (costs.py)"
+
+
 def estimated_minutes(cfg: dict, stage: str, dataset: str, model: str | None = None, detector: str | None = None,
                       defense: str | None = None, attack: str | None = None) -> float:
     """GPU minutes one job of a stage needs, from the dataset's measured minutes per epoch; the
@@ -52,10 +70,9 @@ def estimated_minutes(cfg: dict, stage: str, dataset: str, model: str | None = N
     from ..costs import cost_factor
 
     ds = dataset_entry(cfg, dataset)
-    mpe = ds["minutes_per_epoch"]
     # Work outside the graph-replayed training step (detectors' own optimisation, a remedy's
     # per-batch objective, learned triggers) launches every kernel from Python: its own rate.
-    eager = ds.get("eager_minutes_per_epoch") or mpe
+    mpe, eager, _ = epoch_minutes(cfg, dataset)
 
     def arch_mpe(arch: str, rate: float = mpe) -> float:
         # minutes_per_epoch is measured with the dataset's model; another architecture scales it.
@@ -123,6 +140,10 @@ def resources(cfg: dict, stage: str, dataset: str, model: str | None = None, def
         slowdown = cl["jobs_per_gpu"] if shared else 1
         res["runtime"] = int(10 + cl["runtime_margin"] * slowdown
                              * estimated_minutes(cfg, stage, dataset, model, defense=defense))
+        if cl.get("max_runtime"):
+            res["runtime"] = min(res["runtime"], cl["max_runtime"])
+        if cl.get("constraint"):
+            res["constraint"] = cl["constraint"]
     mem = cl["gpu_mem_mb"] if heavy else cl["cpu_mem_mb"]
     if mem:
         res["mem_mb"] = mem
@@ -131,14 +152,22 @@ def resources(cfg: dict, stage: str, dataset: str, model: str | None = None, def
         res["slurm_partition"] = part
     if cl["account"]:
         res["slurm_account"] = cl["account"]
+    if cl.get("qos"):
+        res["qos"] = cl["qos"]
+    if cl.get("slurm_extra"):
+        res["slurm_extra"] = cl["slurm_extra"]
     if gpu and shared:
         # Snakemake sums a group's integer resources over the jobs that run side by side (memory,
         # cores: wanted) but keeps a string one that all its jobs share: one GPU for the group.
         res["gres"] = f"gpu:{cl['gpu_model']}:1" if cl["gpu_model"] else "gpu:1"
     elif gpu:
-        res["gpu"] = cl["gpus_per_job"] if stage in DATA_PARALLEL_STAGES else 1
-        if cl["gpu_model"]:
-            res["gpu_model"] = cl["gpu_model"]
+        n = cl["gpus_per_job"] if stage in DATA_PARALLEL_STAGES else 1
+        if cl.get("gpu_request") == "gres":  # sites that accept --gres=gpu:N but not --gpus
+            res["gres"] = f"gpu:{cl['gpu_model']}:{n}" if cl["gpu_model"] else f"gpu:{n}"
+        else:
+            res["gpu"] = n
+            if cl["gpu_model"]:
+                res["gpu_model"] = cl["gpu_model"]
     return res
 
 

@@ -79,6 +79,10 @@ def figure_names(cfg: dict, trajectory_paths, teacher_paths) -> list[tuple[str, 
         if capacity_swept(rows):
             out.append(("capacity", figure_name("capacity", ds, sc), f"{ds} — {sc}", ds))
     for ds in dict.fromkeys(ds for ds, _ in pairs):
+        scenarios = {sc for d, sc in pairs if d == ds}
+        which = "multi" if "multi" in scenarios else ("single" if any(s.startswith("single-") for s in scenarios) else None)
+        if which:
+            out.append(("headline", figure_name("headline", ds, which), ds, ds))
         if single_multi_pairs(cfg, ds):
             out.append(("singlemulti", figure_name("singlemulti", ds, "all"), ds, ds))
     for kind, paths in (("trajectories", trajectory_paths), ("teacher", teacher_paths)):

@@ -61,14 +61,15 @@ def _allowed(err) -> str:
     if err.validator == "uniqueItems":
         return "a list without repeated values"
     if err.validator == "pattern" or (err.validator == "propertyNames"):
-        return f"names of letters, digits and _ (they become folder names and workflow wildcards): {err.message}"
+        return "names of letters, digits and _ (they become folder names and workflow wildcards)"
     if err.validator == "enum":
         return f"one of {err.validator_value}"
     if err.validator == "additionalProperties":
         return f"only the keys {sorted(s.get('properties', {}))}"
     if err.validator == "required":
         return f"the required key(s) {err.validator_value}"
-    return err.message
+    message = " ".join(err.message.split())  # jsonschema's message quotes the whole value
+    return message if len(message) <= 160 else message[:159] + "…"
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -87,18 +88,66 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# Bounds on what a config may be, checked before anything walks it: a grid's config is a few
+# kilobytes; a file of megabytes or a YAML alias that expands a list into millions of values is a
+# mistake (or worse), which validating would take minutes and gigabytes to find.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_VALUES = 100_000
+
+
+def _expanded_size(node, memo: dict) -> int:
+    """How many values a YAML node stands for with every alias expanded (a node reached through
+    several aliases counts each time), computed once per node."""
+    key = id(node)
+    if key not in memo:
+        memo[key] = 0  # a recursive alias counts as nothing more while it is being measured
+        if isinstance(node, yaml.MappingNode):
+            n = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            n = 1 + sum(_expanded_size(v, memo) for v in node.value)
+        else:
+            n = 1
+        memo[key] = n
+    return memo[key]
+
+
 def read_yaml(path: str | Path) -> dict:
-    """One config file, with file:line:column in the error of bad YAML or a repeated key."""
+    """One config file, with file:line:column in the error of bad YAML or a repeated key; a file
+    over MAX_CONFIG_BYTES or expanding to more than MAX_CONFIG_VALUES values is refused before it
+    is built, and the file must hold a mapping of keys."""
     p = Path(path)
     if not p.exists():
         raise ConfigError("config", str(p), "a path to an existing YAML file")
+    size = p.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError("config", f"{p} ({size:,} bytes)", f"a file of at most {MAX_CONFIG_BYTES:,} bytes (a grid's "
+                          "config is a few kilobytes)")
     try:
         with open(p, encoding="utf-8") as fh:
-            return yaml.load(fh, Loader=_UniqueKeyLoader) or {}
+            loader = _UniqueKeyLoader(fh)
+            try:
+                node = loader.get_single_node()
+                if node is None:
+                    return {}
+                values = _expanded_size(node, {})
+                if values > MAX_CONFIG_VALUES:
+                    raise ConfigError("config", f"{p} ({values:,} values with its aliases expanded)",
+                                      f"at most {MAX_CONFIG_VALUES:,} values (is an alias repeating a list?)")
+                cfg = loader.construct_document(node)
+            finally:
+                loader.dispose()
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark else str(p)
         raise ConfigError("config", where, f"valid YAML ({getattr(e, 'problem', None) or e})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError("config", str(p), f"a UTF-8 text file ({e.reason} at byte {e.start})") from None
+    if cfg is None:
+        return {}
+    if not isinstance(cfg, dict):
+        raise ConfigError("config", f"{p} (a YAML {type(cfg).__name__})", "a mapping of keys, e.g. 'seeds: [0]' on its own "
+                          "line (the file holds a list or a single value)")
+    return cfg
 
 
 def load(path: str | Path | list | None = None, overrides: dict | None = None, *, deep: bool = True,
@@ -129,7 +178,30 @@ def typed_overrides(entries) -> dict:
                 return v
         return v
 
-    return {k: retype(v) for k, v in dict(entries or {}).items()}
+    out: dict = {}
+    for k, v in dict(entries or {}).items():
+        # The dotted form of Hydra and friends: datasets.digits.epochs=8 is datasets={digits: {epochs: 8}}.
+        keys = str(k).split(".")
+        if not all(keys):
+            raise ConfigError("--config", k, "KEY=VALUE with a key of names joined by dots, e.g. datasets.digits.epochs=8")
+        node = {keys[-1]: retype(v)}
+        for key in reversed(keys[:-1]):
+            node = {key: node}
+        out = _merge(out, node)
+    return out
+
+
+def parse_overrides(entries) -> dict:
+    """Command-line `KEY=YAML` entries (the form Snakemake's --config takes, dotted keys allowed) as
+    a nested dict of typed values."""
+    pairs = {}
+    for e in entries or ():
+        key, eq, value = str(e).partition("=")
+        if not eq or not key.strip():
+            raise ConfigError("--config", e, "KEY=VALUE entries, e.g. seeds=[0,1] or datasets.digits.epochs=8 "
+                              "(a config file goes after --configfile)")
+        pairs[key.strip()] = value
+    return typed_overrides(pairs)
 
 
 def results_dir(cfg: dict, configfiles=()) -> str:
@@ -157,15 +229,19 @@ def validate(cfg: dict, deep: bool = True, sizes: bool = True) -> dict:
     first time, see model_sizes.parameter_count)."""
     if not isinstance(cfg, dict):
         raise ConfigError("config", cfg, "a mapping of keys")
+    from ..paths import RESERVED_DATASETS
+
     for name, ds in (cfg.get("datasets") or {}).items():
+        if name in RESERVED_DATASETS:
+            raise ConfigError("datasets", name, f"a name other than {list(RESERVED_DATASETS)} (folders of the results "
+                              "root), e.g. with loader: set to the dataset it loads")
         if isinstance(ds, dict) and "narcissus_surrogate" in ds:
             raise ConfigError(f"datasets.{name}.narcissus_surrogate", "{…}",
                               f"nothing here: the surrogate's settings are datasets.{name}.attacks.narcissus.learn")
     errors = sorted(_validator_class()(SCHEMA).iter_errors(cfg), key=lambda e: [str(p) for p in e.absolute_path])
     if errors:
         # Every schema problem, one line each, so a config is fixed in one round.
-        _raise_all([ConfigError(_path(e), e.instance if not isinstance(e.instance, dict) else "{…}", _allowed(e))
-                    for e in errors])
+        _raise_all([_schema_problem(e, cfg) for e in errors])
     # Each part is checked even when an earlier one failed, so every problem is reported at once.
     problems: list[ConfigError] = []
 
@@ -203,6 +279,33 @@ def validate(cfg: dict, deep: bool = True, sizes: bool = True) -> dict:
     if problems:
         _raise_all(problems)
     return cfg
+
+
+def _schema_problem(err, cfg: dict) -> ConfigError:
+    """One schema violation as the user should read it: an unknown key named itself, with the
+    nearest known key; a new name under defenses/detectors/datasets that lacks its required keys,
+    with the nearest name the config already defines (a typo in an override creates one)."""
+    from ..errors import did_you_mean
+
+    s = err.schema if isinstance(err.schema, dict) else {}
+    path = _path(err)
+    if err.validator == "additionalProperties" and isinstance(err.instance, dict):
+        known = sorted(s.get("properties", {}))
+        extra = sorted(str(k) for k in err.instance if k not in known)
+        if extra:
+            key = extra[0] if path == "(top level)" else f"{path}.{extra[0]}"
+            v = err.instance[extra[0]]
+            return ConfigError(key, "{…}" if isinstance(v, dict) else v,
+                               f"no key '{extra[0]}' here{did_you_mean(extra[0], known)}: the keys are {known}")
+    if err.validator == "required" and len(err.absolute_path) == 2 and \
+            err.absolute_path[0] in ("defenses", "detectors", "datasets", "defender_models"):
+        section, name = err.absolute_path[0], str(err.absolute_path[1])
+        others = [n for n in (cfg.get(section) or {}) if n != name]
+        hint = did_you_mean(name, others)
+        if hint:
+            return ConfigError(path, "{…}", f"a {section[:-1].replace('_', ' ')} this config defines{hint}, or a new one "
+                               f"with the required key(s) {err.validator_value}")
+    return ConfigError(path, err.instance if not isinstance(err.instance, dict) else "{…}", _allowed(err))
 
 
 def _raise_all(problems: list[ConfigError]) -> None:
@@ -357,12 +460,57 @@ def _check_teachers(cfg: dict) -> None:
                                   f"({t:,} > {s:,} parameters; defense '{fname}' uses it as LfD's teacher)")
 
 
+# A detector that reads a loss per epoch needs a few of them: BaDLoss's kNN over trajectories of
+# fewer points says little more than one loss does.
+MIN_TRAJECTORY_EPOCHS = 5
+
+
+def warnings(cfg: dict) -> list[str]:
+    """What is allowed but probably not meant: per-epoch detectors whose defender model records
+    fewer than MIN_TRAJECTORY_EPOCHS epochs on some dataset (after overrides, typically)."""
+    from ..detectors import DETECTORS
+    from .specs import defender_model_spec
+
+    out = []
+    for dname, det in cfg["detectors"].items():
+        cls = DETECTORS.get(det["type"])
+        if not cls.per_epoch or not det.get("model"):
+            continue
+        for ds in cfg["datasets"]:
+            run = defender_model_spec(cfg, ds, det["model"])["run"]
+            if run < MIN_TRAJECTORY_EPOCHS:
+                out.append(f"detectors.{dname} ({det['type']}) reads a loss per epoch of defender model '{det['model']}', "
+                           f"which records {run} epoch{'s' if run != 1 else ''} on {ds} (fewer than "
+                           f"{MIN_TRAJECTORY_EPOCHS}: short trajectories rank poorly; raise its r_epoch or the dataset's epochs)")
+    return out
+
+
+def check_data(cfg: dict) -> None:
+    """Refuse a grid whose data is not where its loaders read it (unless `download` fetches it), so
+    a wrong data_dir or path stops the run before any job instead of failing every poison job."""
+    from ..data import check_present
+    from ..errors import DatasetError
+
+    if cfg.get("download"):
+        return
+    for name, ds in cfg["datasets"].items():
+        try:
+            check_present(ds["loader"], cfg["data_dir"], ds["options"])
+        except DatasetError as e:
+            raise DatasetError(f"datasets.{name}: {e}") from None
+
+
 def _check_budgets(cfg: dict) -> None:
     for name, ds in cfg["datasets"].items():
         n = train_size(ds, cfg["data_dir"])
         if n is None:
             continue
         counts = [max(int(n * a["ratio"]), a["min_count"]) for a in ds["attacks"].values()]
+        for (aname, a), k in zip(ds["attacks"].items(), counts):
+            if k < 1:
+                raise ConfigError(f"datasets.{name}.attacks.{aname}.ratio", a["ratio"],
+                                  f"a ratio that poisons at least one of the {n:,} training images (at least {1 / n:.2g}), "
+                                  "or set min_count")
         # With overlap the poisoned set is at least the largest attack's (its union is drawn at random).
         poisoned = max(counts) if ds["overlap"] else sum(counts)
         pool = n - poisoned

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DatasetError
 from ..registry import Registry
 from . import cifar10, digits, fashion_mnist, folder, gtsrb, imagenet, imagenette, npz
 from .base import Dataset, Split, check_options, resize_square
@@ -30,11 +30,11 @@ from .npz import npz_images
 # Re-exported for callers. The loaders read these names in their own modules, so a test that
 # patches one (FASHION_MNIST_SYSTEM_DIR, CIFAR_MD5) must patch it there, not here.
 __all__ = ["CIFAR_MD5", "DATASETS", "FASHION_MNIST_CLASSES", "FASHION_MNIST_SYSTEM_DIR", "IMAGE_EXTENSIONS", "Dataset",
-           "Split", "load_dataset", "npz_images", "resize_square", "train_size"]
+           "Split", "check_present", "load_dataset", "npz_images", "resize_square", "train_size"]
 
 # Each loader is called as loader(data_dir: Path, image_size: int | None, download: bool,
 # cache_dir: Path, **options); its keyword-only parameters are the options it accepts.
-DATASETS: Registry[Callable[..., Dataset]] = Registry("dataset")
+DATASETS: Registry[Callable[..., Dataset]] = Registry("dataset", "poisongrid.datasets")
 
 # name -> the module holding its load() and train_size(): adding a dataset is one module and one
 # entry here. The modules import torch, torchvision, PIL and sklearn only inside functions, so
@@ -55,6 +55,22 @@ del _name, _module
 
 # Training-set size from metadata, called as size(data_dir: Path, **options) with the loader's options.
 _TRAIN_SIZES: dict[str, Callable[..., int | None]] = {name: module.train_size for name, module in _LOADERS.items()}
+
+
+def check_present(loader: str, data_dir: str | os.PathLike, options: dict, cache_dir: str | os.PathLike | None = None) -> None:
+    """Refuse (DatasetError naming where the data belongs) unless `loader` finds its data under
+    data_dir, or a cache made from it (the resized arrays) is in cache_dir; reads no image."""
+    fn = DATASETS.get(loader, "loader")
+    check_options(loader, fn, options)
+    locate = getattr(_LOADERS[loader], "locate", None) if loader in _LOADERS else None
+    if locate is None:
+        return
+    try:
+        locate(Path(data_dir), **options)
+    except DatasetError:
+        cache = Path(cache_dir) if cache_dir is not None else Path(data_dir) / ".poisongrid-cache"
+        if not any(cache.glob(f"{loader}-*meta.json")):
+            raise
 
 
 def load_dataset(name: str, *, data_dir: str | os.PathLike = "data", image_size: int | None = None,

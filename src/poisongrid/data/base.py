@@ -69,9 +69,52 @@ def missing_error(what: str, path: Path | str, layout: str, how: str) -> Dataset
     )
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any mode PIL reads as 8-bit RGB, its values scaled rather than clipped: 16-bit grey (I;16*,
+    or I holding 16-bit values) by 255/65535, float grey (F) from [0, 1] (or [0, 255]), other
+    integer or float ranges stretched from their minimum to their maximum; palettes, alpha (dropped),
+    CMYK and the other colour modes through PIL's own conversion."""
+    Image = pil_image()
+    if img.mode in ("RGB",):
+        return img
+    if img.mode.startswith("I") or img.mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if img.mode.startswith("I;16") or (img.mode == "I" and lo >= 0 and hi <= 65535 and hi > 255):
+            scaled = a * (255.0 / 65535.0)
+        elif lo >= 0 and hi <= (1.0 if img.mode == "F" else 255):
+            scaled = a * (255.0 if img.mode == "F" else 1.0)
+        elif hi > lo:
+            scaled = (a - lo) * (255.0 / (hi - lo))
+        else:
+            scaled = np.zeros_like(a)
+        grey = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    return img.convert("RGB")
+
+
+def open_image(path: Path) -> Image.Image:
+    """An image file opened for decoding, refused by name where it is unreadable or a decompression
+    bomb (more pixels than PIL's safety limit)."""
+    import warnings
+
+    Image = pil_image()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(path)
+            im.load()
+        return im
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DatasetError(f"{path}: refused: more than {Image.MAX_IMAGE_PIXELS:,} pixels, PIL's limit for one image "
+                           "(a decompression bomb?)") from None
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for an unreadable image
+        raise DatasetError(f"{path}: not a readable image ({e})") from None
+
+
 def resize_square(img: Image.Image, size: int) -> np.ndarray:
     """Shorter side -> size (PIL bilinear), centre-crop size x size, RGB; returns uint8 (3, size, size)."""
-    img = img.convert("RGB")
+    img = to_rgb(img)
     w, h = img.size
     if (w, h) != (size, size):
         s = size / min(w, h)

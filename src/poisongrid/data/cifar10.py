@@ -63,10 +63,7 @@ def load(data_dir: Path, image_size: int | None, download: bool, cache_dir: Path
 
         via_torchvision(lambda: CIFAR10(root=str(data_dir), train=True, download=True),
                         DatasetError(f"CIFAR-10 download into {folder} failed"))
-    for f in _CIFAR_FILES:
-        if not (folder / f).is_file():
-            raise missing_error("CIFAR-10", folder / f, f"{folder}/{{{','.join(_CIFAR_FILES)}}} (python version)",
-                                f"extract cifar-10-python.tar.gz into {data_dir} so that {folder / f} exists")
+    locate(data_dir)
 
     def split(files):
         batches = [_unpickle(folder / f) for f in files]
@@ -79,6 +76,15 @@ def load(data_dir: Path, image_size: int | None, download: bool, cache_dir: Path
     names = _unpickle(folder / "batches.meta")["label_names"]
     classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
     return Dataset("cifar10", split(_CIFAR_FILES[:5]), split(["test_batch"]), classes)
+
+
+def locate(data_dir: Path) -> None:
+    """Refuse, saying where the files belong, unless the batches are where load reads them."""
+    folder = data_dir / "cifar-10-batches-py"
+    for f in _CIFAR_FILES:
+        if not (folder / f).is_file():
+            raise missing_error("CIFAR-10", folder / f, f"{folder}/{{{','.join(_CIFAR_FILES)}}} (python version)",
+                                f"extract cifar-10-python.tar.gz into {data_dir} so that {folder / f} exists")
 
 
 def train_size(data_dir: Path) -> int:

@@ -124,6 +124,13 @@ def load(data_dir: Path, image_size: int | None, download: bool, cache_dir: Path
     return Dataset("fashion_mnist", splits["train"], splits["test"], list(FASHION_MNIST_CLASSES))
 
 
+def locate(data_dir: Path, *, path: str | None = None) -> None:
+    """Refuse, saying where the files belong, unless the four IDX files are where load reads them."""
+    dirs = _fashion_dirs(data_dir, path)
+    if _fashion_find(dirs) is None:
+        raise _fashion_missing(dirs)
+
+
 def train_size(data_dir: Path, *, path: str | None = None) -> int | None:
     files = _fashion_find(_fashion_dirs(data_dir, path))
     return None if files is None else _read_idx(files["train-images-idx3-ubyte"], _IDX_IMAGES, header_only=True)[0][0]

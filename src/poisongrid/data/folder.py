@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from ..errors import ConfigError, DatasetError
-from .base import Dataset, cached_dataset, class_dirs, pil_image
+from .base import Dataset, cached_dataset, class_dirs, open_image, to_rgb
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -65,14 +65,11 @@ class _ImageFiles:
 
     def __getitem__(self, i):
         path, label = self.items[i]
-        try:
-            with pil_image().open(path) as im:
-                if self.expect is not None and im.size != self.expect:
-                    raise ConfigError("image_size", None, f"an integer: images under {path.parents[2]} vary in size "
-                                      f"({path} is {im.size[0]}x{im.size[1]}, others {self.expect[0]}x{self.expect[1]})")
-                return im.convert("RGB"), label
-        except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for an unreadable image
-            raise DatasetError(f"{path}: not a readable image ({e})") from None
+        with open_image(path) as im:
+            if self.expect is not None and im.size != self.expect:
+                raise ConfigError("image_size", None, f"an integer: images under {path.parents[2]} vary in size "
+                                  f"({path} is {im.size[0]}x{im.size[1]}, others {self.expect[0]}x{self.expect[1]})")
+            return to_rgb(im), label
 
 
 def load(data_dir: Path, image_size: int | None, download: bool, cache_dir: Path, *, root: str = "") -> Dataset:
@@ -85,7 +82,7 @@ def load(data_dir: Path, image_size: int | None, download: bool, cache_dir: Path
     size = image_size
     if size is None:
         first = items["train"][0][0]
-        with pil_image().open(first) as im:
+        with open_image(first) as im:
             expect = im.size
         if expect[0] != expect[1]:
             raise ConfigError("image_size", None, f"an integer for the folder loader: {first} is {expect[0]}x{expect[1]}, "
@@ -99,6 +96,11 @@ def load(data_dir: Path, image_size: int | None, download: bool, cache_dir: Path
             h.update(f"{s}\0{f.relative_to(base)}\0{y}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return cached_dataset("folder", h.hexdigest()[:16], size, cache_dir, base,
                           lambda: ({s: _ImageFiles(items[s], expect) for s in ("train", "test")}, classes))
+
+
+def locate(data_dir: Path, *, root: str = "") -> None:
+    """Refuse, saying what is missing, unless the train/ and test/ class folders hold images."""
+    _folder_listing(_folder_base(data_dir, root))
 
 
 def train_size(data_dir: Path, *, root: str = "") -> int | None:

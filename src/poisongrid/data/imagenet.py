@@ -14,22 +14,29 @@ def load(data_dir: Path, image_size: int | None, download: bool, cache_dir: Path
     from torchvision.datasets import ImageFolder
 
     size = image_size or 224
-    layout = f"{data_dir}/{{train,val}}/<class>/<images>, the same class folders in train and val"
-    how = ("download ILSVRC2012 from image-net.org (download: true cannot fetch it), extract it and sort "
-           f"val/ into class folders (e.g. with valprep.sh) so that {{path}} exists")
 
     def build():
-        for s in ("train", "val"):
-            if not (data_dir / s).is_dir() or not class_dirs(data_dir / s):
-                raise missing_error("ImageNet", data_dir / s, layout, how.format(path=data_dir / s))
+        layout, how = locate(data_dir)
         classes = class_dirs(data_dir / "train")
-        if classes != class_dirs(data_dir / "val"):
-            raise DatasetError(f"ImageNet at {data_dir}: train/ and val/ hold different class folders; expected layout: {layout}")
         err = missing_error("ImageNet", data_dir, layout, how.format(path=data_dir / "train"))
         splits = {s: via_torchvision(lambda: ImageFolder(str(data_dir / v)), err) for s, v in (("train", "train"), ("test", "val"))}
         return splits, classes
 
     return cached_dataset("imagenet", "", size, cache_dir, data_dir, build)
+
+
+def locate(data_dir: Path) -> tuple[str, str]:
+    """Refuse, saying where the files belong, unless the data is where load reads it; return the
+    expected layout and how to get it."""
+    layout = f"{data_dir}/{{train,val}}/<class>/<images>, the same class folders in train and val"
+    how = ("download ILSVRC2012 from image-net.org (download: true cannot fetch it), extract it and sort "
+           "val/ into class folders (e.g. with valprep.sh) so that {path} exists")
+    for s in ("train", "val"):
+        if not (data_dir / s).is_dir() or not class_dirs(data_dir / s):
+            raise missing_error("ImageNet", data_dir / s, layout, how.format(path=data_dir / s))
+    if class_dirs(data_dir / "train") != class_dirs(data_dir / "val"):
+        raise DatasetError(f"ImageNet at {data_dir}: train/ and val/ hold different class folders; expected layout: {layout}")
+    return layout, how
 
 
 def train_size(data_dir: Path) -> int:

@@ -101,6 +101,13 @@ def load(data_dir: Path, image_size: int | None, download: bool, cache_dir: Path
     return Dataset("npz", Split(x["train"], y["train"]), Split(x["test"], y["test"]), classes)
 
 
+def locate(data_dir: Path, *, path: str | None = None) -> None:
+    """Refuse, saying where the file belongs, unless it is where load reads it."""
+    file = _npz_file(data_dir, path)
+    if not file.is_file():
+        raise _npz_missing(file)
+
+
 def train_size(data_dir: Path, *, path: str | None = None) -> int | None:
     file = _npz_file(data_dir, path)
     if not file.is_file():

@@ -14,7 +14,7 @@ from ..registry import Registry
 if TYPE_CHECKING:
     from ..defender import BonaFideSet, DefenderView
 
-DETECTORS: Registry = Registry("detector type")
+DETECTORS: Registry = Registry("detector type", "poisongrid.detectors")
 SCORES_KIND = "scores"
 
 
@@ -119,15 +119,21 @@ class ScoreWriter:
     def __enter__(self):
         import pyarrow.parquet as pq
 
+        from ..digest import ColumnDigest
+
         self._tmp = self._ctx.__enter__()
         self._w = pq.ParquetWriter(self._tmp, self.schema, compression="zstd")
+        self._digests = {f.name: ColumnDigest(f.name, f.type) for f in self.schema}
         return self
 
     def write(self, index: np.ndarray, score: np.ndarray) -> None:
         import pyarrow as pa
 
-        self._w.write_table(pa.table({"index": from_numpy(index.astype(np.int64)), "score": from_numpy(score.astype(np.float64))},
-                                     schema=self.schema))
+        block = pa.table({"index": from_numpy(index.astype(np.int64)), "score": from_numpy(score.astype(np.float64))},
+                         schema=self.schema)
+        for name, d in self._digests.items():
+            d.update(block.column(name))
+        self._w.write_table(block)
 
     def __exit__(self, *exc):
         import json
@@ -135,6 +141,9 @@ class ScoreWriter:
         self.meta["wall_time_s"] = time.perf_counter() - self._t0
         if not self.meta.get("defender_model") and self.view is not None and self.view.model_meta:
             self.meta["defender_model"] = self.view.model_meta
+        from ..digest import DIGEST_KEY
+
+        self.meta[DIGEST_KEY] = {name: d.hexdigest() for name, d in self._digests.items()}
         self._w.add_key_value_metadata({META_KEY: json.dumps({"kind": SCORES_KIND, **self.meta}, default=str).encode()})
         self._w.close()
         return self._ctx.__exit__(*exc)

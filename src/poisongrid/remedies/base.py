@@ -13,7 +13,7 @@ from ..registry import Registry
 if TYPE_CHECKING:
     from ..defender import BonaFideSet, DefenderView
 
-REMEDIES: Registry = Registry("remedy")
+REMEDIES: Registry = Registry("remedy", "poisongrid.remedies")
 
 
 def select_removed(scores: np.ndarray, bona_fide: np.ndarray, r_reject: float) -> np.ndarray:
@@ -173,6 +173,11 @@ class Remedy:
     def plan_meta(self) -> dict:
         """What the final training must know besides the weights."""
         return {}
+
+    def weight_range(self) -> tuple[float, float]:
+        """The smallest and largest weight this remedy's plans can hold (a plan outside it was
+        not made by this remedy with these parameters and is refused)."""
+        return 0.0, 1.0
 
     def train(self, job: FinalTraining):
         """The final model: by default trained from scratch on the weighted loss, weight-0

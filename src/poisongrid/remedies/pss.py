@@ -71,6 +71,9 @@ class PSSUnlearn(Remedy):
     def plan_meta(self) -> dict:
         return {"ascent_clamp": float(self.p["ascent_clamp"])}
 
+    def weight_range(self) -> tuple[float, float]:
+        return -1.0, 1.0
+
     def train(self, job):
         poison, clean = job.weights < 0, job.weights > 0
         one_pass = {"epochs": 1, "lr": self.p["lr"], "optimizer": "sgd", "momentum": self.p["momentum"],

@@ -108,3 +108,9 @@ class Reweight(Remedy):
 
     def plan_meta(self) -> dict:
         return {"ascent_clamp": float(self.p["ascent_clamp"])}
+
+    def weight_range(self) -> tuple[float, float]:
+        if self.p["mode"] == "ascent":
+            # Eq. 5's weights: -1 / (share of candidates) and 1 / (1 - share), the share at least 1/N.
+            return float("-inf"), float("inf")
+        return -float(self.p["beta"]), 1.0

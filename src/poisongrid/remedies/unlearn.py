@@ -77,6 +77,9 @@ class Unlearn(Remedy):
     def plan_meta(self) -> dict:
         return {"ascent_clamp": float(self.p["ascent_clamp"])}
 
+    def weight_range(self) -> tuple[float, float]:
+        return -1.0, 1.0
+
     def train(self, job: FinalTraining):
         iso = job.weights < 0
         rest = ~iso
