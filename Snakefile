@@ -31,8 +31,10 @@ try:
     pgc.validate(config)
 except PoisongridError as e:
     sys.exit(f"poisongrid: invalid configuration: {e}")
+# A dry run is known at parse time only from the output settings (its executor is chosen later).
+_DRYRUN = bool(workflow.dryrun or getattr(getattr(workflow, "output_settings", None), "dryrun", False))
 # A run (not a dry run, not a job a cluster node runs) needs the data where the loaders read it.
-if workflow.is_main_process and not workflow.dryrun:
+if workflow.is_main_process and not _DRYRUN:
     try:
         pgc.check_data(config)
     except PoisongridError as e:
@@ -45,6 +47,18 @@ if workflow.is_main_process:
 # so two grids never share aggregate files.
 RESULTS = pgc.results_dir(config, workflow.overwrite_configfiles)
 LOGS = pgp.logs_dir(RESULTS)
+# A run that will write (not a dry run, a report, an unlock or another inspection) claims its results
+# folder; a second one on the same folder is told that the first still runs.
+_INSPECTING = ("--report", "--unlock", "--summary", "--detailed-summary", "--dag", "--rulegraph", "--filegraph",
+               "--list-rules", "--lint", "--cleanup-metadata", "--touch", "--list-changes", "--containerize")
+_CLAIMED = False
+if workflow.is_main_process and not _DRYRUN and not any(a.split("=")[0] in _INSPECTING for a in sys.argv):
+    from poisongrid import liveness as _pgl
+
+    _msg = _pgl.claim_run(RESULTS)
+    if _msg:
+        sys.exit(f"poisongrid: {_msg}")
+    _CLAIMED = True
 # envs/poisongrid.yaml installs the package from here when --sdm conda builds the environment.
 os.environ.setdefault("POISONGRID_ROOT", workflow.basedir)
 
@@ -98,8 +112,16 @@ onstart:
               "where they change results, add results=<folder> to keep the two grids apart")
 
 
+onerror:
+    if _CLAIMED:
+        _pgl.release_run(RESULTS)
+
+
 onsuccess:
     import os
+
+    if _CLAIMED:
+        _pgl.release_run(RESULTS)
 
     # The answer last on the screen: each dataset's headline table, then where everything else is.
     if os.path.exists(f"{RESULTS}/tables.md"):

@@ -198,7 +198,8 @@ def test_run_writes_everything(tmp_path):
     assert not (figs / "fig_rreject_digits_patch.png").exists()
     assert w["trajectories"] == [figs / f"fig_trajectories_digits_multi_seed{s}_pretrain.png" for s in (0, 1)]
     assert w["teacher"] == [figs / "fig_teacher_digits_multi_seed0_teacher.png"]
-    kinds = ("asr", "rreject", "capacity", "trajectories", "teacher")
+    assert w["headline"] == [figs / "fig_headline_digits_multi.png"]  # the answer: multi, where the grid has it
+    kinds = ("asr", "rreject", "capacity", "trajectories", "teacher", "headline")
     assert all(is_png(p) for k in kinds for p in w[k])
     assert sorted(p.name for p in figs.iterdir()) == sorted(p.name for k in kinds for p in w[k])
 
@@ -210,7 +211,7 @@ def test_run_writes_everything(tmp_path):
     md = (out / "tables.md").read_text()
     assert w["tables"] == [out / "tables.md"] and "### digits — patch" in md and "98.00 ± 0.00" in md
     assert w["summary_stats"] == [out / "summary_stats.csv"] and w["tables_per_seed"] == [out / "tables_per_seed.md"]
-    assert w["table_sections"] == [out / f"tables_{k}.html" for k in ("papers", "multi", "single", "singlemulti", "cost", "rejection")]
+    assert w["table_sections"] == [out / f"tables_{k}.html" for k in ("headline", "papers", "multi", "single", "singlemulti", "cost", "rejection")]
     # No single-attack scenario, no cost record here: those pages are written and say so.
     assert "No attack ran both alone" in (out / "tables_singlemulti.html").read_text()
     assert "<h3>digits — multi</h3>" in (out / "tables_multi.html").read_text()
@@ -510,7 +511,9 @@ def test_paper_numbers_go_beside_the_measured_cells(tmp_path):
     clean = cmp.loc[("Table 2", "multi", "badloss", "Clean Acc.")]
     assert clean["ours"] == pytest.approx(50.0) and clean["off"]
     md = aggregate.markdown_tables(df, papers.compare(df, "badloss-paper"))
-    assert md.startswith("### BaDLoss paper, Table 1: its numbers beside ours")
+    # The answer first, then the papers' numbers before every other table.
+    assert md.startswith("### cifar10 — the answer: all attacks at once (multi)")
+    assert md.index("### BaDLoss paper, Table 1: its numbers beside ours") < md.index("### cifar10 — multi")
     row = next(line for line in md.splitlines() if "Attack Success Rate: Single-Pix" in line and "| none |" in line)
     assert pct(row)[-4:] == ["60.00 ± 0.00", "2", "67.12", "-7.12 ‼"]
 

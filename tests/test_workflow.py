@@ -208,7 +208,6 @@ def test_each_config_writes_its_own_results_and_overrides_are_typed(tmp_path):
         out = snakemake(tmp_path, "all", "--configfile", str(tmp_path / f"{name}.yaml"), "-n").stdout
         assert f"results/{name}/summary.csv" in out and f"results/{name}/digits/multi/seed0/none/metrics.json" in out
         assert f"results/{'b' if name == 'a' else 'a'}/" not in out
-        assert f"log: results/{name}/logs/poison/digits/multi/seed0.log" in out  # each grid keeps its own logs
     for epochs in ("datasets={digits: {epochs: 5}}", "datasets.digits.epochs=5"):  # the dotted form too
         dry = snakemake(tmp_path, "all", "--configfile", str(tmp_path / "a.yaml"), "-n", "-p", "--config",
                         epochs, "seeds=[0,1]", "cluster={gpus_per_job: 0}", "download=false")
@@ -216,6 +215,7 @@ def test_each_config_writes_its_own_results_and_overrides_are_typed(tmp_path):
         assert "results/a/digits/multi/seed1/none/metrics.json" in out  # seeds became [0, 1]
         assert '"epochs": 5,' in out and '"epochs": "5"' not in out  # an integer, merged into the dataset
         assert '"model": "smallcnn"' in out  # the rest of the dataset entry is kept
+        assert "2> results/a/logs/poison/digits/multi/seed0.log" in out  # each grid keeps its own logs
     # Without --configfile the paper grid (config.yaml) is the base the overrides merge into.
     dry = snakemake(tmp_path, "all", "-n", "--config", "device=cpu", "cluster={gpus_per_job: 0}")
     assert "results/paper/cifar10/multi/seed0/badloss/metrics.json" in dry.stdout
@@ -270,3 +270,33 @@ def test_every_preset_plans_the_jobs_poisongrid_estimate_counts(tmp_path, preset
         want[r["stage"]] = want.get(r["stage"], 0) + r["jobs"]
     counts.pop("all", None)
     assert counts == {**want, "aggregate": 1}, dry.stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_a_second_run_on_the_same_results_is_told_the_first_still_runs(tmp_path):
+    """While a run holds a grid's results folder, another run there stops before any job, saying
+    so (not advising --rerun-incomplete); a marker left by a killed run is replaced; a finished run
+    removes its own."""
+    import socket
+    import time as _time
+
+    cfg = {k: v for k, v in TINY.items()}
+    cfg["datasets"] = {"digits": {**TINY["datasets"]["digits"], "scenarios": ["single-patch"],
+                                  "attacks": {"patch": {"ratio": 0.05}}}}
+    cfgfile = tmp_path / "c.yaml"
+    cfgfile.write_text(yaml.safe_dump(cfg))
+    marker = tmp_path / "results" / ".poisongrid-run"
+    marker.parent.mkdir()
+    target = "results/digits/single-patch/seed0/poison/manifest.parquet"
+    marker.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": _time.time()}))
+    res = snakemake(tmp_path, target, "--configfile", str(cfgfile), check=False)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and f"another run (process {os.getpid()} on" in out and "rerun-incomplete" not in out
+    assert not (tmp_path / target).exists()
+    # A dry run or a report may look meanwhile.
+    assert snakemake(tmp_path, target, "--configfile", str(cfgfile), "-n", check=False).returncode == 0
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    marker.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": _time.time()}))
+    snakemake(tmp_path, target, "--configfile", str(cfgfile))
+    assert (tmp_path / target).exists() and not marker.exists()

@@ -60,3 +60,49 @@ def alive(path: str) -> bool | None:
     except PermissionError:  # another user's process with that id: it exists
         return True
     return True
+
+
+# A grid run's own marker in its results folder: a second run started on the same folder while the
+# first still runs is told so, instead of Snakemake's advice to rerun "incomplete" files that the
+# first run is in the middle of writing.
+RUN_MARKER = ".poisongrid-run"
+
+
+def claim_run(results: str) -> str | None:
+    """Mark `results` as written by this process; if a live run on this host holds it already,
+    return a message saying so (and mark nothing). A run on another host cannot be checked here
+    (Snakemake's own lock still applies); a marker whose process is gone is stale and replaced."""
+    path = os.path.join(results, RUN_MARKER)
+    if alive(path):
+        try:
+            with open(path) as fh:
+                m = json.load(fh)
+            started = time.strftime("%H:%M:%S", time.localtime(float(m.get("started", 0))))
+            who = f"process {m['pid']} on {m['host']}, started at {started}"
+        except (OSError, ValueError, KeyError):
+            who = "another process"
+        if who.startswith("process " + str(os.getpid()) + " "):
+            return None
+        return (f"another run ({who}) is writing {results}: wait for it to finish or stop it; its files are not "
+                "incomplete, so do not rerun them meanwhile")
+    try:
+        os.makedirs(results, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as fh:
+            json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}, fh)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only results folder: the jobs themselves will say so
+    return None
+
+
+def release_run(results: str) -> None:
+    """Remove this process's marker from `results` (another process's stays)."""
+    path = os.path.join(results, RUN_MARKER)
+    try:
+        with open(path) as fh:
+            if int(json.load(fh).get("pid", -1)) != os.getpid():
+                return
+        os.remove(path)
+    except (OSError, ValueError):
+        pass
