@@ -23,8 +23,6 @@ if not workflow.overwrite_configfiles:
 
 try:
     update_config(config, pgc.typed_overrides(workflow.config_settings.config))
-    for _k in [k for k in config if "." in str(k)]:  # a dotted override, now merged as nested keys
-        config.pop(_k)
     # Snakemake's own YAML reading keeps the last of a repeated key silently; ours refuses it.
     for _f in workflow.overwrite_configfiles or [os.path.join(workflow.basedir, "config.yaml")]:
         pgc.read_yaml(_f)

@@ -42,7 +42,7 @@ DELETE = object()
 D = "datasets.digits"
 BAD_CONFIGS = [  # (path, value, text the one-line error must contain)
     ("datasets", DELETE, "datasets"),
-    ("colour", "red", "only the keys"),
+    ("colour", "red", "no key 'colour' here"),
     ("device", "tpu", "device"),
     ("device", "cuda", None),  # no GPU here: valid config, but see cluster below
     ("threads", 0, "threads"),
@@ -58,7 +58,7 @@ BAD_CONFIGS = [  # (path, value, text the one-line error must contain)
     ("bona_fide_sets", [50, 250], "bona_fide_sets"),
     ("bona_fide_sets.n50", 50, "bona_fide_sets.n50"),
     ("bona_fide_sets.n50", {"n_clean": "fifty"}, "bona_fide_sets.n50.n_clean"),
-    ("bona_fide_sets.n50", {"n_clean": 50, "stratify": True}, "only the keys"),
+    ("bona_fide_sets.n50", {"n_clean": 50, "stratify": True}, "(did you mean 'stratified'?)"),
     ("bona_fide_sets.n50", {"n_clean": 50, "stratified": "yes"}, "bona_fide_sets.n50.stratified"),
     ("bona_fide_sets.default", {"n_clean": 50}, "bona_fide_sets"),
     ("bona_fide_sets.big", {"n_clean": 100000}, "bona_fide_sets.big.n_clean"),

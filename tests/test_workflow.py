@@ -208,14 +208,24 @@ def test_each_config_writes_its_own_results_and_overrides_are_typed(tmp_path):
         out = snakemake(tmp_path, "all", "--configfile", str(tmp_path / f"{name}.yaml"), "-n").stdout
         assert f"results/{name}/summary.csv" in out and f"results/{name}/digits/multi/seed0/none/metrics.json" in out
         assert f"results/{'b' if name == 'a' else 'a'}/" not in out
-    for epochs in ("datasets={digits: {epochs: 5}}", "datasets.digits.epochs=5"):  # the dotted form too
-        dry = snakemake(tmp_path, "all", "--configfile", str(tmp_path / "a.yaml"), "-n", "-p", "--config",
-                        epochs, "seeds=[0,1]", "cluster={gpus_per_job: 0}", "download=false")
+    from poisongrid.cli import snakemake_argv
+
+    # Snakemake refuses a dotted key itself; `poisongrid run` (the same arguments) rewrites it.
+    for epochs in ("datasets={digits: {epochs: 5}}", "datasets.digits.epochs=5"):
+        args = snakemake_argv(["all", "--configfile", str(tmp_path / "a.yaml"), "-n", "-p", "--config",
+                               epochs, "seeds=[0,1]", "cluster={gpus_per_job: 0}", "download=false"])
+        dry = snakemake(tmp_path, *args)
         out = dry.stdout
         assert "results/a/digits/multi/seed1/none/metrics.json" in out  # seeds became [0, 1]
         assert '"epochs": 5,' in out and '"epochs": "5"' not in out  # an integer, merged into the dataset
         assert '"model": "smallcnn"' in out  # the rest of the dataset entry is kept
         assert "2> results/a/logs/poison/digits/multi/seed0.log" in out  # each grid keeps its own logs
+    # `poisongrid run` is snakemake with that rewriting.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    run = subprocess.run([sys.executable, "-m", "poisongrid.cli", "run", "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path),
+                          "--cores", "1", "all", "-n", "-p", "--configfile", str(tmp_path / "a.yaml"), "--config",
+                          "datasets.digits.epochs=7", "seeds=[0]"], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0 and '"epochs": 7,' in run.stdout, run.stderr[-2000:]
     # Without --configfile the paper grid (config.yaml) is the base the overrides merge into.
     dry = snakemake(tmp_path, "all", "-n", "--config", "device=cpu", "cluster={gpus_per_job: 0}")
     assert "results/paper/cifar10/multi/seed0/badloss/metrics.json" in dry.stdout

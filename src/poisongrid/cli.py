@@ -210,6 +210,49 @@ def cmd_show(args) -> None:
     print(pf.read_row_group(0).to_pandas().head(args.rows).to_string())
 
 
+def snakemake_argv(args: list[str]) -> list[str]:
+    """Snakemake's arguments with each `--config` entry in a form it accepts: Snakemake refuses a
+    dotted key (datasets.digits.epochs=8), so entries sharing a top-level key are merged into one
+    YAML flow mapping (datasets={digits: {epochs: 8}}); other arguments pass through unchanged."""
+    import yaml
+
+    from .config import parse_overrides
+
+    out, i = [], 0
+    while i < len(args):
+        a = args[i]
+        if a != "--config":
+            out.append(a)
+            i += 1
+            continue
+        entries = []
+        i += 1
+        while i < len(args) and not args[i].startswith("-"):
+            entries.append(args[i])
+            i += 1
+        merged = parse_overrides(entries)
+        out.append("--config")
+        for key, value in merged.items():
+            text = yaml.safe_dump(value, default_flow_style=True, width=1 << 30).strip()
+            if text.endswith("\n..."):
+                text = text[: -len("\n...")]
+            out.append(f"{key}={'' if value is None else text}")
+    return out
+
+
+def cmd_run(args) -> None:
+    """Snakemake on this package's workflow, with dotted --config keys accepted."""
+    import os
+    from pathlib import Path
+
+    snakefile = Path(os.environ.get("POISONGRID_ROOT") or Path.cwd()) / "Snakefile"
+    argv = snakemake_argv(args.snakemake_args)
+    if "-s" not in argv and "--snakefile" not in argv and not snakefile.exists():
+        raise PoisongridError(f"no Snakefile in {snakefile.parent}: run from the poisongrid checkout (or set POISONGRID_ROOT)")
+    sys.stdout.flush()
+    os.execvp(sys.executable, [sys.executable, "-m", "snakemake", *argv])
+
+
 def cmd_estimate(args) -> None:
     from . import config, estimate
 
@@ -289,6 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p, ["config.yaml"])
     p.set_defaults(fn=cmd_estimate)
 
+    p = sub.add_parser("run", help="snakemake on the workflow, accepting dotted --config keys (datasets.digits.epochs=8)",
+                       description="Runs `python -m snakemake ARGS`, first rewriting --config entries with dotted keys "
+                       "into the nested YAML Snakemake accepts; every other argument passes through.")
+    p.add_argument("snakemake_args", nargs=argparse.REMAINDER, metavar="ARGS")
+    p.set_defaults(fn=cmd_run)
+
     p = sub.add_parser("show", help="print a poisongrid Parquet file's metadata and first rows")
     p.add_argument("file"); p.add_argument("--rows", type=int, default=5)
     p.set_defaults(fn=cmd_show)
@@ -296,7 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["run"] and not {"-h", "--help"} & set(argv[1:2]):
+        # Everything after `run` is Snakemake's (argparse would take its options for ours).
+        args = argparse.Namespace(cmd="run", fn=cmd_run, snakemake_args=argv[1:], debug=False)
+    else:
+        args = build_parser().parse_args(argv)
     import os
 
     if os.environ.get("SLURM_JOB_ID"):

@@ -5,7 +5,7 @@ refused by name instead of being used.
 Parquet columns are digested one by one (a reader of some columns checks those) and streamably
 (a reader of batches checks each column at its end), in a canonical form that does not depend on
 how the columns are chunked: fixed-width values without nulls as their bytes, anything else value
-by value. BLAKE2b: about 1 GB/s on one core."""
+by value. BLAKE2b (benchmarks/digests.py: 1e6 x 30 float32 trajectories hash in about 0.4 s)."""
 from __future__ import annotations
 
 import hashlib
