@@ -476,12 +476,19 @@ def test_corrupted_artifact_is_refused_naming_the_file(pristine, tmp_path, capsy
         corrupt(victim, res)
     except TypeError:
         corrupt(victim)
+    import os
+
+    outputs = [o for o in paths.outputs(reader[0], str(res), **W, **reader[1]).values() if o != victim]
+    for o in outputs:
+        if os.path.exists(o):
+            os.remove(o)
     capsys.readouterr()
     code = main(_args(reader[0], tmp_path / "c.yaml", res, **reader[1]))
     err = capsys.readouterr().err
     assert code != 0, f"{reader} accepted a corrupted {target}"
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert victim in err, err
+    assert not [o for o in outputs if os.path.exists(o)], "a refused stage wrote its outputs"
 
 
 # ---- a full disk --------------------------------------------------------------------------------

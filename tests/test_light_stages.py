@@ -222,3 +222,31 @@ def test_validating_final_architectures_and_adaptive_attacks_imports_no_torch(pr
     repo = Path(poisongrid_pkg.__file__).parents[2]
     text, loaded = poisongrid(tmp_path, "validate", "--no-data", str(repo / "configs" / preset))
     assert "valid" in text and "torch" not in loaded
+
+
+@pytest.mark.parametrize("how", ["over_budget", "other_image_size"])
+def test_a_trigger_over_its_budget_or_of_another_size_is_refused_naming_the_file(cell, tmp_path, how):
+    """A learned trigger 4x over its l-inf budget, or made for other images, stops poisoning with one
+    line naming the trigger file (not a config key)."""
+    import shutil
+
+    root = tmp_path / "cell"
+    shutil.copytree(cell["root"] / "results", root / "results")
+    (root / "data").symlink_to(cell["root"] / "data")
+    path = root / paths.path("trigger", "results", dataset="digits", attack="narcissus", seed=0)
+    z = dict(np.load(path))
+    if how == "over_budget":
+        z["trigger"] = np.full_like(z["trigger"], 4 * EPS)
+    else:
+        z["image_shape"] = np.array([3, 32, 32], dtype=np.int64)
+    z.pop("_digests", None)
+    save_npz(path, **z)
+    manifest = root / paths.path("manifest", "results", **CELL)
+    before = manifest.stat().st_mtime_ns
+    p = subprocess.run([sys.executable, "-c", RUN, *spec_args(cell["cfg"], "poison")], cwd=root, env=ENV,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and str(path.relative_to(root)) in err[0] and "Traceback" not in p.stderr, p.stderr
+    assert ("budget" in err[0] or "eps" in err[0]) if how == "over_budget" else "image shape" in err[0], err[0]
+    assert manifest.stat().st_mtime_ns == before  # nothing was written
