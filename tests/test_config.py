@@ -542,3 +542,16 @@ def test_quiet_traps_are_said_out_loud(tmp_path, capsys, monkeypatch):
     import poisongrid
 
     assert capsys.readouterr().out.strip() == f"poisongrid {poisongrid.__version__} from {Path(poisongrid.__file__).parent}"
+
+
+def test_shipped_overlays_merge_into_their_preset():
+    """configs/overlays/<preset>-*.yaml add cells to <preset>.yaml's grid (same results folder)."""
+    root = Path(__file__).parents[1]
+    overlays = sorted((root / "configs" / "overlays").glob("*.yaml"))
+    assert overlays
+    for overlay in overlays:
+        base = root / "configs" / (overlay.stem.rsplit("-", 2)[0] + ".yaml")
+        assert base.exists(), overlay
+        alone, merged = config.load(base, deep=False), config.load([base, overlay], deep=False)
+        assert config.results_dir(merged, [base, overlay]) == config.results_dir(alone, [base])
+        assert len(config.cells(merged)) > len(config.cells(alone))
