@@ -348,3 +348,16 @@ def test_score_wall_time_covers_the_detectors_whole_run(tmp_path):
         assert meta["wall_time_s"] >= 1.5 and read_scores(out)[1]["wall_time_s"] >= 1.5
     finally:
         DETECTORS._items.pop(name, None)  # other tests enumerate the real detectors
+
+
+def test_lfd_weights_stay_within_what_the_remedy_declares_even_when_gamma_is_large():
+    """Eq. 6's negative weights reach below -beta when gamma exceeds half the largest loss (a
+    teacher that fits most examples); the plan check must accept them (a grid once stopped here)."""
+    from poisongrid.remedies import REMEDIES
+    from poisongrid.remedies.standard import lfd_weights
+
+    loss = np.array([0.0, 0.5, 0.9, 0.95, 1.0] * 20)  # alpha 0.6: gamma 0.95 > max / 2
+    w = lfd_weights(loss, 0.6, 1e-3)
+    assert w.min() < -1e-3
+    lo, hi = REMEDIES.get("reweight")(alpha=0.6, beta=1e-3).weight_range()
+    assert lo <= w.min() and w.max() <= hi == 1.0

@@ -450,7 +450,7 @@ CORRUPTIONS = [  # (what is corrupted, how, the stage that reads it)
     (("plan", {"defense": "badloss"}), _rewrite("weight", _set_first(float("nan")), "plan"), ("train", {"defense": "badloss"})),
     (("plan", {"defense": "badloss"}), _rewrite("weight", _set_first(float("inf")), "plan"),
      ("evaluate", {"defense": "badloss"})),
-    (("plan", {"defense": "lfd"}), _rewrite("weight", _set_first(-0.5), "plan"), ("train", {"defense": "lfd"})),
+    (("plan", {"defense": "lfd"}), _rewrite("weight", _set_first(1.5), "plan"), ("train", {"defense": "lfd"})),
     (("scores", {"detector": "badloss"}), _rewrite("score", _set_first(float("nan")), "scores"), ("plan", {"defense": "badloss"})),
     (("losses", {"model": "pretrain"}), _rewrite("loss_e000", _set_first(float("inf")), "trajectories"),
      ("score", {"detector": "badloss"})),

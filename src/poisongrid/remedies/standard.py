@@ -113,4 +113,6 @@ class Reweight(Remedy):
         if self.p["mode"] == "ascent":
             # Eq. 5's weights: -1 / (share of candidates) and 1 / (1 - share), the share at least 1/N.
             return float("-inf"), float("inf")
-        return -float(self.p["beta"]), 1.0
+        # Eq. 6: l / max l <= 1 above gamma; beta (l - gamma) / (max l - gamma) at or below it, which
+        # falls below -beta wherever gamma exceeds half the largest loss: no fixed lower bound.
+        return float("-inf"), 1.0
