@@ -90,13 +90,19 @@ def test_detectors_rank_planted_poison_and_never_read_ground_truth(tmp_path, dty
         np.testing.assert_allclose(-s, trajectories.read(tmp_path / "t.parquet", only_accepted=False)[1][:, -1], rtol=1e-6)
 
 
-def test_plan_weights_and_remedies_are_blind_to_ground_truth(tmp_path):
+def score_planted(tmp_path, spec: dict, epochs: int):
+    """The planted manifest (m.parquet) and loss file (t.parquet) scored by the detector `spec`
+    into s.parquet; returns (manifest, poisoned mask)."""
     man = _manifest()
     poisoned = man["attack"].notna().to_numpy()
-    _write_losses(tmp_path / "t.parquet", len(man), 3, poisoned)
+    _write_losses(tmp_path / "t.parquet", len(man), epochs, poisoned)
     _write_manifest(tmp_path / "m.parquet", man)
-    stages.score({"detector": "lfd", "type": "teacher_loss", "model": "m"},
-                 {**files(tmp_path / "m.parquet"), "trajectories": tmp_path / "t.parquet"}, {"out": tmp_path / "s.parquet"})
+    stages.score(spec, {**files(tmp_path / "m.parquet"), "trajectories": tmp_path / "t.parquet"}, {"out": tmp_path / "s.parquet"})
+    return man, poisoned
+
+
+def test_plan_weights_and_remedies_are_blind_to_ground_truth(tmp_path):
+    man, poisoned = score_planted(tmp_path, {"detector": "lfd", "type": "teacher_loss", "model": "m"}, 3)
     loss = trajectories.read(tmp_path / "t.parquet", only_accepted=False)[1][:, -1]
     plans = {}
     for name, spec in {"lfd": {"remedy": "reweight", "alpha": 0.15, "beta": 1e-3},

@@ -10,9 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_defenses import CELL, _manifest, _write_losses, _write_manifest
-from planted import files
-from poisongrid import stages
+from test_defenses import CELL, score_planted
 from poisongrid.detectors import DETECTORS, read_scores
 from poisongrid.errors import ConfigError
 
@@ -54,12 +52,7 @@ def plugin_path(tmp_path, monkeypatch):
 def test_a_detector_from_an_entry_point_scores_like_a_built_in_one(plugin_path, tmp_path):
     assert "lab_last_loss" in DETECTORS and "lab_last_loss" in DETECTORS.names()
     assert "lab_plugins" not in sys.modules  # found, not imported
-    man = _manifest()
-    poisoned = man["attack"].notna().to_numpy()
-    _write_losses(tmp_path / "t.parquet", len(man), 4, poisoned)
-    _write_manifest(tmp_path / "m.parquet", man)
-    stages.score({"detector": "lab", "type": "lab_last_loss", "model": "m"},
-                 {**files(tmp_path / "m.parquet"), "trajectories": tmp_path / "t.parquet"}, {"out": tmp_path / "s.parquet"})
+    _, poisoned = score_planted(tmp_path, {"detector": "lab", "type": "lab_last_loss", "model": "m"}, 4)
     df, meta = read_scores(tmp_path / "s.parquet")
     from sklearn.metrics import roc_auc_score
 

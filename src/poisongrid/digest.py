@@ -108,5 +108,5 @@ def tensors_digest(state: dict) -> str:
 def json_digest(obj: dict) -> str:
     """The digest of a JSON document without its own digest field."""
     h = _new("json")
-    h.update(json.dumps({k: v for k, v in obj.items() if k != DIGEST_KEY}, sort_keys=True, default=str).encode())
+    h.update(json.dumps({k: v for k, v in obj.items() if k != JSON_DIGEST_KEY}, sort_keys=True, default=str).encode())
     return h.hexdigest()

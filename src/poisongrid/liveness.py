@@ -15,6 +15,20 @@ from typing import Iterable, Iterator
 SUFFIX = ".running"
 
 
+def _write_marker(path: str) -> bool:
+    """Write this process's marker (pid, host, start time) at `path`, atomically; False where the
+    folder cannot be written (a read-only or full disk: the stage or job itself will say so)."""
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as fh:
+            json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}, fh)
+        os.replace(tmp, path)
+        return True
+    except OSError:
+        return False
+
+
 def marker(outputs: Iterable[str]) -> str:
     return f"{sorted(map(str, outputs))[0]}{SUFFIX}"
 
@@ -26,13 +40,7 @@ def running(outputs: Iterable[str]) -> Iterator[None]:
     if os.environ.get("RANK", "0") != "0":
         yield
         return
-    try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as fh:
-            json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}, fh)
-        os.replace(tmp, path)
-    except OSError:  # a read-only or full disk: the stage itself will say so
+    if not _write_marker(path):
         path = None
     try:
         yield
@@ -77,22 +85,15 @@ def claim_run(results: str) -> str | None:
         try:
             with open(path) as fh:
                 m = json.load(fh)
+            if int(m["pid"]) == os.getpid():
+                return None
             started = time.strftime("%H:%M:%S", time.localtime(float(m.get("started", 0))))
             who = f"process {m['pid']} on {m['host']}, started at {started}"
         except (OSError, ValueError, KeyError):
             who = "another process"
-        if who.startswith("process " + str(os.getpid()) + " "):
-            return None
         return (f"another run ({who}) is writing {results}: wait for it to finish or stop it; its files are not "
                 "incomplete, so do not rerun them meanwhile")
-    try:
-        os.makedirs(results, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as fh:
-            json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}, fh)
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only results folder: the jobs themselves will say so
+    _write_marker(path)
     return None
 
 

@@ -334,7 +334,7 @@ def plan(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
     from .remedies import REMEDIES
 
     cls = REMEDIES.get(spec["remedy"], "remedy")
-    remedy = cls(**{k: v for k, v in spec.items() if k in cls.params})
+    remedy = cls.of(spec)
     # Arrow columns, not a DataFrame: a plan job never imports pandas (io.to_numpy).
     man, mmeta = manifest_table(inp["manifest"], ground_truth=cls.ground_truth, bona_fide_path=inp["bona_fide"])
     ref = provenance.of(mmeta, inp["manifest"])
@@ -361,8 +361,9 @@ def plan(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
 def aligned(path, index: np.ndarray, got: np.ndarray, what: str, stage: str) -> np.ndarray:
     """Positions in a file's rows (its `index` column `got`) of the manifest's `index`, in the
     manifest's order: files are matched by example index, never by row position."""
-    if len(got) != len(index) or len(np.unique(got)) != len(got):
-        raise ArtifactError(f"{path}: {what} for {len(got)} rows ({len(np.unique(got))} distinct examples), the manifest "
+    distinct = len(np.unique(got))
+    if len(got) != len(index) or distinct != len(got):
+        raise ArtifactError(f"{path}: {what} for {len(got)} rows ({distinct} distinct examples), the manifest "
                             f"has {len(index)} examples; rerun the {stage} stage")
     order = np.argsort(got, kind="stable")
     pos = np.searchsorted(got, index, sorter=order)
@@ -403,7 +404,7 @@ def train(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
     cls = REMEDIES.get(d["remedy"], "remedy")
     view = defender_view(spec, inp, log, model_role={"model": cls.reads_model(d)})
     device = view.device
-    remedy = cls(**{k: v for k, v in d.items() if k in cls.params})
+    remedy = cls.of(d)
     w, _, pmeta = read_plan(inp["plan"], view.index, remedy)
     ref = provenance.of(table_meta(inp["manifest"], "manifest")[1], inp["manifest"])
     cell = provenance.same_cell(inp["plan"], pmeta, ref, defense=d["name"])
@@ -531,7 +532,7 @@ def evaluate(spec: dict, inp: dict, out: dict, log: Log = _quiet) -> dict:
     from .remedies import REMEDIES
 
     cls = REMEDIES.get(d["remedy"], "remedy")
-    w, scores, plmeta = read_plan(inp["plan"], man["index"].to_numpy(), cls(**{k: v for k, v in d.items() if k in cls.params}))
+    w, scores, plmeta = read_plan(inp["plan"], man["index"].to_numpy(), cls.of(d))
     provenance.same_cell(inp["plan"], plmeta, ref, defense=d["name"])
     wall = {"train": mmeta["wall_time_s"]}
     smeta: dict = {}

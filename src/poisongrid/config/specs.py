@@ -64,11 +64,21 @@ def _named_bona_fide_set(cfg: dict, detector: str | None, defense: str | None) -
     return bona_fide_set(cfg, cfg["detectors"][detector] if detector is not None else None)
 
 
+_TRAIN_SIZES: dict[tuple, int | None] = {}
+
+
 def train_size(ds: dict, data_dir: str = "data") -> int | None:
-    """The dataset's training-set size from metadata (headers, file counts), without loading it."""
+    """The dataset's training-set size from metadata (headers, file counts), without loading it;
+    read once per process (the workflow asks for it for every GPU job's runtime, and counting a
+    folder of images means listing it)."""
+    import json
+
     from ..data import train_size as size
 
-    return size(ds["loader"], data_dir, ds["options"])
+    key = (ds["loader"], str(data_dir), json.dumps(ds["options"], sort_keys=True, default=str))
+    if key not in _TRAIN_SIZES:
+        _TRAIN_SIZES[key] = size(ds["loader"], data_dir, ds["options"])
+    return _TRAIN_SIZES[key]
 
 
 # The scenario without any attack: what each defense costs on clean data.

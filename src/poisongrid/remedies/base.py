@@ -165,6 +165,11 @@ class Remedy:
             raise ConfigError(f"{key}.{cls.model_param}", model, f"one of the defender models {sorted(cfg['defender_models'])}")
         return {**cls.params, **{k: v for k, v in d.items() if k in cls.params}}
 
+    @classmethod
+    def of(cls, d: dict) -> "Remedy":
+        """The remedy a defense entry (or a plan stage's spec) configures: its own parameters only."""
+        return cls(**{k: v for k, v in d.items() if k in cls.params})
+
     def weights(self, scores: np.ndarray, manifest, score_meta: dict) -> np.ndarray:
         """One weight per manifest row. `manifest`: an Arrow table from the plan stage, or a pandas
         DataFrame: read it with `len(manifest)` and `io.to_numpy(manifest[column])`."""
